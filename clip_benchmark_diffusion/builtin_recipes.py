@@ -1,0 +1,45 @@
+"""The built-in recipes: a plugin like any other."""
+from __future__ import annotations
+
+from typing import Callable
+
+from clip_benchmark_diffusion.hookspecs import hookimpl
+from clip_benchmark_diffusion.registry import Recipe
+
+
+@hookimpl
+def register_models(register: Callable[[Recipe], None]) -> None:
+    register(Recipe(
+        name="diffusion_sd2",
+        family="stable_diffusion",
+        default_weights="stabilityai/stable-diffusion-2-base",
+        description="Stable Diffusion 2.x base: epsilon prediction, 512 px (Li et al.'s SD 2.0 setting)",
+        weights_tags={"sd2-base": "stabilityai/stable-diffusion-2-base",
+                      "sd21-base": "stabilityai/stable-diffusion-2-1-base"},
+        prediction_type="epsilon",
+    ))
+    register(Recipe(
+        name="diffusion_sd2_768",
+        family="stable_diffusion",
+        default_weights="stabilityai/stable-diffusion-2",
+        description="Stable Diffusion 2.x: v-prediction, 768 px",
+        weights_tags={"sd2": "stabilityai/stable-diffusion-2",
+                      "sd21": "stabilityai/stable-diffusion-2-1"},
+        prediction_type="v_prediction",
+    ))
+    register(Recipe(
+        name="diffusion_sd15",
+        family="stable_diffusion",
+        default_weights="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="Stable Diffusion 1.5: epsilon prediction, 512 px",
+        weights_tags={"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                      "sd14": "CompVis/stable-diffusion-v1-4"},
+        prediction_type="epsilon",
+    ))
+    register(Recipe(
+        name="diffusion_tiny",
+        family="stable_diffusion",
+        default_weights="demo:diffusion_tiny",
+        description="The embedded demo: a pixel-space diffusion model trained here on Fashion-MNIST",
+        scoring={"batch_size": 200},
+    ))

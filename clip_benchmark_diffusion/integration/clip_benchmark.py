@@ -1,0 +1,248 @@
+"""Every patch of clip_benchmark lives here, behind one version guard.
+
+clip_benchmark has no plugin API (DESIGN.md §2). The start-up hook calls :func:`on_import` right
+after each watched module executes; each ``_patch_*`` below changes one thing and has a test.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from clip_benchmark_diffusion._startup import _WATCHED
+from clip_benchmark_diffusion.errors import UserError
+
+SUPPORTED = ((1, 6), (1, 7))  # [min, max) of clip_benchmark's (major, minor)
+MODEL_TYPE = "diffusion"
+MARK = "_clip_benchmark_diffusion_patched"
+# The watched modules, in import order (cli last: it imports the others).
+WATCHED = tuple(sorted(_WATCHED, key=lambda n: (n == "clip_benchmark.cli", n)))
+# Tasks a diffusion model cannot serve exactly, and why (one line each).
+UNSUPPORTED_TASKS = {
+    "zeroshot_retrieval": "retrieval scores every text against every image in independent batches, "
+                          "which a joint image-text score cannot serve exactly",
+    "linear_probe": "a linear probe needs image features, and a diffusion classifier has none",
+    "captioning": "captioning needs a text generator",
+    "image_caption_selection": "image-caption selection is not implemented for diffusion models yet",
+}
+
+_version_ok: bool | None = None
+_current: dict[str, Any] = {}  # the diffusion model of the run in progress
+
+
+def version_ok() -> bool:
+    """True when the installed clip_benchmark is one we know; otherwise say so once."""
+    global _version_ok
+    if _version_ok is None:
+        try:
+            version = metadata.version("clip_benchmark")
+        except metadata.PackageNotFoundError:
+            version = "0"
+        parts = tuple(int(p) for p in (version.split(".") + ["0", "0"])[:2] if p.isdigit())
+        _version_ok = len(parts) == 2 and SUPPORTED[0] <= parts < SUPPORTED[1]
+        if not _version_ok:
+            print(f"clip_benchmark_diffusion: clip_benchmark {version} is not supported (needs "
+                  f"{'.'.join(map(str, SUPPORTED[0]))}.x); diffusion models are not registered", file=sys.stderr)
+    return _version_ok
+
+
+def on_import(name: str, module: Any) -> None:
+    """Patch ``module`` (just executed) if it is one we watch and the version is supported."""
+    if name not in WATCHED or getattr(module, MARK, False) or not version_ok():
+        return
+    if name == "clip_benchmark.models":
+        _patch_models(module)
+    elif name == "clip_benchmark.cli":
+        _patch_cli(module)
+    else:
+        _patch_metric(name.rsplit(".", 1)[1], module)
+    setattr(module, MARK, True)
+
+
+def ensure_installed() -> None:
+    """Import and patch every watched module (for our own CLI and API users without the hook)."""
+    import importlib
+
+    for name in WATCHED:
+        on_import(name, importlib.import_module(name))
+
+
+# -- models: registration and routing by name ---------------------------------------------------
+def _load_diffusion(model_name: str, pretrained: str, cache_dir: str | None = None, device: Any = "cuda"):
+    from clip_benchmark_diffusion.adapter.loader import load_diffusion_classifier
+
+    model, transform, tokenizer = load_diffusion_classifier(model_name, pretrained, cache_dir, device)
+    _current["model"] = model
+    return model, transform, tokenizer
+
+
+def _patch_models(models: Any) -> None:
+    models.TYPE2FUNC[MODEL_TYPE] = _load_diffusion
+    if MODEL_TYPE not in models.MODEL_TYPES:
+        models.MODEL_TYPES.append(MODEL_TYPE)  # in place: the CLI's argparse choices hold this list
+    original = models.load_clip
+
+    @functools.wraps(original)
+    def load_clip(model_type: str, model_name: str, pretrained: str, cache_dir: str | None, device: Any = "cuda"):
+        from clip_benchmark_diffusion.registry import get_recipe, is_diffusion_model
+
+        if is_diffusion_model(model_name) or model_type == MODEL_TYPE:
+            get_recipe(model_name.split("@", 1)[0])  # unknown names: our error with suggestions
+            return _load_diffusion(model_name, pretrained, cache_dir, device)
+        return original(model_type, model_name, pretrained, cache_dir, device)
+
+    models.load_clip = load_clip
+
+
+# -- metrics: the numpy fix, task hand-off and refusals -------------------------------------------
+def _accuracy(output, target, topk=(1,)):
+    """clip_benchmark's top-k accuracy without ``float(1-element array)`` (fails on numpy >= 2.4)."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+
+def _is_diffusion(model: Any) -> bool:
+    return getattr(model, "is_diffusion_classifier", False)
+
+
+def _patch_metric(task: str, module: Any) -> None:
+    task_name = {"image_caption_selection": "image_caption_selection"}.get(task, task)
+    if task == "zeroshot_classification":
+        module.accuracy = _accuracy
+    original = module.evaluate
+
+    @functools.wraps(original)
+    def evaluate(model, dataloader, *args, **kwargs):
+        if _is_diffusion(model):
+            if task_name in UNSUPPORTED_TASKS:
+                raise UserError(f"task {task_name} is not supported by diffusion models: "
+                                f"{UNSUPPORTED_TASKS[task_name]}; use zeroshot_classification")
+            if kwargs.get("load_clfs"):
+                raise UserError(LOAD_CLFS_ERROR)
+            model.begin_task(task_name, expected_images=_dataset_size(dataloader))
+        return original(model, dataloader, *args, **kwargs)
+
+    module.evaluate = evaluate
+
+
+LOAD_CLFS_ERROR = ("--load_clfs is not supported by diffusion models: a saved text classifier "
+                   "holds no prompts to denoise with; drop --load_clfs")
+SAVE_CLF_ERROR = ("--save_clf is not supported by diffusion models: their classifier is a one-hot "
+                  "placeholder, not text features; drop --save_clf")
+
+
+def _dataset_size(dataloader: Any) -> int | None:
+    try:
+        return len(dataloader.dataset)
+    except TypeError:
+        return None
+
+
+# -- cli: validation before compute, safe output names, results with cost --------------------------
+def _patch_cli(cli: Any) -> None:
+    import clip_benchmark.models as models
+
+    cli.load_clip = models.load_clip
+    original_run, original_main_eval, original_main = cli.run, cli.main_eval, cli.main
+
+    def run(args: Any) -> Any:
+        return _run_one(original_run, args)
+
+    def main_eval(base: Any) -> None:
+        planned: list[Any] = []
+        cli.run = planned.append  # reuse clip_benchmark's own expansion of models x datasets x languages
+        try:
+            original_main_eval(base)
+        finally:
+            cli.run = run
+        for args in planned:
+            validate_run(args)
+        for args in planned:
+            run(args)
+
+    @functools.wraps(original_main)
+    def main(*a: Any, **kw: Any) -> Any:
+        try:
+            return original_main(*a, **kw)
+        except UserError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+
+    cli.run, cli.main_eval, cli.main = run, main_eval, main
+
+
+def _task_of(args: Any) -> str:
+    from clip_benchmark.datasets.builder import get_dataset_default_task
+
+    if args.task != "auto":
+        return args.task
+    name = args.dataset.replace("wds/", "", 1) if args.dataset.startswith("wds/") else args.dataset
+    return get_dataset_default_task(name)
+
+
+def validate_run(args: Any) -> None:
+    """Every check that needs no model weights and no images: raise UserError before compute."""
+    from clip_benchmark_diffusion.registry import is_diffusion_model, parse_model_spec
+    from clip_benchmark_diffusion.weights import resolve_weights
+
+    if not (is_diffusion_model(args.model) or args.model_type == MODEL_TYPE):
+        return
+    spec = parse_model_spec(args.model)
+    resolve_weights(spec.recipe.resolve_weights(args.pretrained))
+    task = _task_of(args)
+    if task in UNSUPPORTED_TASKS:
+        raise UserError(f"task {task} is not supported by diffusion models: {UNSUPPORTED_TASKS[task]}; "
+                        "use zeroshot_classification")
+    if args.load_clfs:
+        raise UserError(LOAD_CLFS_ERROR)
+    if args.save_clf:
+        raise UserError(SAVE_CLF_ERROR)
+
+
+def _slug(text: str) -> str:
+    return text.strip("/").replace("/", "_") if not os.path.isfile(text) else os.path.basename(text)
+
+
+def output_path(args: Any, task: str) -> str:
+    """clip_benchmark's output name, with ``/`` in model and weights names made file-safe."""
+    dataset = args.dataset.replace("wds/", "", 1) if args.dataset.startswith("wds/") else args.dataset
+    return args.output.format(model=_slug(args.model), pretrained=_slug(args.pretrained),
+                              pretrained_full_path=args.pretrained.replace("/", "_"), task=task,
+                              dataset=dataset.replace("/", "_"), language=args.language)
+
+
+def _run_one(original_run: Callable[[Any], Any], args: Any) -> Any:
+    """Run clip_benchmark's ``run`` into a temporary file, add our fields, then move it in place."""
+    from copy import copy
+
+    validate_run(args)
+    final = output_path(args, _task_of(args))
+    if args.skip_existing and os.path.exists(final):
+        if args.verbose:
+            print(f"Skip {final}, exists already.")
+        return None
+    tmp = Path(final).with_name(f".{Path(final).name}.{os.getpid()}.partial")
+    patched = copy(args)
+    patched.output, patched.skip_existing = str(tmp), False
+    _current.clear()
+    try:
+        result = original_run(patched)
+        if tmp.exists():
+            dump = json.loads(tmp.read_text())
+            model = _current.get("model")
+            if model is not None:
+                dump["metrics"].update(model.cost_summary())
+                dump["diffusion_classifier"] = model.result_metadata(model_type=args.model_type)
+            tmp.write_text(json.dumps(dump))
+            os.replace(tmp, final)
+            if args.verbose and final != str(tmp):
+                print(f"Wrote {final}")
+        return result
+    finally:
+        tmp.unlink(missing_ok=True)
+        _current.clear()

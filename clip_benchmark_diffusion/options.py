@@ -1,0 +1,172 @@
+"""Scoring options: one frozen dataclass, written into every result.
+
+The stock ``clip_benchmark`` command accepts no new flags, so options reach the scorer through
+the model name: ``--model diffusion_sd2`` uses the recipe's defaults, ``--model
+diffusion_sd2@fast`` a named preset, and ``--model diffusion_sd2@path/to/options.json`` a JSON
+file of any fields below. The environment variable ``CLIP_BENCHMARK_DIFFUSION_OPTIONS``
+(``key=value,key=value``) overrides fields last, for hardware knobs such as ``batch_size``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from clip_benchmark_diffusion.errors import UserError
+
+OPTIONS_ENV = "CLIP_BENCHMARK_DIFFUSION_OPTIONS"
+
+STRATEGIES = ("full", "staged", "ttest")
+LOSSES = ("l2", "l1", "huber")
+WEIGHTINGS = ("uniform", "exp7", "snr")
+ENSEMBLES = ("error_mean", "embedding_mean")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How an image is scored against the candidate prompts."""
+
+    # Which evaluation: every candidate on every sample ("full", the reference), Li et al.'s
+    # staged pruning ("staged"), or Clark & Jaini's paired t-test elimination ("ttest").
+    strategy: str = "ttest"
+    # full: (n,) samples per candidate; staged: samples per stage, nested on one uniform grid.
+    n_samples: tuple[int, ...] = (50,)
+    # staged only: how many candidates survive each stage (last entry is normally 1).
+    to_keep: tuple[int, ...] = ()
+    # ttest: samples every candidate gets before any test (Clark & Jaini use 20).
+    min_samples: int = 20
+    # ttest: stop after this many samples even if several candidates survive.
+    max_samples: int = 100
+    # ttest: drop a candidate when the one-sided paired t-test against the best has p below this.
+    p_value: float = 2e-3
+    # Per-sample error between target and prediction; Li et al.: l1 on small datasets, l2 on ImageNet.
+    loss: str = "l2"
+    # Timestep weighting of the error: uniform (Li), exp7 (Clark & Jaini, on the x0 error),
+    # snr (variational-bound weighting -dSNR/dt on the x0 error).
+    weighting: str = "uniform"
+    # How several prompts of one class make one class score: mean of their errors on the same
+    # (t, noise) pairs, or one conditioning from the mean of their text embeddings (1 prompt's cost).
+    template_ensemble: str = "error_mean"
+    # Seed of the (t, noise) pairs; each image's noise is derived from it and the image content.
+    seed: int = 0
+    # Denoiser batch size: (image, prompt, timestep) triples packed per forward.
+    batch_size: int = 64
+    # Denoiser dtype; "auto" is float16 on CUDA, float32 elsewhere. Errors are always float32.
+    dtype: str = "auto"
+    # Width of the embedding returned to clip_benchmark: the most classes one run can hold.
+    max_classes: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("loss", self.loss, LOSSES)
+        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        _check_choice("template_ensemble", self.template_ensemble, ENSEMBLES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if not self.n_samples or any(n <= 0 for n in self.n_samples):
+            raise UserError(f"n_samples must be positive integers, got {list(self.n_samples)}")
+        if self.strategy == "staged":
+            if len(self.to_keep) != len(self.n_samples):
+                raise UserError("staged strategy needs as many to_keep entries as n_samples entries")
+            if list(self.n_samples) != sorted(self.n_samples):
+                raise UserError(f"staged n_samples must increase, got {list(self.n_samples)}")
+        if self.strategy == "ttest" and not 1 < self.min_samples <= self.max_samples:
+            raise UserError("ttest needs 1 < min_samples <= max_samples")
+        if self.batch_size <= 0 or self.max_classes <= 0:
+            raise UserError("batch_size and max_classes must be positive")
+
+    @property
+    def max_sample_count(self) -> int:
+        """The most (t, noise) samples any candidate can see."""
+        return self.max_samples if self.strategy == "ttest" else max(self.n_samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ScoringOptions":
+        return cls().replace(**data)
+
+    def replace(self, **changes: Any) -> "ScoringOptions":
+        """A copy with ``changes`` applied; unknown names and wrong types are user errors."""
+        names = {f.name: f for f in dataclasses.fields(self)}
+        clean: dict[str, Any] = {}
+        for key, value in changes.items():
+            if key not in names:
+                raise UserError(f"unknown scoring option {key!r}; valid: {', '.join(names)}")
+            clean[key] = _coerce(key, value, getattr(self, key))
+        return dataclasses.replace(self, **clean)
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The fields that change scores (batch size and class capacity do not)."""
+        data = self.to_dict()
+        data.pop("batch_size")
+        data.pop("max_classes")
+        return data
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Paired t-test elimination, the default: most accuracy per denoiser call.
+    "fast": {"strategy": "ttest", "min_samples": 20, "max_samples": 100, "p_value": 2e-3},
+    # Every candidate on every one of 50 samples: the reference the fast strategies are measured against.
+    "full": {"strategy": "full", "n_samples": [50]},
+    # Li et al.'s small-dataset schedule (CIFAR-10 / STL-10 / Pets): 50 then 500 samples.
+    "li2023": {"strategy": "staged", "n_samples": [50, 500], "to_keep": [5, 1], "loss": "l1"},
+}
+
+
+def parse_option_source(source: str, base: ScoringOptions) -> ScoringOptions:
+    """Apply ``source`` (a preset name or a JSON file path) on top of ``base``."""
+    if source in PRESETS:
+        return base.replace(**PRESETS[source])
+    path = Path(source)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise UserError(f"scoring options file {source!r} does not exist; "
+                            f"give a JSON file or a preset ({', '.join(PRESETS)})")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"scoring options file {source!r} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"scoring options file {source!r} must hold a JSON object")
+        data = data.get("scoring", data)
+        return base.replace(**{k: v for k, v in data.items() if not k.startswith("_")})
+    raise UserError(f"unknown scoring preset {source!r}; presets: {', '.join(PRESETS)} "
+                    "(or give a path to a JSON options file)")
+
+
+def env_overrides(base: ScoringOptions, environ: Mapping[str, str] = os.environ) -> ScoringOptions:
+    """Apply ``CLIP_BENCHMARK_DIFFUSION_OPTIONS=key=value,...`` on top of ``base``."""
+    raw = environ.get(OPTIONS_ENV, "").strip()
+    if not raw:
+        return base
+    changes: dict[str, Any] = {}
+    for item in raw.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"{OPTIONS_ENV} must look like 'batch_size=32,dtype=float16', got {item!r}")
+        changes[key.strip()] = value.strip()
+    return base.replace(**changes)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"scoring option {name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    """Turn JSON or ``key=value`` text into the field's type."""
+    try:
+        if isinstance(current, tuple):
+            items = value.replace("+", " ").split() if isinstance(value, str) else list(value)
+            return tuple(int(v) for v in items)
+        if isinstance(current, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        return type(current)(value)
+    except (TypeError, ValueError):
+        raise UserError(f"scoring option {key}={value!r} should be like {current!r}") from None

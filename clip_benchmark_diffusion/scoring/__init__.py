@@ -1,0 +1,1 @@
+"""Scoring: the diffusion-classifier math (pure tensors) and the packed-batch engine."""

@@ -1,0 +1,175 @@
+"""The packed-batch scoring engine.
+
+One call scores a dataloader batch of images against the candidate classes. Work items are
+(image, candidate, condition, sample) quadruples; every round each unfinished image's strategy
+says which it needs, the items of all images are packed into denoiser batches of
+``options.batch_size``, and the errors are scattered back. When a round would leave the
+denoiser under-filled, strategies are asked for look-ahead samples (computed, counted, and only
+used in order, so decisions never depend on batching).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.scoring import math as smath
+from clip_benchmark_diffusion.scoring.noise import NoiseBank
+from clip_benchmark_diffusion.scoring.strategies import Outcome, Strategy, make_strategy
+from clip_benchmark_diffusion.scoring.timesteps import sample_order
+
+
+class Denoiser(Protocol):
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W), (N,), (N, L, D) -> model output (N, C, H, W)."""
+
+
+@dataclass
+class Schedule:
+    """What the scorer needs from the model's scheduler config."""
+
+    alphas_cumprod: torch.Tensor  # (T,) float64
+    prediction_type: str
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+
+@dataclass
+class Candidates:
+    """The classes to choose from: each is one or more conditioning rows."""
+
+    cond: torch.Tensor        # (P, L, D) text conditionings, on the denoiser's device and dtype
+    members: torch.Tensor     # (G, M) row of cond for member m of class g; -1 pads unequal classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.members.shape[0]
+
+
+@dataclass
+class EngineStats:
+    """Cost accounting, cumulative over calls."""
+
+    denoiser_calls: int = 0
+    denoiser_batches: int = 0
+    denoiser_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    images: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "images": self.images,
+            "denoiser_calls": self.denoiser_calls,
+            "mean_denoiser_batch": self.denoiser_calls / max(self.denoiser_batches, 1),
+            "seconds_per_image": self.wall_seconds / max(self.images, 1),
+            "share_outside_denoiser": 1 - self.denoiser_seconds / self.wall_seconds if self.wall_seconds else 0.0,
+        }
+
+
+@dataclass
+class ImageResult:
+    outcome: Outcome
+    denoiser_calls: int
+    seed: int
+
+
+@dataclass
+class _ImageState:
+    latent: torch.Tensor          # (C, H, W)
+    noise: NoiseBank
+    strategy: Strategy
+    cerr: torch.Tensor            # (G, M, N) per-condition error, NaN until computed
+    calls: int = 0
+
+
+class ScoringEngine:
+    def __init__(self, denoiser: Denoiser, schedule: Schedule, options: ScoringOptions,
+                 device: torch.device | str, progress: Callable[[dict], None] | None = None) -> None:
+        self.denoiser, self.schedule, self.options = denoiser, schedule, options
+        self.device = torch.device(device)
+        self.timesteps = sample_order(options.max_sample_count, schedule.num_train_timesteps)
+        self.stats = EngineStats()
+        self.progress = progress
+
+    def score(self, latents: torch.Tensor, seeds: list[int], cands: Candidates) -> list[ImageResult]:
+        """Score ``latents`` (B, C, H, W) against ``cands``; ``seeds`` from the image contents."""
+        start = time.perf_counter()
+        G, M = cands.members.shape
+        N = len(self.timesteps)
+        valid = cands.members >= 0                                    # (G, M)
+        states = [
+            _ImageState(latent=lat, noise=NoiseBank(seed, tuple(lat.shape), self.device),
+                        strategy=make_strategy(self.options, G),
+                        cerr=torch.where(valid[:, :, None], float("nan"), 0.0).expand(G, M, N).clone())
+            for lat, seed in zip(latents, seeds)
+        ]
+        extra = 0
+        while active := [i for i, s in enumerate(states) if not s.strategy.done]:
+            items = self._collect(states, active, valid, extra)        # (Q, 4): image, class, member, sample
+            if len(items) < self.options.batch_size and extra < N:
+                # Under-filled: look ahead more next round (after using what is already asked).
+                extra = max(1, 2 * extra)
+            for chunk in items.split(self.options.batch_size):
+                self._run(states, chunk, cands)
+            for i in active:
+                st = states[i]
+                done_cls = ~st.cerr.isnan().any(1)                     # (G, N)
+                st.strategy.err = torch.where(done_cls & st.strategy.err.isnan(),
+                                              self._class_error(st.cerr, valid), st.strategy.err)
+                st.strategy.update()
+            if self.progress:
+                self.progress({"active": len(active), "candidates_left": sum(
+                    int(states[i].strategy.alive.sum()) for i in active) / len(active)})
+        self.stats.images += len(states)
+        self.stats.wall_seconds += time.perf_counter() - start
+        return [ImageResult(outcome=s.strategy.outcome(), denoiser_calls=s.calls, seed=s.noise.seed)
+                for s in states]
+
+    @staticmethod
+    def _class_error(cerr: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(G, M, N) -> (G, N): mean over each class's real members."""
+        return cerr.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+
+    def _collect(self, states: list[_ImageState], active: list[int], valid: torch.Tensor,
+                 extra: int) -> torch.Tensor:
+        parts = []
+        for i in active:
+            st = states[i]
+            want = st.strategy.wanted(extra)[:, None, :] & valid[:, :, None] & st.cerr.isnan()  # (G, M, N)
+            idx = want.nonzero()                                       # (q, 3)
+            # Sample-major order: earlier samples first, so under-filled tails are look-ahead.
+            idx = idx[torch.argsort(idx[:, 2], stable=True)]
+            parts.append(torch.cat([torch.full((len(idx), 1), i), idx], 1))
+        return torch.cat(parts) if parts else torch.empty(0, 4, dtype=torch.long)
+
+    def _run(self, states: list[_ImageState], chunk: torch.Tensor, cands: Candidates) -> None:
+        img, g, m, k = chunk.unbind(1)
+        x0 = torch.stack([states[i].latent for i in img.tolist()])    # (n, C, H, W)
+        eps = torch.empty_like(x0, dtype=torch.float32)
+        for i in torch.unique(img).tolist():                          # per image, not per item
+            sel = (img == i).to(self.device)
+            eps[sel] = states[i].noise.get(k[img == i])
+        t = self.timesteps[k].to(self.device)
+        a = self.schedule.alphas_cumprod.to(self.device)[t].float()
+        x_t = smath.add_noise(x0.float(), eps, a)
+        cond = cands.cond[cands.members[g, m].to(cands.cond.device)]   # (n, L, D)
+        t0 = time.perf_counter()
+        pred = self.denoiser(x_t, t, cond)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.denoiser_seconds += time.perf_counter() - t0
+        self.stats.denoiser_calls += len(chunk)
+        self.stats.denoiser_batches += 1
+        eps_hat = smath.predicted_eps(pred, x_t, a, self.schedule.prediction_type)
+        weight, scale = smath.timestep_weighting(t, self.schedule.alphas_cumprod, self.options.weighting,
+                                                 self.schedule.num_train_timesteps)
+        err = (smath.sample_error(eps, eps_hat, self.options.loss, scale) * weight).cpu()
+        for i in torch.unique(img).tolist():
+            sel = img == i
+            states[i].cerr[g[sel], m[sel], k[sel]] = err[sel]
+            states[i].calls += int(sel.sum())

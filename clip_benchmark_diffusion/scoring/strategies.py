@@ -1,0 +1,148 @@
+"""Which candidates still need which samples: full, staged (Li et al.), t-test (Clark & Jaini).
+
+Each strategy keeps one image's state as tensors: ``err`` (G, N) holds the class error of
+candidate g on sample k (NaN until computed). ``wanted(extra)`` says which entries are needed
+next as a (G, N) mask; ``update()`` reads the computed entries, eliminates candidates and says
+whether the image is done. ``ranking()`` orders all candidates, best first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from scipy import stats
+
+from clip_benchmark_diffusion.options import ScoringOptions
+
+
+@dataclass
+class Outcome:
+    """The result for one image."""
+
+    rank: torch.Tensor          # (G,) 0 = best
+    mean_error: torch.Tensor    # (G,) mean class error over the samples each candidate saw
+    samples: torch.Tensor       # (G,) samples each candidate saw
+
+
+class Strategy:
+    def __init__(self, num_candidates: int, num_samples: int) -> None:
+        self.err = torch.full((num_candidates, num_samples), float("nan"))
+        self.alive = torch.ones(num_candidates, dtype=torch.bool)
+        # Lower is worse; eliminated candidates rank below survivors, later eliminations higher.
+        self.out_round = torch.full((num_candidates,), -1, dtype=torch.long)
+        self.out_mean = torch.full((num_candidates,), float("nan"))
+        self.done = False
+        self._round = 0
+
+    # -- to override -------------------------------------------------------------------------
+    def horizon(self) -> int:
+        """Samples [0, horizon) are needed for every live candidate now."""
+        raise NotImplementedError
+
+    def update(self) -> None:
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------
+    def wanted(self, extra: int = 0) -> torch.Tensor:
+        """(G, N) mask of entries to compute now; ``extra`` samples of look-ahead fill batches."""
+        n = min(self.horizon() + extra, self.err.shape[1])
+        mask = torch.zeros_like(self.err, dtype=torch.bool)
+        mask[self.alive, :n] = True
+        return mask & self.err.isnan()
+
+    def complete(self, n: int) -> bool:
+        return not self.err[self.alive, :n].isnan().any().item()
+
+    def eliminate(self, losers: torch.Tensor, n: int) -> None:
+        """Drop ``losers`` (bool mask) after their first ``n`` samples."""
+        self.out_round[losers] = self._round
+        self.out_mean[losers] = self.err[losers, :n].mean(1)
+        self.alive &= ~losers
+        self._round += 1
+
+    def outcome(self) -> Outcome:
+        seen = (~self.err.isnan()).sum(1)
+        mean = torch.nansum(self.err, 1) / seen.clamp(min=1)
+        # Sort key: survivors first (by mean error), then eliminated, latest round first.
+        key_round = torch.where(self.alive, torch.full_like(self.out_round, 1 << 40), self.out_round)
+        key_mean = torch.where(self.alive, mean, self.out_mean)
+        order = torch.argsort(key_mean, stable=True)
+        order = order[torch.argsort(-key_round[order], stable=True)]
+        rank = torch.empty(len(mean), dtype=torch.long)
+        rank[order] = torch.arange(len(mean))
+        return Outcome(rank=rank, mean_error=mean, samples=seen)
+
+
+class FullStrategy(Strategy):
+    """Every candidate on every sample: the reference."""
+
+    def horizon(self) -> int:
+        return self.err.shape[1]
+
+    def update(self) -> None:
+        self.done = self.complete(self.err.shape[1])
+
+
+class StagedStrategy(Strategy):
+    """Li et al.: after stage s (``n_samples[s]`` samples), keep the ``to_keep[s]`` best."""
+
+    def __init__(self, num_candidates: int, n_samples: tuple[int, ...], to_keep: tuple[int, ...]) -> None:
+        super().__init__(num_candidates, max(n_samples))
+        self.n_samples, self.to_keep, self.stage = n_samples, to_keep, 0
+
+    def horizon(self) -> int:
+        return self.n_samples[self.stage]
+
+    def update(self) -> None:
+        while not self.done and self.complete(n := self.n_samples[self.stage]):
+            keep = self.to_keep[self.stage]
+            if self.alive.sum() > keep:
+                mean = self.err[:, :n].mean(1).masked_fill(~self.alive, float("inf"))
+                best = torch.argsort(mean, stable=True)[:keep]
+                losers = self.alive.clone()
+                losers[best] = False
+                self.eliminate(losers, n)
+            self.stage += 1
+            self.done = self.stage == len(self.n_samples) or self.alive.sum() <= 1
+
+
+class TTestStrategy(Strategy):
+    """Clark & Jaini: after each sample, drop candidates a paired t-test says are worse than the best."""
+
+    def __init__(self, num_candidates: int, min_samples: int, max_samples: int, p_value: float) -> None:
+        super().__init__(num_candidates, max_samples)
+        self.min_samples, self.p_value, self.n = min_samples, p_value, 0
+
+    def horizon(self) -> int:
+        return max(self.min_samples, self.n + 1)
+
+    def update(self) -> None:
+        total = self.err.shape[1]
+        while not self.done and self.n < total and self.complete(self.n + 1):
+            self.n += 1
+            if self.n >= self.min_samples:
+                self._test(self.n)
+            self.done = self.alive.sum() <= 1 or self.n == total
+
+    def _test(self, n: int) -> None:
+        idx = self.alive.nonzero().squeeze(1)
+        errs = self.err[idx, :n].double()                      # (A, n)
+        best = errs.mean(1).argmin()
+        others = torch.arange(len(idx)) != best
+        if not others.any():
+            return
+        res = stats.ttest_rel(errs[others].numpy(), errs[best].expand_as(errs[others]).numpy(),
+                              axis=1, alternative="greater")
+        drop = torch.from_numpy(res.pvalue < self.p_value)     # NaN p (no variance) never drops
+        if drop.any():
+            losers = torch.zeros_like(self.alive)
+            losers[idx[others][drop]] = True
+            self.eliminate(losers, n)
+
+
+def make_strategy(options: ScoringOptions, num_candidates: int) -> Strategy:
+    if options.strategy == "full":
+        return FullStrategy(num_candidates, max(options.n_samples))
+    if options.strategy == "staged":
+        return StagedStrategy(num_candidates, options.n_samples, options.to_keep)
+    return TTestStrategy(num_candidates, options.min_samples, options.max_samples, options.p_value)
