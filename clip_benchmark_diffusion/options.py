@@ -55,6 +55,9 @@ class ScoringOptions:
     seed: int = 0
     # Denoiser batch size: (image, prompt, timestep) triples packed per forward.
     batch_size: int = 64
+    # Samples of look-ahead used to fill a round's last, partial denoiser batch (0: none). Helps
+    # when small batches cost as much as full ones; wastes work on candidates dropped later.
+    lookahead: int = 0
     # Denoiser dtype; "auto" is float16 on CUDA, float32 elsewhere. Errors are always float32.
     dtype: str = "auto"
     # Width of the embedding returned to clip_benchmark: the most classes one run can hold.
@@ -102,10 +105,11 @@ class ScoringOptions:
         return dataclasses.replace(self, **clean)
 
     def fingerprint_dict(self) -> dict[str, Any]:
-        """The fields that change scores (batch size and class capacity do not)."""
+        """The fields that change scores (batch size, look-ahead and class capacity do not)."""
         data = self.to_dict()
         data.pop("batch_size")
         data.pop("max_classes")
+        data.pop("lookahead")
         return data
 
 

@@ -108,12 +108,9 @@ class ScoringEngine:
                         cerr=torch.where(valid[:, :, None], float("nan"), 0.0).expand(G, M, N).clone())
             for lat, seed in zip(latents, seeds)
         ]
-        extra = 0
         while active := [i for i, s in enumerate(states) if not s.strategy.done]:
-            items = self._collect(states, active, valid, extra)        # (Q, 4): image, class, member, sample
-            if len(items) < self.options.batch_size and extra < N:
-                # Under-filled: look ahead more next round (after using what is already asked).
-                extra = max(1, 2 * extra)
+            items = self._collect(states, active, valid, 0)            # (Q, 4): image, class, member, sample
+            items = torch.cat([items, self._fill(states, active, valid, len(items))])
             for chunk in items.split(self.options.batch_size):
                 self._run(states, chunk, cands)
             for i in active:
@@ -137,15 +134,31 @@ class ScoringEngine:
 
     def _collect(self, states: list[_ImageState], active: list[int], valid: torch.Tensor,
                  extra: int) -> torch.Tensor:
+        """Items the strategies want, ``extra`` samples beyond their horizon included."""
         parts = []
         for i in active:
             st = states[i]
             want = st.strategy.wanted(extra)[:, None, :] & valid[:, :, None] & st.cerr.isnan()  # (G, M, N)
-            idx = want.nonzero()                                       # (q, 3)
-            # Sample-major order: earlier samples first, so under-filled tails are look-ahead.
-            idx = idx[torch.argsort(idx[:, 2], stable=True)]
+            idx = want.nonzero()                                       # (q, 3): class, member, sample
             parts.append(torch.cat([torch.full((len(idx), 1), i), idx], 1))
         return torch.cat(parts) if parts else torch.empty(0, 4, dtype=torch.long)
+
+    def _fill(self, states: list[_ImageState], active: list[int], valid: torch.Tensor,
+              queued: int) -> torch.Tensor:
+        """Look-ahead items that fill the round's last, partial denoiser batch (``options.lookahead``).
+
+        They are computed and counted, but a strategy only reads samples in order, so decisions
+        never depend on them; they cost denoiser work for candidates that may be dropped later.
+        """
+        room = -queued % self.options.batch_size
+        if not self.options.lookahead or not room:
+            return torch.empty(0, 4, dtype=torch.long)
+        ahead = self._collect(states, active, valid, self.options.lookahead)
+        horizons = torch.zeros(len(states), dtype=torch.long)
+        horizons[active] = torch.tensor([states[i].strategy.horizon() for i in active])
+        lag = ahead[:, 3] - horizons[ahead[:, 0]]
+        ahead, lag = ahead[lag >= 0], lag[lag >= 0]                    # only beyond the horizon
+        return ahead[torch.argsort(lag, stable=True)[:room]]
 
     def _run(self, states: list[_ImageState], chunk: torch.Tensor, cands: Candidates) -> None:
         img, g, m, k = chunk.unbind(1)

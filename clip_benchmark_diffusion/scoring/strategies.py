@@ -30,7 +30,9 @@ class Strategy:
         self.alive = torch.ones(num_candidates, dtype=torch.bool)
         # Lower is worse; eliminated candidates rank below survivors, later eliminations higher.
         self.out_round = torch.full((num_candidates,), -1, dtype=torch.long)
-        self.out_mean = torch.full((num_candidates,), float("nan"))
+        # Samples each candidate's score uses: its elimination point, or the final decision point.
+        # Look-ahead may have computed more; those never enter a score.
+        self.used = torch.zeros(num_candidates, dtype=torch.long)
         self.done = False
         self._round = 0
 
@@ -56,21 +58,26 @@ class Strategy:
     def eliminate(self, losers: torch.Tensor, n: int) -> None:
         """Drop ``losers`` (bool mask) after their first ``n`` samples."""
         self.out_round[losers] = self._round
-        self.out_mean[losers] = self.err[losers, :n].mean(1)
+        self.used[losers] = n
         self.alive &= ~losers
         self._round += 1
 
+    def finish(self, n: int) -> None:
+        """The survivors are decided on their first ``n`` samples."""
+        self.used[self.alive] = n
+        self.done = True
+
     def outcome(self) -> Outcome:
-        seen = (~self.err.isnan()).sum(1)
-        mean = torch.nansum(self.err, 1) / seen.clamp(min=1)
+        k = torch.arange(self.err.shape[1])
+        counted = k[None, :] < self.used[:, None]                      # (G, N)
+        mean = torch.where(counted, self.err, 0.0).sum(1) / self.used.clamp(min=1)
         # Sort key: survivors first (by mean error), then eliminated, latest round first.
         key_round = torch.where(self.alive, torch.full_like(self.out_round, 1 << 40), self.out_round)
-        key_mean = torch.where(self.alive, mean, self.out_mean)
-        order = torch.argsort(key_mean, stable=True)
+        order = torch.argsort(mean, stable=True)
         order = order[torch.argsort(-key_round[order], stable=True)]
         rank = torch.empty(len(mean), dtype=torch.long)
         rank[order] = torch.arange(len(mean))
-        return Outcome(rank=rank, mean_error=mean, samples=seen)
+        return Outcome(rank=rank, mean_error=mean, samples=self.used.clone())
 
 
 class FullStrategy(Strategy):
@@ -80,7 +87,8 @@ class FullStrategy(Strategy):
         return self.err.shape[1]
 
     def update(self) -> None:
-        self.done = self.complete(self.err.shape[1])
+        if self.complete(self.err.shape[1]):
+            self.finish(self.err.shape[1])
 
 
 class StagedStrategy(Strategy):
@@ -103,7 +111,8 @@ class StagedStrategy(Strategy):
                 losers[best] = False
                 self.eliminate(losers, n)
             self.stage += 1
-            self.done = self.stage == len(self.n_samples) or self.alive.sum() <= 1
+            if self.stage == len(self.n_samples) or self.alive.sum() <= 1:
+                self.finish(n)
 
 
 class TTestStrategy(Strategy):
@@ -122,7 +131,8 @@ class TTestStrategy(Strategy):
             self.n += 1
             if self.n >= self.min_samples:
                 self._test(self.n)
-            self.done = self.alive.sum() <= 1 or self.n == total
+            if self.alive.sum() <= 1 or self.n == total:
+                self.finish(self.n)
 
     def _test(self, n: int) -> None:
         idx = self.alive.nonzero().squeeze(1)

@@ -1,0 +1,103 @@
+"""The dot-product trick against clip_benchmark's real zero-shot code."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from clip_benchmark_diffusion.adapter.model import RANK_BASE
+from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
+
+CLASSES = ["zero", "one", "two", "three", "four", "five"]
+# CuPL-style per-class prompt lists of unequal length, one prompt shared by two classes.
+CUPL = {
+    "zero": ["a zero", "the digit zero", "a round zero"],
+    "one": ["a one"],
+    "two": ["a two", "the digit two"],
+    "three": ["a three", "a number"],
+    "four": ["a four", "a number", "the digit four", "four"],
+    "five": ["a five"],
+}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_sd, tmp_path_factory):
+    ensure_installed()
+    from clip_benchmark.models import load_clip
+
+    opts = tmp_path_factory.mktemp("opts") / "quick.json"
+    opts.write_text(json.dumps({"strategy": "ttest", "min_samples": 3, "max_samples": 8,
+                                "p_value": 0.2, "batch_size": 16}))
+    return load_clip("open_clip", f"diffusion_sd2@{opts}", str(tiny_sd), None, "cpu")
+
+
+def _images(transform, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    arrays = (torch.rand(n, 24, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return torch.stack([transform(Image.fromarray(a)) for a in arrays])
+
+
+@pytest.mark.parametrize("templates", [CUPL, ["a photo of {c}.", "{c}"]], ids=["cupl", "list"])
+def test_classifier_columns_are_exact_one_hots(loaded, templates):
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    model, _, tokenizer = loaded
+    model.begin_task("zeroshot_classification")
+    clf = zc.zero_shot_classifier(model, tokenizer, CLASSES, templates, "cpu", amp=True)
+    assert clf.shape == (model.options.max_classes, len(CLASSES))
+    assert torch.equal(clf.float(), torch.eye(model.options.max_classes)[:, : len(CLASSES)])
+
+
+def test_clip_benchmark_logits_rank_classes_exactly_as_diffusion_scores(loaded):
+    """Real zero_shot_classifier + run_classification + metrics under bfloat16 autocast."""
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    model, transform, tokenizer = loaded
+    images = _images(transform, 10)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3])
+    loader = [(images[:6], labels[:6]), (images[6:], labels[6:])]
+    model.begin_task("zeroshot_classification")
+    clf = zc.zero_shot_classifier(model, tokenizer, CLASSES, CUPL, "cpu", amp=True)
+    logits, target = zc.run_classification(model, clf, loader, "cpu", amp=True)
+    ranks = torch.stack([r.outcome.rank for r in model.record.results])       # (10, 6)
+    assert logits.shape == (10, 6)
+    # Same order of classes, for every image, after clip_benchmark's normalisation and bf16 matmul.
+    assert torch.equal(torch.argsort(-logits, dim=1, stable=True), torch.argsort(ranks, dim=1))
+    assert len(torch.unique(logits[0])) == 6                                 # no ties introduced
+    # Top-1 / top-5 through clip_benchmark's (patched) accuracy equal the direct count.
+    acc1, acc5 = zc.accuracy(logits, target, topk=(1, 5))
+    assert acc1 == (ranks[torch.arange(10), target] == 0).sum().item() / 10
+    assert acc5 == (ranks[torch.arange(10), target] < 5).sum().item() / 10
+
+
+def test_rank_values_survive_half_precision():
+    values = RANK_BASE ** torch.arange(1000, dtype=torch.float32)
+    normed = torch.nn.functional.normalize(values[None], dim=-1)[0]
+    for dtype in (torch.bfloat16, torch.float16):
+        if dtype == torch.float16:
+            normed16 = (100 * normed).to(dtype)[:200]                         # fp16 underflows far down
+        else:
+            normed16 = (100 * normed).to(dtype)
+        assert (torch.diff(normed16.float()) < 0).all()
+
+
+def test_encoders_return_float32_under_autocast(loaded):
+    model, transform, tokenizer = loaded
+    model.begin_task("zeroshot_classification")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        text = model.encode_text(tokenizer(["a one", "a two"]))
+        image = model.encode_image(_images(transform, 1))
+    assert text.dtype == image.dtype == torch.float32
+
+
+def test_prompts_are_encoded_once(loaded):
+    model, _, tokenizer = loaded
+    model.begin_task("zeroshot_classification")
+    for cls in ["a", "b", "a"]:
+        model.encode_text(tokenizer([f"photo of {cls}", "shared"]))
+    assert len(model.prompts) >= 3
+    ids = tokenizer(["photo of a", "shared", "photo of b"])
+    assert ids.tolist() == tokenizer(["photo of a", "shared", "photo of b"]).tolist()
+    assert len(set(ids.tolist())) == 3
