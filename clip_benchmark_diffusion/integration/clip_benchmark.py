@@ -113,7 +113,7 @@ def _is_diffusion(model: Any) -> bool:
 def _patch_metric(task: str, module: Any) -> None:
     task_name = {"image_caption_selection": "image_caption_selection"}.get(task, task)
     if task == "zeroshot_classification":
-        module.accuracy = _accuracy
+        module.upstream_accuracy, module.accuracy = module.accuracy, _accuracy
     original = module.evaluate
 
     @functools.wraps(original)

@@ -1,0 +1,102 @@
+"""One test per thing the integration patches in clip_benchmark."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.integration import clip_benchmark as integ
+
+
+@pytest.fixture(scope="module", autouse=True)
+def installed():
+    integ.ensure_installed()
+
+
+def test_model_type_registered_in_place():
+    import clip_benchmark.cli as cli
+    import clip_benchmark.models as models
+
+    assert models.TYPE2FUNC["diffusion"] is integ._load_diffusion
+    assert "diffusion" in models.MODEL_TYPES and models.MODEL_TYPES.count("diffusion") == 1
+    parser_types = subprocess.run([sys.executable, "-c", "import clip_benchmark.cli as c, sys; sys.argv=['x','eval','--help'];\n"
+                                   "try: c.get_parser_args()\nexcept SystemExit: pass"], capture_output=True, text=True)
+    assert "diffusion" in parser_types.stdout          # the stock parser's --model_type choices, via the .pth hook
+    assert cli.load_clip is models.load_clip
+
+
+def test_load_clip_routes_by_name(monkeypatch):
+    import clip_benchmark.models as models
+
+    calls = []
+    monkeypatch.setattr(integ, "_load_diffusion", lambda *a, **k: calls.append(a) or "ours")
+    assert models.load_clip("open_clip", "diffusion_sd2", "x/y", None, "cpu") == "ours"
+    assert models.load_clip("ja_clip", "diffusion_sd2", "x/y", None, "cpu") == "ours"
+    with pytest.raises(UserError, match="did you mean"):
+        models.load_clip("diffusion", "diffusion_sdx2", "x/y", None, "cpu")
+
+
+def test_accuracy_fixed_for_numpy_2_4():
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.0, 0.4, 0.6]])
+    target = torch.tensor([1, 1, 2, 1])
+    assert zc.accuracy(logits, target, topk=(1, 2)) == [0.5, 1.0]
+    if tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
+        with pytest.raises(TypeError, match="0-dimensional"):   # upstream issue 147, what users hit
+            zc.upstream_accuracy(logits, target, topk=(1, 2))
+    else:
+        assert zc.upstream_accuracy(logits, target, topk=(1, 2)) == [0.5, 1.0]
+
+
+def test_output_name_is_file_safe():
+    args = SimpleNamespace(output="{dataset}_{pretrained}_{model}_{language}_{task}.json", dataset="wds/digits",
+                           model="diffusion_sd2@configs/x.json", pretrained="stabilityai/stable-diffusion-2-base",
+                           language="en")
+    assert integ.output_path(args, "zeroshot_classification") == \
+        "digits_stabilityai_stable-diffusion-2-base_diffusion_sd2@configs_x.json_en_zeroshot_classification.json"
+
+
+def test_task_wrappers_refuse_and_hand_over():
+    from clip_benchmark.metrics import zeroshot_classification as zc
+    from clip_benchmark.metrics import zeroshot_retrieval as zr
+
+    class Fake:
+        is_diffusion_classifier = True
+        task = None
+
+        def begin_task(self, task, expected_images=None):
+            self.task, self.expected = task, expected_images
+            raise RuntimeError("stop here")
+
+    with pytest.raises(UserError, match="zeroshot_retrieval is not supported"):
+        zr.evaluate(Fake(), None, None)
+    with pytest.raises(UserError, match="--load_clfs"):
+        zc.evaluate(Fake(), None, None, ["a"], ["{c}"], "cpu", load_clfs=["x.pt"])
+    fake = Fake()
+    with pytest.raises(RuntimeError, match="stop here"):
+        zc.evaluate(fake, SimpleNamespace(dataset=[1, 2, 3]), None, ["a"], ["{c}"], "cpu")
+    assert (fake.task, fake.expected) == ("zeroshot_classification", 3)
+
+
+def test_unsupported_clip_benchmark_version_is_one_line(tmp_path):
+    code = ("import importlib.metadata as m; real = m.version\n"
+            "m.version = lambda n: '2.0.0' if n == 'clip_benchmark' else real(n)\n"
+            "import clip_benchmark.models as models; print('diffusion' in models.MODEL_TYPES)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "False"
+    assert proc.stderr.strip() == ("clip_benchmark_diffusion: clip_benchmark 2.0.0 is not supported (needs 1.6.x); "
+                                   "diffusion models are not registered")
+
+
+def test_startup_hook_imports_nothing_heavy():
+    code = "import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','clip_benchmark','diffusers','typing','pluggy')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "[]", proc.stdout
+    assert "clip_benchmark_diffusion._startup" in subprocess.run(
+        [sys.executable, "-c", "import sys; print(list(sys.modules))"], capture_output=True, text=True).stdout

@@ -1,0 +1,145 @@
+"""Every refusal and bad input: one line on stderr, no traceback, no result file, before compute.
+
+A few run the real console script in a subprocess; the rest call the same patched
+``clip_benchmark.cli.main`` in-process, which is what the console script runs, to keep the suite fast.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cli_helpers import clip_benchmark_eval, quick_options
+from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
+
+
+class _InProcess:
+    """``clip_benchmark eval ...`` through the patched ``cli.main``, captured like a subprocess."""
+
+    def __init__(self, capsys, monkeypatch) -> None:
+        self.capsys, self.monkeypatch = capsys, monkeypatch
+
+    def __call__(self, *args: str, cwd, env=None) -> subprocess.CompletedProcess:
+        ensure_installed()
+        import clip_benchmark.cli as cli
+
+        self.monkeypatch.chdir(cwd)
+        for key, value in (env or {}).items():
+            self.monkeypatch.setenv(key, value)
+        self.monkeypatch.setattr(sys, "argv", ["clip_benchmark", "eval", "--num_workers", "0", *args])
+        self.capsys.readouterr()
+        code = cli.main()
+        out, err = self.capsys.readouterr()
+        return subprocess.CompletedProcess(args, code or 0, out, err)
+
+
+@pytest.fixture
+def inproc(capsys, monkeypatch):
+    return _InProcess(capsys, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def unconditional(tmp_path_factory):
+    """A real diffusers folder that is not text-to-image: an unconditional DDPM pipeline."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(block_out_channels=(4, 8), norm_num_groups=2, sample_size=8, layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    folder = tmp_path_factory.mktemp("ddpm") / "model"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corrupted(tiny_sd, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corrupt") / "model"
+    shutil.copytree(tiny_sd, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    return folder
+
+
+def _fails_cleanly(proc, *needles: str, cwd=None) -> str:
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    last = err[-1] if err else ""
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith("clip_benchmark_diffusion: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in last, last
+    if cwd is not None:
+        assert not list(cwd.glob("digits*.json")) and not list(cwd.glob(".*partial"))
+    return last
+
+
+def _eval(model, pretrained, wds, cwd, *extra, env=None, runner=clip_benchmark_eval):
+    return runner("--model", model, "--pretrained", str(pretrained), "--dataset", "wds/digits",
+                  "--dataset_root", str(wds), *extra, cwd=cwd, env=env)
+
+
+def test_unknown_model_name_suggests_close_names(tiny_sd, digits_wds, tmp_path):
+    _fails_cleanly(_eval("diffusion_sd22", tiny_sd, digits_wds, tmp_path), "unknown diffusion model",
+                   "did you mean diffusion_sd2", cwd=tmp_path)
+
+
+def test_unknown_name_under_model_type_diffusion(tiny_sd, digits_wds, tmp_path, inproc):
+    _fails_cleanly(_eval("ViT-B-32", tiny_sd, digits_wds, tmp_path, "--model_type", "diffusion", runner=inproc),
+                   "unknown diffusion model 'ViT-B-32'", cwd=tmp_path)
+
+
+def test_missing_pretrained_folder(digits_wds, tmp_path, inproc):
+    _fails_cleanly(_eval("diffusion_sd2", tmp_path / "nope", digits_wds, tmp_path, runner=inproc), "does not exist", cwd=tmp_path)
+
+
+def test_folder_that_is_not_diffusers(digits_wds, tmp_path, inproc):
+    (tmp_path / "empty").mkdir()
+    _fails_cleanly(_eval("diffusion_sd2", tmp_path / "empty", digits_wds, tmp_path, runner=inproc), "no model_index.json")
+
+
+def test_pipeline_that_is_not_text_to_image(unconditional, digits_wds, tmp_path, inproc):
+    _fails_cleanly(_eval("diffusion_sd2", unconditional, digits_wds, tmp_path, runner=inproc),
+                   "not a text-to-image diffusion model", "DDPMPipeline", cwd=tmp_path)
+
+
+def test_corrupted_weights(corrupted, digits_wds, tmp_path, inproc):
+    _fails_cleanly(_eval("diffusion_sd2", corrupted, digits_wds, tmp_path, runner=inproc), "could not load the weights", cwd=tmp_path)
+
+
+def test_unknown_weights_tag(digits_wds, tmp_path, inproc):
+    _fails_cleanly(_eval("diffusion_sd2", "sd9", digits_wds, tmp_path, runner=inproc), "neither a known weights tag", cwd=tmp_path)
+
+
+@pytest.mark.parametrize("task", ["zeroshot_retrieval", "linear_probe", "captioning"])
+def test_unsupported_tasks_stop_before_compute(tiny_sd, digits_wds, tmp_path, task, inproc):
+    runner = clip_benchmark_eval if task == "zeroshot_retrieval" else inproc
+    _fails_cleanly(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path, "--task", task, runner=runner),
+                   f"task {task} is not supported by diffusion models", cwd=tmp_path)
+
+
+def test_load_clfs_is_refused(tiny_sd, digits_wds, tmp_path, inproc):
+    _fails_cleanly(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path, "--load_clfs", "clf.pt", runner=inproc),
+                   "--load_clfs is not supported", cwd=tmp_path)
+
+
+def test_more_classes_than_slots(tiny_sd, digits_wds, tmp_path):
+    opts = quick_options(tmp_path, max_classes=5)
+    _fails_cleanly(_eval(f"diffusion_sd2@{opts}", tiny_sd, digits_wds, tmp_path), "more than 5 classes", cwd=tmp_path)
+
+
+def test_bad_scoring_options(tiny_sd, digits_wds, tmp_path, inproc):
+    _fails_cleanly(_eval("diffusion_sd2@turbo", tiny_sd, digits_wds, tmp_path, runner=inproc), "unknown scoring preset 'turbo'")
+    (tmp_path / "bad.json").write_text(json.dumps({"strategy": "fastest"}))
+    _fails_cleanly(_eval(f"diffusion_sd2@{tmp_path / 'bad.json'}", tiny_sd, digits_wds, tmp_path, runner=inproc),
+                   "strategy='fastest' is not one of full, staged, ttest")
+    _fails_cleanly(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path,
+                         env={"CLIP_BENCHMARK_DIFFUSION_OPTIONS": "batchsize=3"}, runner=inproc), "unknown scoring option 'batchsize'")
+
+
+def test_a_bad_second_model_stops_the_command_before_the_first_runs(tiny_sd, digits_wds, tmp_path):
+    proc = clip_benchmark_eval("--pretrained_model", f"diffusion_sd2,{tiny_sd}", "diffusion_sd5,x",
+                               "--dataset", "wds/digits", "--dataset_root", str(digits_wds), cwd=tmp_path)
+    _fails_cleanly(proc, "unknown diffusion model 'diffusion_sd5'", cwd=tmp_path)
+    assert "Running" not in proc.stdout
