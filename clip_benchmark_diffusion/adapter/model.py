@@ -14,6 +14,7 @@ ties, while neighbouring ranks stay 5% apart and survive any half-precision roun
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
 from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.pipeline import Components
 from clip_benchmark_diffusion.registry import ModelSpec
 from clip_benchmark_diffusion.scoring.engine import Candidates, ImageResult, ScoringEngine
@@ -66,6 +68,14 @@ class DiffusionClassifier(nn.Module):
         self._text_cache: dict[int, torch.Tensor] = {}
         self._candidates: Candidates | None = None
         self._bar: tqdm | None = None
+
+    def set_options(self, options: ScoringOptions) -> None:
+        """Score with other options from now on (same weights; for benchmarks and sweeps)."""
+        self.options = options
+        self.spec = dataclasses.replace(self.spec, options=options)
+        self._candidates = None
+        self.engine = ScoringEngine(self._denoise, self.components.schedule, options, self.device_,
+                                    progress=self._on_progress)
 
     # -- the clip_benchmark interface --------------------------------------------------------
     def begin_task(self, task: str, expected_images: int | None = None) -> None:

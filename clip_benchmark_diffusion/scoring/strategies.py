@@ -156,3 +156,12 @@ def make_strategy(options: ScoringOptions, num_candidates: int) -> Strategy:
     if options.strategy == "staged":
         return StagedStrategy(num_candidates, options.n_samples, options.to_keep)
     return TTestStrategy(num_candidates, options.min_samples, options.max_samples, options.p_value)
+
+
+def staged_calls(num_classes: int, n_samples: tuple[int, ...], to_keep: tuple[int, ...], members: int = 1) -> int:
+    """Denoiser calls per image of staged evaluation on nested grids (no ties, no look-ahead)."""
+    calls, alive, seen = 0, num_classes, 0
+    for n, keep in zip(n_samples, to_keep):
+        calls += alive * (n - seen) * members
+        seen, alive = n, min(alive, keep)
+    return calls
