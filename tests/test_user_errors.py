@@ -143,3 +143,78 @@ def test_a_bad_second_model_stops_the_command_before_the_first_runs(tiny_sd, dig
                                "--dataset", "wds/digits", "--dataset_root", str(digits_wds), cwd=tmp_path)
     _fails_cleanly(proc, "unknown diffusion model 'diffusion_sd5'", cwd=tmp_path)
     assert "Running" not in proc.stdout
+
+
+def _templated_wds(tmp_path, templates: str):
+    from wds_data import write_digits_wds
+
+    folder = write_digits_wds(tmp_path / "wds", per_class=1)
+    (folder / "zeroshot_classification_templates.txt").write_text(templates)
+    return folder
+
+
+def test_empty_template_file(tiny_sd, tmp_path, inproc):
+    wds = _templated_wds(tmp_path, "")
+    _fails_cleanly(_eval("diffusion_sd2", tiny_sd, wds, tmp_path, runner=inproc), "template list is empty",
+                   cwd=tmp_path)
+
+
+def test_template_without_placeholder(tiny_sd, tmp_path, inproc):
+    wds = _templated_wds(tmp_path, "a photo of a {c}.\na photo of something\n")
+    _fails_cleanly(_eval("diffusion_sd2", tiny_sd, wds, tmp_path, runner=inproc),
+                   "template 'a photo of something' has no {c} placeholder", cwd=tmp_path)
+
+
+def test_cupl_file_missing_a_class(tiny_sd, digits_wds, tmp_path, inproc):
+    from wds_data import DIGIT_NAMES
+
+    prompts = {"digits": {name: [f"a {name}"] for name in DIGIT_NAMES[:-1]}}
+    (tmp_path / "cupl.json").write_text(json.dumps(prompts))
+    _fails_cleanly(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path, "--custom_template_file",
+                         str(tmp_path / "cupl.json"), runner=inproc), "no prompts for 'nine'", cwd=tmp_path)
+
+
+class _OddImages:
+    """Real digits delivered as grayscale, RGBA, 1x1 and large RGB images."""
+
+    classes = ["zero", "one"]
+    templates = ["a photo of the number {c}."]
+
+    def __init__(self, bomb: bool = False) -> None:
+        from PIL import Image
+
+        base = Image.new("L", (8, 8), 0)
+        self.items = [(base.convert("L"), 0), (base.convert("RGBA"), 1), (Image.new("RGB", (1, 1), (9, 9, 9)), 0),
+                      (Image.new("RGB", (3000, 2000), (200, 10, 10)), 1)]
+        if bomb:
+            self.items.append((Image.new("1", (15000, 13000)), 0))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _odd_wds(tmp_path, bomb: bool):
+    from clip_benchmark.webdataset_builder import convert_dataset
+
+    folder = tmp_path / "odd"
+    convert_dataset(_OddImages(bomb), "test", str(folder), image_format="png", verbose=False)
+    return folder
+
+
+def test_grayscale_rgba_tiny_and_large_images_are_scored(tiny_sd, tmp_path, inproc):
+    opts = quick_options(tmp_path / "..", strategy="full", n_samples=[1])
+    proc = inproc("--model", f"diffusion_sd2@{opts}", "--pretrained", str(tiny_sd), "--dataset", "wds/odd",
+                  "--dataset_root", str(_odd_wds(tmp_path, bomb=False)), "--output", "out.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "out.json").read_text())["metrics"]["denoiser_calls_per_image"] == 2
+
+
+def test_decompression_bomb_is_one_line(tiny_sd, tmp_path, inproc):
+    opts = quick_options(tmp_path / "..", strategy="full", n_samples=[1])
+    proc = inproc("--model", f"diffusion_sd2@{opts}", "--pretrained", str(tiny_sd), "--dataset", "wds/odd",
+                  "--dataset_root", str(_odd_wds(tmp_path, bomb=True)), "--output", "out.json", cwd=tmp_path)
+    _fails_cleanly(proc, "too large to decode safely")
+    assert not (tmp_path / "out.json").exists() and not list(tmp_path.glob(".*partial"))

@@ -6,6 +6,7 @@ after each watched module executes; each ``_patch_*`` below changes one thing an
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -111,10 +112,11 @@ def _is_diffusion(model: Any) -> bool:
 
 
 def _patch_metric(task: str, module: Any) -> None:
-    task_name = {"image_caption_selection": "image_caption_selection"}.get(task, task)
+    task_name = task
     if task == "zeroshot_classification":
         module.upstream_accuracy, module.accuracy = module.accuracy, _accuracy
     original = module.evaluate
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
     def evaluate(model, dataloader, *args, **kwargs):
@@ -122,12 +124,32 @@ def _patch_metric(task: str, module: Any) -> None:
             if task_name in UNSUPPORTED_TASKS:
                 raise UserError(f"task {task_name} is not supported by diffusion models: "
                                 f"{UNSUPPORTED_TASKS[task_name]}; use zeroshot_classification")
-            if kwargs.get("load_clfs"):
+            call = signature.bind_partial(model, dataloader, *args, **kwargs).arguments
+            if call.get("load_clfs"):
                 raise UserError(LOAD_CLFS_ERROR)
+            if task_name == "zeroshot_classification":
+                check_templates(call.get("classnames"), call.get("templates"))
             model.begin_task(task_name, expected_images=_dataset_size(dataloader))
         return original(model, dataloader, *args, **kwargs)
 
     module.evaluate = evaluate
+
+
+def check_templates(classnames: Any, templates: Any) -> None:
+    """Prompts that cannot tell classes apart are a user error, caught before any image is scored."""
+    if isinstance(templates, dict):
+        empty = [c for c in classnames if not templates.get(c)]
+        if empty:
+            raise UserError(f"the per-class prompt file gives no prompts for {', '.join(map(repr, empty[:3]))}"
+                            f"{' and more' if len(empty) > 3 else ''}; add prompts for every class")
+        return
+    if not templates:
+        raise UserError("the template list is empty (an empty zeroshot_classification_templates.txt or "
+                        "--custom_template_file entry?); add templates such as 'a photo of a {c}.'")
+    missing = [t for t in templates if "{c}" not in t]
+    if missing:
+        raise UserError(f"template {missing[0]!r} has no {{c}} placeholder, so every class would get the same "
+                        "prompt; write templates like 'a photo of a {c}.'")
 
 
 LOAD_CLFS_ERROR = ("--load_clfs is not supported by diffusion models: a saved text classifier "
@@ -231,7 +253,11 @@ def _run_one(original_run: Callable[[Any], Any], args: Any) -> Any:
     patched.output, patched.skip_existing = str(tmp), False
     _current.clear()
     try:
-        result = original_run(patched)
+        try:
+            result = original_run(patched)
+        except Exception as exc:
+            _translate_data_errors(exc)
+            raise
         if tmp.exists():
             dump = json.loads(tmp.read_text())
             model = _current.get("model")
@@ -246,3 +272,15 @@ def _run_one(original_run: Callable[[Any], Any], args: Any) -> Any:
     finally:
         tmp.unlink(missing_ok=True)
         _current.clear()
+
+
+def _translate_data_errors(exc: BaseException) -> None:
+    """Raise a one-line UserError for dataset problems a user can fix (found while reading images)."""
+    from PIL import Image
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, Image.DecompressionBombError):
+            raise UserError(f"an image in the dataset is too large to decode safely ({seen}); downscale it, "
+                            "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the data") from None
+        seen = seen.__cause__ or seen.__context__
