@@ -15,6 +15,8 @@ ties, while neighbouring ranks stay 5% apart and survive any half-precision roun
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -26,11 +28,14 @@ from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.pipeline import Components
 from clip_benchmark_diffusion.registry import ModelSpec
+from clip_benchmark_diffusion import distributed as dist_util
 from clip_benchmark_diffusion.scoring.engine import Candidates, ImageResult, ScoringEngine
 from clip_benchmark_diffusion.scoring.noise import image_seed
+from clip_benchmark_diffusion.store import ScoreStore, image_digest, image_key, run_key, weights_fingerprint
 
 RANK_BASE = 0.95
 CLASSIFICATION = "zeroshot_classification"
+_BATCH_IDS = itertools.count()  # same sequence on every rank: every rank scores every batch
 
 
 @dataclass
@@ -39,6 +44,8 @@ class RunRecord:
 
     calls: list[int] = field(default_factory=list)
     results: list[ImageResult] = field(default_factory=list)
+    reused: int = 0          # images whose result came from the score store
+    scored_calls: int = 0    # denoiser calls this process actually ran
 
 
 class DiffusionClassifier(nn.Module):
@@ -49,7 +56,13 @@ class DiffusionClassifier(nn.Module):
     def __init__(self, components: Components, spec: ModelSpec, weights: str, device: str | torch.device) -> None:
         super().__init__()
         self.spec, self.options, self.weights = spec, spec.options, weights
-        self.device_ = torch.device(device)
+        self.world = dist_util.world_from_env()
+        self.device_ = dist_util.local_device(self.world, device)
+        if self.device_.type == "cuda":
+            torch.cuda.set_device(self.device_)  # so clip_benchmark's "cuda" means this rank's GPU
+        dist_util.init_process_group_if_needed(self.world, self.device_)
+        self.claimer = dist_util.WorkClaimer() if self.world.is_distributed else None
+        self.store: ScoreStore | None = None
         self.dtype = _pick_dtype(self.options.dtype, self.device_)
         self.unet = components.unet.to(self.device_).eval()
         if self.device_.type == "cuda":
@@ -68,12 +81,14 @@ class DiffusionClassifier(nn.Module):
         self._text_cache: dict[int, torch.Tensor] = {}
         self._candidates: Candidates | None = None
         self._bar: tqdm | None = None
+        self._model_fingerprint: str | None = None
+        self._run_key: str | None = None
 
     def set_options(self, options: ScoringOptions) -> None:
         """Score with other options from now on (same weights; for benchmarks and sweeps)."""
         self.options = options
         self.spec = dataclasses.replace(self.spec, options=options)
-        self._candidates = None
+        self._candidates, self._run_key = None, None
         self.engine = ScoringEngine(self._denoise, self.components.schedule, options, self.device_,
                                     progress=self._on_progress)
 
@@ -81,7 +96,7 @@ class DiffusionClassifier(nn.Module):
     def begin_task(self, task: str, expected_images: int | None = None) -> None:
         """Called by the integration before each task: forget the previous classes."""
         self.task = task
-        self._groups, self._candidates = [], None
+        self._groups, self._candidates, self._run_key = [], None, None
         self.record = RunRecord()
         self._bar = tqdm(total=expected_images, desc="diffusion scoring", unit="img", leave=False)
 
@@ -94,22 +109,31 @@ class DiffusionClassifier(nn.Module):
             raise UserError(f"more than {self.options.max_classes} classes; raise the capacity with the "
                             "scoring option max_classes (e.g. CLIP_BENCHMARK_DIFFUSION_OPTIONS=max_classes=22000)")
         self._groups.append(prompt_ids.detach().cpu().long())
-        self._candidates = None
+        self._candidates, self._run_key = None, None
         out = torch.zeros(len(prompt_ids), self.options.max_classes, device=prompt_ids.device)
         out[:, g] = 1.0
         return out
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Score each image against every class seen by ``encode_text``; (B, max_classes) float32."""
+        """Score each image against every class seen by ``encode_text``; (B, max_classes) float32.
+
+        Images already in the score store cost nothing; under torchrun the batch's images are
+        claimed dynamically by the ranks and the results gathered, so every rank returns all.
+        """
         if not self._groups:
             raise UserError("encode_image was called before any class prompts were encoded; "
                             "diffusion models only serve zero-shot classification")
         with torch.autocast(self.device_.type, enabled=False):
             cands = self._candidate_table()
             images = images.to(self.device_, torch.float32)
-            seeds = [image_seed(img, self.options.seed) for img in images]
-            results = self.engine.score(self._latents(images), seeds, cands)
+            digests = [image_digest(img) for img in images]
+            keys = [image_key(self._key(), d) for d in digests]
+            chunk = max(1, len(images) // (4 * self.world.world_size))
+            payloads = dist_util.score_batch_distributed(
+                next(_BATCH_IDS), len(images), lambda idx: self._score_subset(images, idx, digests, keys, cands),
+                self.world, self.claimer, chunk)
+        results = [ImageResult.from_payload(payloads[i]) for i in range(len(images))]
         self.record.results.extend(results)
         self.record.calls.extend(r.denoiser_calls for r in results)
         if self._bar is not None:
@@ -118,6 +142,43 @@ class DiffusionClassifier(nn.Module):
         ranks = torch.stack([r.outcome.rank for r in results]).to(self.device_)      # (B, G)
         out[:, : ranks.shape[1]] = RANK_BASE ** ranks.float()
         return out
+
+    def attach_store(self, store: ScoreStore | None) -> None:
+        """Persist every image's result in ``store`` and reuse what it already holds."""
+        self.store = store
+
+    def _score_subset(self, images: torch.Tensor, idx: list[int], digests: list[str], keys: list[str],
+                      cands: Candidates) -> dict[int, dict]:
+        """Payloads for images ``idx`` of the batch: from the store, else scored (and stored at once)."""
+        cached = self.store.get_many([keys[i] for i in idx]) if self.store is not None else {}
+        out = {i: cached[keys[i]] for i in idx if keys[i] in cached}
+        todo = [i for i in idx if i not in out]
+        self.record.reused += len(out)
+        if todo:
+            def done(j: int, result: ImageResult) -> None:
+                out[todo[j]] = result.to_payload()
+                if self.store is not None:
+                    self.store.put(keys[todo[j]], out[todo[j]])
+
+            seeds = [image_seed(digests[i], self.options.seed) for i in todo]
+            before = self.engine.stats.denoiser_calls
+            self.engine.score(self._latents(images[todo]), seeds, cands, on_done=done)
+            self.record.scored_calls += self.engine.stats.denoiser_calls - before
+        return out
+
+    def _key(self) -> str:
+        """What decides scores besides the image: weights, schedule, options and prompts."""
+        if self._model_fingerprint is None:
+            modules = {"unet": self.unet, "text_encoder": self.text_encoder}
+            if self.vae is not None:
+                modules["vae"] = self.vae
+            sched = self.components.schedule
+            extra = hashlib.sha256(sched.alphas_cumprod.numpy().tobytes() + sched.prediction_type.encode())
+            self._model_fingerprint = f"{weights_fingerprint(modules)}:{extra.hexdigest()}"
+        if self._run_key is None:
+            prompts = [[self.prompts.texts[i] for i in grp.tolist()] for grp in self._groups]
+            self._run_key = run_key(self._model_fingerprint, self.options.fingerprint_dict(), prompts)
+        return self._run_key
 
     # -- internals ---------------------------------------------------------------------------
     def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -173,17 +234,25 @@ class DiffusionClassifier(nn.Module):
                                   cands_left=f"{info['candidates_left']:.1f}", refresh=False)
 
     def cost_summary(self) -> dict[str, float]:
-        """Denoiser calls per image (mean, max), seconds per image and engine efficiency."""
+        """Denoiser calls per image (mean, max) and seconds per image, as recorded when each was scored.
+
+        Taken from the per-image records (stored ones included), so a re-run of a finished
+        evaluation writes the same numbers; engine efficiency lives in ``engine.stats``.
+        """
         calls = self.record.calls or [0]
-        stats = self.engine.stats.as_dict()
+        seconds = [r.seconds for r in self.record.results] or [0.0]
         return {
             "denoiser_calls_per_image": sum(calls) / len(calls),
             "denoiser_calls_per_image_max": max(calls),
-            "seconds_per_image": stats["seconds_per_image"],
-            "mean_denoiser_batch": stats["mean_denoiser_batch"],
-            "share_outside_denoiser": stats["share_outside_denoiser"],
+            "seconds_per_image": sum(seconds) / len(seconds),
         }
 
+
+    def store_report(self) -> str:
+        """One line on what the score store saved in this process."""
+        where = f" ({self.store.path})" if self.store is not None else " (store off)"
+        return (f"clip_benchmark_diffusion: {self.record.reused} of {len(self.record.results)} images from the score "
+                f"store{where}; {self.record.scored_calls} denoiser calls run on rank {self.world.rank}")
 
     def result_metadata(self, model_type: str) -> dict:
         """The identity of this evaluation for the result JSON and leaderboards."""

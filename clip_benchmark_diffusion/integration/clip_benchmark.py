@@ -77,6 +77,10 @@ def _load_diffusion(model_name: str, pretrained: str, cache_dir: str | None = No
     from clip_benchmark_diffusion.adapter.loader import load_diffusion_classifier
 
     model, transform, tokenizer = load_diffusion_classifier(model_name, pretrained, cache_dir, device)
+    if _current.get("store_path") is not None:
+        from clip_benchmark_diffusion.store import ScoreStore
+
+        model.attach_store(ScoreStore(_current["store_path"]))
     _current["model"] = model
     return model, transform, tokenizer
 
@@ -207,12 +211,25 @@ def _task_of(args: Any) -> str:
     return get_dataset_default_task(name)
 
 
+def _is_ours(args: Any) -> bool:
+    from clip_benchmark_diffusion.registry import is_diffusion_model
+
+    return is_diffusion_model(args.model) or args.model_type == MODEL_TYPE
+
+
+def _rank() -> int:
+    from clip_benchmark_diffusion.distributed import world_from_env
+
+    return world_from_env().rank
+
+
 def validate_run(args: Any) -> None:
     """Every check that needs no model weights and no images: raise UserError before compute."""
-    from clip_benchmark_diffusion.registry import is_diffusion_model, parse_model_spec
+    from clip_benchmark_diffusion.registry import parse_model_spec
+    from clip_benchmark_diffusion.store import ScoreStore, default_store_path
     from clip_benchmark_diffusion.weights import resolve_weights
 
-    if not (is_diffusion_model(args.model) or args.model_type == MODEL_TYPE):
+    if not _is_ours(args):
         return
     spec = parse_model_spec(args.model)
     resolve_weights(spec.recipe.resolve_weights(args.pretrained))
@@ -224,6 +241,12 @@ def validate_run(args: Any) -> None:
         raise UserError(LOAD_CLFS_ERROR)
     if args.save_clf:
         raise UserError(SAVE_CLF_ERROR)
+    if args.distributed:
+        raise UserError("--distributed splits whole runs, not images; for diffusion models start the same command "
+                        "under torchrun (or srun) without --distributed and the images are split across ranks")
+    store_path = default_store_path(output_path(args, task))
+    if store_path is not None:
+        ScoreStore(store_path).close()  # an unreadable store is a user error now, not after the compute
 
 
 def _slug(text: str) -> str:
@@ -252,6 +275,11 @@ def _run_one(original_run: Callable[[Any], Any], args: Any) -> Any:
     patched = copy(args)
     patched.output, patched.skip_existing = str(tmp), False
     _current.clear()
+    ours = _is_ours(args)
+    if ours:
+        from clip_benchmark_diffusion.store import default_store_path
+
+        _current["store_path"] = default_store_path(final)
     try:
         try:
             result = original_run(patched)
@@ -262,12 +290,14 @@ def _run_one(original_run: Callable[[Any], Any], args: Any) -> Any:
             dump = json.loads(tmp.read_text())
             model = _current.get("model")
             if model is not None:
+                print(model.store_report(), file=sys.stderr)
                 dump["metrics"].update(model.cost_summary())
                 dump["diffusion_classifier"] = model.result_metadata(model_type=args.model_type)
-            tmp.write_text(json.dumps(dump))
-            os.replace(tmp, final)
-            if args.verbose and final != str(tmp):
-                print(f"Wrote {final}")
+            if _rank() == 0:  # every rank computed the same metrics; one writes them
+                tmp.write_text(json.dumps(dump))
+                os.replace(tmp, final)
+                if args.verbose:
+                    print(f"Wrote {final}")
         return result
     finally:
         tmp.unlink(missing_ok=True)

@@ -76,6 +76,20 @@ class ImageResult:
     outcome: Outcome
     denoiser_calls: int
     seed: int
+    # Wall time charged to this image: its share of its scoring call, in proportion to its calls.
+    seconds: float = 0.0
+
+    def to_payload(self) -> dict:
+        """Plain JSON for the score store."""
+        o = self.outcome
+        return {"rank": o.rank.tolist(), "mean_error": o.mean_error.tolist(), "samples": o.samples.tolist(),
+                "calls": self.denoiser_calls, "seed": self.seed, "seconds": self.seconds}
+
+    @classmethod
+    def from_payload(cls, p: dict) -> "ImageResult":
+        outcome = Outcome(rank=torch.tensor(p["rank"]), mean_error=torch.tensor(p["mean_error"]),
+                          samples=torch.tensor(p["samples"]))
+        return cls(outcome=outcome, denoiser_calls=p["calls"], seed=p["seed"], seconds=p["seconds"])
 
 
 @dataclass
@@ -96,9 +110,15 @@ class ScoringEngine:
         self.stats = EngineStats()
         self.progress = progress
 
-    def score(self, latents: torch.Tensor, seeds: list[int], cands: Candidates) -> list[ImageResult]:
-        """Score ``latents`` (B, C, H, W) against ``cands``; ``seeds`` from the image contents."""
+    def score(self, latents: torch.Tensor, seeds: list[int], cands: Candidates,
+              on_done: Callable[[int, ImageResult], None] | None = None) -> list[ImageResult]:
+        """Score ``latents`` (B, C, H, W) against ``cands``; ``seeds`` from the image contents.
+
+        ``on_done(i, result)`` is called as soon as image i is decided (to persist it at once).
+        """
         start = time.perf_counter()
+        calls_before = self.stats.denoiser_calls
+        results: dict[int, ImageResult] = {}
         G, M = cands.members.shape
         N = len(self.timesteps)
         valid = cands.members >= 0                                    # (G, M)
@@ -119,13 +139,19 @@ class ScoringEngine:
                 st.strategy.err = torch.where(done_cls & st.strategy.err.isnan(),
                                               self._class_error(st.cerr, valid), st.strategy.err)
                 st.strategy.update()
+                if st.strategy.done:
+                    spent = time.perf_counter() - start
+                    per_call = spent / max(self.stats.denoiser_calls - calls_before, 1)
+                    results[i] = ImageResult(outcome=st.strategy.outcome(), denoiser_calls=st.calls,
+                                             seed=st.noise.seed, seconds=st.calls * per_call)
+                    if on_done:
+                        on_done(i, results[i])
             if self.progress:
                 self.progress({"active": len(active), "candidates_left": sum(
                     int(states[i].strategy.alive.sum()) for i in active) / len(active)})
         self.stats.images += len(states)
         self.stats.wall_seconds += time.perf_counter() - start
-        return [ImageResult(outcome=s.strategy.outcome(), denoiser_calls=s.calls, seed=s.noise.seed)
-                for s in states]
+        return [results[i] for i in range(len(states))]
 
     @staticmethod
     def _class_error(cerr: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

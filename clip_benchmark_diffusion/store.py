@@ -1,0 +1,297 @@
+"""A persistent per-image score store: one SQLite file (WAL mode) beside the result JSON.
+
+Diffusion scoring costs seconds per image, so every image's result is written as soon as it
+is computed and a rerun of the same evaluation (same weights, options and candidate prompts)
+reads it back instead of scoring again; an interrupted run resumes where it stopped. Keys are
+content hashes (:func:`run_key`, :func:`image_key`), so the store needs no bookkeeping of which
+run wrote what, and several processes (``torchrun`` ranks, parallel jobs) may share one file.
+
+torch is imported inside the functions that need it: the store itself is plain ``sqlite3``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
+
+from clip_benchmark_diffusion.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+STORE_ENV = "CLIP_BENCHMARK_DIFFUSION_STORE"
+FILENAME = "clip_benchmark_diffusion_scores.sqlite"
+SCHEMA_VERSION = 1
+OFF_VALUES = ("off", "none", "0", "false", "no")
+BUSY_TIMEOUT_S = 60.0
+LOCK_DEADLINE_S = 300.0  # retries of "database is locked" beyond the busy timeout, in total
+SAMPLE = 64              # values per region (head, evenly spaced, tail) in weights_fingerprint
+
+_MAGIC = b"SQLite format 3\x00"
+_IN_CHUNK = 500          # keys per SELECT ... IN (...): under SQLite's variable limit everywhere
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT)",
+    "CREATE TABLE IF NOT EXISTS scores(key TEXT PRIMARY KEY, payload TEXT NOT NULL, created REAL NOT NULL)",
+)
+_T = TypeVar("_T")
+
+
+class ScoreStore:
+    """Per-image results keyed by :func:`image_key`; each ``put`` is durable on return.
+
+    One instance per process (a connection must not cross ``fork``); any number of processes
+    may open the same file. An existing file that is not a store of this schema is never
+    written to: opening it raises :class:`UserError`.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        self._conn: sqlite3.Connection | None = None
+        self._check_file()
+        try:
+            self._conn = _retry(self._connect, self.path)
+            _retry(self._prepare, self.path)
+        except sqlite3.Error as exc:
+            self.close()
+            raise self._error(_one_line(exc)) from None
+        except BaseException:
+            self.close()  # a refused file is left as it was, without -wal or -shm beside it
+            raise
+
+    # -- public API --------------------------------------------------------------------------
+    def get_many(self, keys: list[str]) -> dict[str, dict]:
+        """The decoded payloads of those ``keys`` that are present."""
+        unique = list(dict.fromkeys(keys))
+        found: dict[str, dict] = {}
+        for start in range(0, len(unique), _IN_CHUNK):
+            part = unique[start : start + _IN_CHUNK]
+            sql = f"SELECT key, payload FROM scores WHERE key IN ({','.join('?' * len(part))})"
+            rows = _retry(lambda: self._db.execute(sql, part).fetchall(), self.path)
+            found.update((key, json.loads(payload)) for key, payload in rows)
+        return found
+
+    def put(self, key: str, payload: dict) -> None:
+        """Insert or replace one entry in its own transaction (committed on return)."""
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        _retry(lambda: self._db.execute("INSERT OR REPLACE INTO scores(key, payload, created) VALUES (?, ?, ?)",
+                                        (key, text, time.time())), self.path)
+
+    def __len__(self) -> int:
+        return _retry(lambda: self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0], self.path)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "ScoreStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ScoreStore({str(self.path)!r})"
+
+    # -- internals ---------------------------------------------------------------------------
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"{self!r} is closed")
+        return self._conn
+
+    def _check_file(self) -> None:
+        """Refuse, before SQLite touches it, a file that cannot be one of our stores."""
+        if self.path.is_dir():
+            raise self._error("is a directory")
+        if not self.path.exists():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise self._error(f"cannot create its folder ({exc.strerror})") from None
+            return
+        try:
+            with open(self.path, "rb") as fh:
+                header = fh.read(len(_MAGIC))
+        except OSError as exc:
+            raise self._error(f"cannot be read ({exc.strerror})") from None
+        if header and header != _MAGIC:
+            raise self._error("is not an SQLite database")
+
+    def _connect(self) -> sqlite3.Connection:
+        # timeout= is SQLite's busy timeout; isolation_level=None is autocommit, so each statement
+        # is its own short transaction.
+        return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+
+    def _prepare(self) -> None:
+        """Validate an existing store, or create the schema; only writes once the file is ours."""
+        tables = self._tables()
+        if tables and "meta" not in tables:
+            raise self._error(f"is an SQLite database of another program (tables: {', '.join(sorted(tables))})")
+        if not tables:
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("BEGIN IMMEDIATE")   # another process may be creating it right now
+            try:
+                for statement in _SCHEMA:
+                    self._db.execute(statement)
+                self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                                 (str(SCHEMA_VERSION),))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            tables = self._tables()
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None or row[0] != str(SCHEMA_VERSION):
+            found = "no schema version" if row is None else f"schema version {row[0]}"
+            raise self._error(f"has {found}, this version of clip_benchmark_diffusion needs {SCHEMA_VERSION}")
+        if "scores" not in tables:
+            raise self._error("has no scores table")
+        # A no-op on stores we created; WAL lets readers and one writer work at the same time, and
+        # NORMAL is still durable against a crash of the process (only an OS crash may lose the
+        # last commits, never corrupt the file).
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+
+    def _tables(self) -> set[str]:
+        return {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def _error(self, what: str) -> UserError:
+        return UserError(f"score store {self.path} {what}; move the file away, or set {STORE_ENV} "
+                         f"to another path (or to 'off' to disable the store)")
+
+
+def _one_line(exc: BaseException) -> str:
+    return "cannot be opened: " + " ".join(str(exc).split())
+
+
+def _is_lock_error(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _retry(fn: Callable[[], _T], path: Path) -> _T:
+    """``fn()``, retried while SQLite reports a lock.
+
+    The busy timeout covers most waits, but SQLite returns SQLITE_BUSY at once in some cases
+    (a WAL file being recovered, a journal-mode switch racing another opener), so back off and
+    try again until ``LOCK_DEADLINE_S``.
+    """
+    deadline, delay = time.monotonic() + LOCK_DEADLINE_S, 0.01
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if not _is_lock_error(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise UserError(f"score store {path} stayed locked for over {LOCK_DEADLINE_S:.0f} s "
+                                f"({_one_line(exc)}); is it on a network file system without locking? "
+                                f"Set {STORE_ENV} to a local path or to 'off'") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+# -- keys ----------------------------------------------------------------------------------------
+def run_key(model_fingerprint: str, options_fingerprint: dict, candidates: list[list[str]]) -> str:
+    """sha256 hex of everything that decides an image's scores except the image itself.
+
+    ``options_fingerprint`` is :meth:`ScoringOptions.fingerprint_dict`; ``candidates`` the
+    prompts of each class in class order.
+    """
+    canonical = json.dumps({"model": model_fingerprint, "options": options_fingerprint,
+                            "candidates": candidates},
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def image_key(run_key: str, image_digest: str) -> str:
+    """The store key of one image in one run."""
+    return f"{run_key}/{image_digest}"
+
+
+def image_digest(image: "torch.Tensor") -> str:
+    """blake2b-128 hex of the image's shape and pixels quantised to int16, on CPU.
+
+    The same quantisation as :func:`clip_benchmark_diffusion.scoring.noise.image_seed`, so two
+    images with one digest get the same noise and hence the same scores, on any device.
+    """
+    import torch
+
+    q = (image.detach().cpu().float().clamp(-1, 1) * 32767).round().to(torch.int16).contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(list(q.shape)).encode())
+    h.update(q.numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_fingerprint(modules: Mapping[str, "torch.nn.Module"]) -> str:
+    """A cheap sha256 content fingerprint of loaded weights.
+
+    Hashes, for each module and each state-dict entry in sorted order, the name, shape, dtype
+    and 3 x ``SAMPLE`` values (the first, the last, and evenly spaced ones) as float32. The
+    samples are gathered on each tensor's device and copied to the CPU in one transfer per
+    device, so a 1 B-parameter model takes milliseconds. A change outside the sampled values is
+    not seen: this tells different checkpoints apart, not a single edited weight.
+    """
+    import torch
+
+    headers: list[bytes] = []
+    spans: list[tuple[torch.device, int, int] | None] = []     # (device, offset, length) per entry
+    samples: dict[torch.device, list[torch.Tensor]] = {}
+    sizes: dict[torch.device, int] = {}
+    with torch.no_grad():
+        for mname in sorted(modules):
+            state = modules[mname].state_dict()
+            for pname in sorted(state):
+                t = state[pname]
+                headers.append(f"{mname}/{pname}|{list(t.shape)}|{t.dtype}".encode())
+                sample = _sample_values(t)
+                if sample is None:
+                    spans.append(None)
+                    continue
+                samples.setdefault(t.device, []).append(sample)
+                spans.append((t.device, sizes.get(t.device, 0), len(sample)))
+                sizes[t.device] = sizes.get(t.device, 0) + len(sample)
+        host = {dev: torch.cat(parts).cpu().numpy() for dev, parts in samples.items()}
+    h = hashlib.sha256()
+    for header, span in zip(headers, spans):
+        h.update(len(header).to_bytes(4, "little") + header)
+        if span is not None:
+            dev, start, length = span
+            h.update(host[dev][start : start + length].tobytes())
+    return h.hexdigest()
+
+
+def _sample_values(t: "torch.Tensor") -> "torch.Tensor | None":
+    """(3 * SAMPLE,) float32 values of ``t`` on its own device; all of them if it is small."""
+    import torch
+
+    if t.device.type == "meta" or t.is_quantized or t.layout != torch.strided:
+        return None                      # no values to read; name, shape and dtype still count
+    flat = t.reshape(-1)                 # a view for the contiguous tensors of a state dict
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    n = flat.numel()
+    if n <= 3 * SAMPLE:
+        return flat.to(torch.float32)
+    idx = torch.cat([torch.arange(SAMPLE), torch.linspace(0, n - 1, SAMPLE).long(),
+                     torch.arange(n - SAMPLE, n)]).to(flat.device)
+    return flat[idx].to(torch.float32)
+
+
+def default_store_path(output_json_path: str, environ: Mapping[str, str] = os.environ) -> Path | None:
+    """Where the store lives: beside the output JSON, unless ``CLIP_BENCHMARK_DIFFUSION_STORE``
+    names a file (or a folder to put it in), or is ``off`` (None: no store)."""
+    raw = environ.get(STORE_ENV, "").strip()
+    if raw.lower() in OFF_VALUES:
+        return None
+    if raw:
+        path = Path(raw).expanduser()
+        return path / FILENAME if path.is_dir() else path
+    return Path(output_json_path).expanduser().parent / FILENAME
+

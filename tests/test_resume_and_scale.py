@@ -1,0 +1,107 @@
+"""No lost work and scale-out: SIGKILL + resume, free re-runs, torchrun across 2 processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cli_helpers import BIN, clip_benchmark_eval, quick_options
+
+TIMING = ("seconds_per_image",)  # measured wall time: the one field two runs cannot share
+
+
+def _args(opts: Path, tiny_sd: Path, wds: Path, out: Path) -> list[str]:
+    return ["--model", f"diffusion_sd2@{opts}", "--pretrained", str(tiny_sd), "--dataset", "wds/digits",
+            "--dataset_root", str(wds), "--batch_size", "4", "--output", str(out)]
+
+
+def _without_timing(result: dict) -> dict:
+    result = json.loads(json.dumps(result))
+    for key in TIMING:
+        result["metrics"].pop(key)
+    return result
+
+
+def _rows(db: Path) -> int:
+    try:
+        with sqlite3.connect(db, timeout=30) as conn:
+            return conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_sigkill_then_resume_computes_only_what_is_missing(tiny_sd, digits_wds, tmp_path):
+    opts = quick_options(tmp_path, strategy="full", n_samples=[12], batch_size=16)
+    run_dir, ref_dir = tmp_path / "run", tmp_path / "ref"
+    run_dir.mkdir(), ref_dir.mkdir()
+    out = run_dir / "result.json"
+    db = run_dir / "clip_benchmark_diffusion_scores.sqlite"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([str(BIN / "clip_benchmark"), "eval", "--num_workers", "0",
+                             *_args(opts, tiny_sd, digits_wds, out)], cwd=run_dir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while _rows(db) < 6 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stored = _rows(db)
+    assert 6 <= stored < 20, f"killed too late or too early: {stored} of 20 images stored"
+    assert not out.exists()
+
+    resumed = clip_benchmark_eval(*_args(opts, tiny_sd, digits_wds, out), cwd=run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = resumed.stderr.strip().splitlines()[-1]
+    assert f"{stored} of 20 images from the score store" in report
+    per_image = 10 * 2 * 12
+    assert f"; {(20 - stored) * per_image} denoiser calls run" in report
+
+    again = clip_benchmark_eval(*_args(opts, tiny_sd, digits_wds, out), cwd=run_dir)
+    assert "20 of 20 images from the score store" in again.stderr and "; 0 denoiser calls run" in again.stderr
+    ref = clip_benchmark_eval(*_args(opts, tiny_sd, digits_wds, ref_dir / "result.json"), cwd=ref_dir,
+                              env={"CLIP_BENCHMARK_DIFFUSION_STORE": "off"})
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    resumed_json = json.loads(out.read_text())
+    reference = json.loads((ref_dir / "result.json").read_text())
+    assert _without_timing(resumed_json) == _without_timing(reference)
+    assert resumed_json["metrics"]["denoiser_calls_per_image"] == per_image
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_second_run_is_free_and_writes_the_same_json(tiny_sd, digits_wds, tmp_path):
+    opts = quick_options(tmp_path)
+    out = tmp_path / "r.json"
+    first = clip_benchmark_eval(*_args(opts, tiny_sd, digits_wds, out), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    text = out.read_text()
+    second = clip_benchmark_eval(*_args(opts, tiny_sd, digits_wds, out), cwd=tmp_path)
+    assert "20 of 20 images from the score store" in second.stderr and "; 0 denoiser calls run" in second.stderr
+    assert out.read_text() == text
+
+
+def test_torchrun_two_processes_match_one(tiny_sd, digits_wds, tmp_path):
+    opts = quick_options(tmp_path, strategy="ttest", min_samples=3, max_samples=10, p_value=0.2)
+    one = clip_benchmark_eval(*_args(opts, tiny_sd, digits_wds, tmp_path / "one.json"), cwd=tmp_path,
+                              env={"CLIP_BENCHMARK_DIFFUSION_STORE": "off"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "CLIP_BENCHMARK_DIFFUSION_STORE": str(tmp_path / "two.sqlite")}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29400 + os.getpid() % 500), str(BIN / "clip_benchmark"), "eval", "--num_workers", "0",
+                          *_args(opts, tiny_sd, digits_wds, tmp_path / "two.json")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    a = json.loads((tmp_path / "one.json").read_text())
+    b = json.loads((tmp_path / "two.json").read_text())
+    assert _without_timing(a) == _without_timing(b)
+    # Both ranks scored: the work was split, not duplicated.
+    reports = [line for line in two.stderr.splitlines() if "denoiser calls run on rank" in line]
+    calls = {int(line.rsplit("rank ", 1)[1]): int(line.split("; ")[1].split()[0]) for line in reports}
+    assert set(calls) == {0, 1} and all(c > 0 for c in calls.values())
+    assert sum(calls.values()) == round(a["metrics"]["denoiser_calls_per_image"] * 20)

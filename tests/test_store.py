@@ -1,0 +1,190 @@
+"""The SQLite score store: persistence, refusal of foreign files, concurrent writers, keys."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from clip_benchmark_diffusion import store as store_module
+from clip_benchmark_diffusion.errors import UserError
+# torch is imported inside the tests that use it: the spawned writers import this module, and
+# four interpreters importing torch at once on a small machine take longer than the test.
+from clip_benchmark_diffusion.store import (FILENAME, STORE_ENV, ScoreStore, default_store_path, image_digest,
+                                            image_key, run_key, weights_fingerprint)
+
+PAYLOAD = {"rank": [1, 0, 2], "mean_error": [0.25, 0.125, float("inf")], "calls": 60, "seed": 12345}
+
+
+def test_round_trip_and_reopen(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with ScoreStore(path) as store:
+        assert len(store) == 0 and store.get_many(["a"]) == {}
+        store.put("a", PAYLOAD)
+        store.put("b", {"x": 1})
+        store.put("b", {"x": 2})                      # replace, not duplicate
+        assert store.get_many(["a", "b", "missing", "a"]) == {"a": PAYLOAD, "b": {"x": 2}}
+        assert len(store) == 2
+    with ScoreStore(path) as store:
+        assert store.get_many(["a", "b"]) == {"a": PAYLOAD, "b": {"x": 2}}
+        assert store.get_many([f"k{i}" for i in range(1200)] + ["a"]) == {"a": PAYLOAD}  # > one IN chunk
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_put_is_visible_to_another_connection_at_once(tmp_path):
+    with ScoreStore(tmp_path / "s.sqlite") as writer, ScoreStore(tmp_path / "s.sqlite") as reader:
+        writer.put("k", {"v": 1})
+        assert reader.get_many(["k"]) == {"k": {"v": 1}}
+
+
+def _assert_refused(path: Path, what: str) -> None:
+    before = path.read_bytes()
+    with pytest.raises(UserError) as info:
+        ScoreStore(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message and what in message and STORE_ENV in message and "'off'" in message
+    assert path.read_bytes() == before
+    assert not Path(f"{path}-wal").exists() and not Path(f"{path}-journal").exists()
+
+
+def test_garbage_file_is_refused_and_left_intact(tmp_path):
+    path = tmp_path / FILENAME
+    path.write_bytes(os.urandom(5000))
+    _assert_refused(path, "is not an SQLite database")
+    path.write_bytes(b"{}")
+    _assert_refused(path, "is not an SQLite database")
+
+
+def test_foreign_or_newer_database_is_refused(tmp_path):
+    path = tmp_path / "other.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE photos(id INTEGER)")
+    conn.close()
+    _assert_refused(path, "another program")
+
+    with ScoreStore(tmp_path / "s.sqlite") as store:
+        store.put("k", {"v": 1})
+    with sqlite3.connect(tmp_path / "s.sqlite") as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.close()
+    _assert_refused(tmp_path / "s.sqlite", "schema version 99")
+
+
+def test_directory_and_unreadable_file_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="is a directory"):
+        ScoreStore(tmp_path)
+    path = tmp_path / "locked.sqlite"
+    path.write_bytes(b"")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(store_module, "open", denied, raising=False)   # tests may run as root
+    with pytest.raises(UserError, match=r"locked.sqlite cannot be read \(Permission denied\); move"):
+        ScoreStore(path)
+
+
+def _writer(path: str, worker: int, barrier) -> None:
+    barrier.wait()                                        # all workers open and write at once
+    with ScoreStore(path) as store:
+        for i in range(200):
+            store.put(f"w{worker}/{i}", {"worker": worker, "i": i})
+
+
+def test_concurrent_writers(tmp_path):
+    path = tmp_path / "shared.sqlite"                     # created by the racing workers themselves
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_writer, args=(str(path), w, barrier)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    with ScoreStore(path) as store:
+        assert len(store) == 800
+        keys = [f"w{w}/{i}" for w in range(4) for i in range(200)]
+        got = store.get_many(keys)
+        assert all(got[f"w{w}/{i}"] == {"worker": w, "i": i} for w in range(4) for i in range(200))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+def test_keys_are_canonical():
+    opts = {"strategy": "ttest", "seed": 0, "n_samples": [50]}
+    key = run_key("abc", opts, [["a photo of a cat"], ["a dog", "a puppy"]])
+    assert key == run_key("abc", dict(reversed(opts.items())), [["a photo of a cat"], ["a dog", "a puppy"]])
+    assert key != run_key("abc", opts, [["a dog", "a puppy"], ["a photo of a cat"]])
+    assert key != run_key("abd", opts, [["a photo of a cat"], ["a dog", "a puppy"]])
+    assert key != run_key("abc", {**opts, "seed": 1}, [["a photo of a cat"], ["a dog", "a puppy"]])
+    assert len(key) == 64 and image_key(key, "ff") == f"{key}/ff"
+
+
+def test_image_digest():
+    import torch
+
+    img = ((torch.arange(3 * 8 * 8) * 341 - 32000) / 32767).reshape(3, 8, 8)  # int16 levels
+    assert image_digest(img) == "0efe91f4ed6dd2e313d4f4ee7b795a1f"
+    assert image_digest(img) == image_digest(img.double()) == image_digest(img + 1e-6)  # below one level
+    assert image_digest(img) != image_digest(img.reshape(3, 4, 16))
+    changed = img.clone()
+    changed[0, 0, 0] += 1e-3
+    assert image_digest(changed) != image_digest(img)
+
+
+def _tiny_modules() -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    return {"unet": torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.BatchNorm1d(30)),
+            "vae": torch.nn.Conv2d(3, 4, 3)}
+
+
+def test_weights_fingerprint_sees_sampled_changes():
+    import torch
+
+    mods = _tiny_modules()
+    base = weights_fingerprint(mods)
+    assert base == weights_fingerprint(_tiny_modules())               # stable across loads
+    # 1200 values: the first and last 64 are sampled, and every ~19th (0, 19, ..., 590, 609, ...).
+    weight = mods["unet"][0].weight
+    original = weight.detach().clone()
+    for position, sampled in ((5, True), (-1, True), (0, True), (609, True), (600, False)):
+        with torch.no_grad():
+            weight.view(-1)[position] += 1e-3
+        assert (weights_fingerprint(mods) != base) == sampled, position
+        with torch.no_grad():
+            weight.copy_(original)
+        assert weights_fingerprint(mods) == base
+    mods["unet"][1].running_mean[3] = 7.0                             # buffers count (30 values: all read)
+    assert weights_fingerprint(mods) != base
+    assert weights_fingerprint({"other": mods["unet"], "vae": mods["vae"]}) != weights_fingerprint(mods)
+
+
+def test_weights_fingerprint_is_cheap_for_a_billion_parameters():
+    import torch
+
+    # torch.empty leaves the pages untouched: only the sampled ones are ever read.
+    big = torch.nn.Module()
+    for i in range(100):
+        big.register_buffer(f"w{i}", torch.empty(10_000_000, dtype=torch.bfloat16))
+    start = time.perf_counter()
+    weights_fingerprint({"unet": big})
+    assert time.perf_counter() - start < 0.5
+
+
+def test_default_store_path(tmp_path):
+    out = str(tmp_path / "results" / "cifar10_sd2.json")
+    assert default_store_path(out, {}) == tmp_path / "results" / FILENAME
+    assert default_store_path("result.json", {}) == Path(FILENAME)
+    assert default_store_path(out, {STORE_ENV: ""}) == tmp_path / "results" / FILENAME
+    for off in ("off", "OFF", " off "):
+        assert default_store_path(out, {STORE_ENV: off}) is None
+    assert default_store_path(out, {STORE_ENV: str(tmp_path / "x.sqlite")}) == tmp_path / "x.sqlite"
+    assert default_store_path(out, {STORE_ENV: str(tmp_path)}) == tmp_path / FILENAME
