@@ -22,6 +22,12 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from clip_benchmark_diffusion.demo.run import main as demo_main
+
+    return demo_main(images=args.images, out=args.out, batch_size=args.batch_size)
+
+
 def _eval(argv: list[str]) -> int:
     """Exactly ``clip_benchmark eval ...``, with our models registered."""
     from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
@@ -44,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_list_models)
     sub.add_parser("plugins", help="loaded plugins, as JSON").set_defaults(func=_plugins)
     sub.add_parser("eval", help="the same as `clip_benchmark eval` (all its flags)")
+    p = sub.add_parser("demo", help="the embedded diffusion model vs its CLIP counterpart, offline")
+    p.add_argument("--images", type=int, default=200, help="first N of the 1,000 shipped test images")
+    p.add_argument("--out", default="runs/demo", help="folder for results, CSV and figure")
+    p.add_argument("--batch-size", type=int, default=100, help="dataloader batch size")
+    p.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -86,6 +86,9 @@ def _load_diffusion(model_name: str, pretrained: str, cache_dir: str | None = No
 
 
 def _patch_models(models: Any) -> None:
+    from clip_benchmark_diffusion.demo import register_open_clip_configs
+
+    register_open_clip_configs()  # the demo CLIP's architecture, so --pretrained_model NAME,PATH finds it
     models.TYPE2FUNC[MODEL_TYPE] = _load_diffusion
     if MODEL_TYPE not in models.MODEL_TYPES:
         models.MODEL_TYPES.append(MODEL_TYPE)  # in place: the CLI's argparse choices hold this list
@@ -119,6 +122,7 @@ def _patch_metric(task: str, module: Any) -> None:
     task_name = task
     if task == "zeroshot_classification":
         module.upstream_accuracy, module.accuracy = module.accuracy, _accuracy
+        _patch_run_classification(module)
     original = module.evaluate
     signature = inspect.signature(original)
 
@@ -137,6 +141,35 @@ def _patch_metric(task: str, module: Any) -> None:
         return original(model, dataloader, *args, **kwargs)
 
     module.evaluate = evaluate
+
+
+PREDICTIONS_ENV = "CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS"
+
+
+def _patch_run_classification(module: Any) -> None:
+    """Keep the logits and labels of each run when asked, for any model (per-image analyses)."""
+    original = module.run_classification
+
+    @functools.wraps(original)
+    def run_classification(model, classifier, dataloader, device, amp=True):
+        logits, target = original(model, classifier, dataloader, device, amp=amp)
+        if os.environ.get(PREDICTIONS_ENV):
+            _current["predictions"] = (logits, target)
+        return logits, target
+
+    module.run_classification = run_classification
+
+
+def _write_predictions(final: str, model: Any) -> None:
+    """``<output>.predictions.json``: per image the label, the top-5 classes and (ours) the calls."""
+    logits, target = _current.pop("predictions")
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    data = {"target": target.tolist(), "top5": top.tolist(),
+            "denoiser_calls": model.record.calls if model is not None else None}
+    path = Path(final).with_name(Path(final).name + ".predictions.json")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def check_templates(classnames: Any, templates: Any) -> None:
@@ -296,6 +329,8 @@ def _run_one(original_run: Callable[[Any], Any], args: Any) -> Any:
             if _rank() == 0:  # every rank computed the same metrics; one writes them
                 tmp.write_text(json.dumps(dump))
                 os.replace(tmp, final)
+                if "predictions" in _current:
+                    _write_predictions(final, model)
                 if args.verbose:
                     print(f"Wrote {final}")
         return result

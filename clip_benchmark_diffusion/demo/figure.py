@@ -1,0 +1,65 @@
+"""The demo figure: per-class accuracy of both models, and diffusion accuracy against its cost."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from clip_benchmark_diffusion.demo.captions import CLASSNAMES
+
+
+def per_class_accuracy(pred: dict) -> np.ndarray:
+    target = np.array(pred["target"])
+    top1 = np.array([row[0] for row in pred["top5"]])
+    return np.array([(top1[target == c] == c).mean() if (target == c).any() else np.nan
+                     for c in range(len(CLASSNAMES))])
+
+
+def accuracy_by_cost(pred: dict, bins: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images grouped into cost quantiles: (mean calls, accuracy, images) per group."""
+    calls = np.array(pred["denoiser_calls"], dtype=float)
+    correct = np.array([row[0] for row in pred["top5"]]) == np.array(pred["target"])
+    edges = np.unique(np.quantile(calls, np.linspace(0, 1, bins + 1)))
+    group = np.clip(np.searchsorted(edges, calls, side="right") - 1, 0, len(edges) - 2)
+    xs, ys, ns = [], [], []
+    for g in range(len(edges) - 1):
+        sel = group == g
+        if sel.any():
+            xs.append(calls[sel].mean()), ys.append(correct[sel].mean()), ns.append(sel.sum())
+    return np.array(xs), np.array(ys), np.array(ns)
+
+
+def draw(res: dict[str, dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    x = np.arange(len(CLASSNAMES))
+    for offset, kind, color in ((-0.2, "diffusion", "tab:blue"), (0.2, "clip", "tab:orange")):
+        acc = per_class_accuracy(res[kind]["predictions"])
+        left.bar(x + offset, 100 * acc, width=0.4, color=color,
+                 label=f"{res[kind]['model']} ({100 * res[kind]['metrics']['acc1']:.1f}%)")
+    left.set_xticks(x, CLASSNAMES, rotation=30, ha="right")
+    left.set_ylabel("top-1 accuracy (%)")
+    left.set_ylim(0, 105)
+    left.set_title("per-class accuracy, held-out prompts")
+    left.legend(loc="lower left", fontsize=8)
+
+    xs, ys, ns = accuracy_by_cost(res["diffusion"]["predictions"])
+    right.plot(xs, 100 * ys, "o-", color="tab:blue", label="diffusion, images grouped by cost")
+    for xi, yi, ni in zip(xs, ys, ns):
+        right.annotate(f"{ni} img", (xi, 100 * yi), textcoords="offset points", xytext=(4, -12), fontsize=7)
+    m = res["diffusion"]["metrics"]
+    right.axvline(m["denoiser_calls_per_image"], color="tab:blue", ls=":", label="mean calls per image")
+    right.axhline(100 * res["clip"]["metrics"]["acc1"], color="tab:orange", ls="--", label="CLIP top-1 (1 forward)")
+    right.set_xlabel("denoiser calls per image (t-test elimination spends more on hard images)")
+    right.set_ylabel("top-1 accuracy (%)")
+    right.set_title("diffusion accuracy vs denoiser calls")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

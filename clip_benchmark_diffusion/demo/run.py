@@ -1,0 +1,149 @@
+"""``clip_benchmark_diffusion demo``: the embedded diffusion model and its CLIP counterpart, side by side.
+
+Both models were trained here on Fashion-MNIST's train split with the same captions. The demo
+evaluates them on the shipped test subset with the *stock* ``clip_benchmark eval`` command (one
+command holding both models), builds the CSV with ``clip_benchmark build``, prints a comparison
+table and draws a figure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, CLIP_TINY_NAME, DATASET_DIR
+
+DIFFUSION = "diffusion_tiny"
+DATASET = "wds/fashion_mnist"
+DEFAULT_IMAGES = 200
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    out: Path
+
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def results(self) -> Path:
+        return self.out / "results"
+
+
+def subset_dataset(images: int, dest: Path) -> Path:
+    """The first ``images`` samples of the shipped subset (already class-interleaved) as a wds folder."""
+    if images >= 1000:
+        return DATASET_DIR
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "test").mkdir(parents=True)
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        shutil.copy(DATASET_DIR / name, dest / name)
+    with tarfile.open(DATASET_DIR / "test" / "0.tar") as src, tarfile.open(dest / "test" / "0.tar", "w") as dst:
+        keys: list[str] = []
+        for member in src:
+            key = member.name.rsplit(".", 1)[0]
+            if key not in keys:
+                if len(keys) == images:
+                    break
+                keys.append(key)
+            dst.addfile(member, src.extractfile(member))
+    (dest / "test" / "nshards.txt").write_text("1\n")
+    return dest
+
+
+def _console(name: str) -> str:
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or name
+
+
+def run_stock_eval(data: Path, results: Path, batch_size: int) -> tuple[float, str]:
+    """One stock ``clip_benchmark eval`` command holding both models; returns (seconds, stdout)."""
+    results.mkdir(parents=True, exist_ok=True)
+    clip_weights = CLIP_TINY_DIR / "open_clip_model.safetensors"
+    cmd = [_console("clip_benchmark"), "eval",
+           "--pretrained_model", f"{DIFFUSION},default", f"{CLIP_TINY_NAME},{clip_weights}",
+           "--dataset", DATASET, "--dataset_root", str(data), "--batch_size", str(batch_size),
+           "--num_workers", "0", "--output", str(results / "{dataset}_{model}_{pretrained}.json")]
+    print("$ " + " ".join(cmd), flush=True)
+    env = {**os.environ, "CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"clip_benchmark_diffusion: the clip_benchmark command failed (exit {proc.returncode})")
+    return time.perf_counter() - start, proc.stdout
+
+
+def build_csv(results: Path) -> Path:
+    csv = results / "benchmark.csv"
+    files = sorted(str(p) for p in results.glob("fashion_mnist_*.json"))
+    subprocess.run([_console("clip_benchmark"), "build", *files, "--output", str(csv)], check=True)
+    return csv
+
+
+def clip_seconds_per_image(data: Path, images: int) -> float:
+    """CLIP's cost for comparison: image-tower forward time per image, batched, on this machine."""
+    import open_clip
+    import torch
+    from clip_benchmark.datasets.builder import build_dataset
+
+    model, _, transform = open_clip.create_model_and_transforms(
+        CLIP_TINY_NAME, pretrained=str(CLIP_TINY_DIR / "open_clip_model.safetensors"))
+    model.eval()
+    ds = build_dataset(dataset_name=DATASET, root=str(data), transform=transform, split="test", download=False)
+    x = torch.stack([img for img, _ in ds])
+    with torch.no_grad():
+        start = time.perf_counter()
+        for chunk in x.split(100):
+            model.encode_image(chunk)
+    return (time.perf_counter() - start) / images
+
+
+def load_results(results: Path) -> dict[str, dict]:
+    """``{"diffusion": result, "clip": result}`` with ``predictions`` attached."""
+    out = {}
+    for path in results.glob("fashion_mnist_*.json"):
+        result = json.loads(path.read_text())
+        result["predictions"] = json.loads(Path(str(path) + ".predictions.json").read_text())
+        out["diffusion" if result["model"].startswith("diffusion") else "clip"] = result
+    if set(out) != {"diffusion", "clip"}:
+        sys.exit(f"clip_benchmark_diffusion: expected two result files in {results}, found {sorted(out)}")
+    return out
+
+
+def comparison_table(res: dict[str, dict], clip_seconds: float) -> str:
+    rows = [("model", "top-1", "top-5", "mean/class recall", "denoiser calls/img", "s/img")]
+    for kind in ("diffusion", "clip"):
+        r = res[kind]
+        m = r["metrics"]
+        calls = f"{m['denoiser_calls_per_image']:.0f} (max {m['denoiser_calls_per_image_max']})" if kind == "diffusion" else "-"
+        secs = m["seconds_per_image"] if kind == "diffusion" else clip_seconds
+        rows.append((f"{r['model']}", f"{100 * m['acc1']:.1f}", f"{100 * m['acc5']:.1f}",
+                     f"{100 * m['mean_per_class_recall']:.1f}", calls, f"{secs:.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def main(images: int = DEFAULT_IMAGES, out: str = "runs/demo", batch_size: int = 100) -> int:
+    paths = DemoPaths(Path(out))
+    data = subset_dataset(images, paths.data / "fashion_mnist")
+    n = 1000 if images >= 1000 else images
+    print(f"Evaluating {DIFFUSION} and {CLIP_TINY_NAME} on {n} Fashion-MNIST test images "
+          f"(held-out prompt templates) with the stock clip_benchmark command...", flush=True)
+    wall, _ = run_stock_eval(data, paths.results, batch_size)
+    csv = build_csv(paths.results)
+    res = load_results(paths.results)
+    table = comparison_table(res, clip_seconds_per_image(data, n))
+    from clip_benchmark_diffusion.demo.figure import draw
+
+    figure = draw(res, paths.out / "demo.png")
+    print(f"\n{table}\n")
+    print(f"stock command wall time {wall:.0f} s; results in {paths.results}, CSV {csv}, figure {figure}")
+    print(f"all 1,000 shipped images: clip_benchmark_diffusion demo --images 1000")
+    return 0
