@@ -1,0 +1,26 @@
+"""The embedded demo: Fashion-MNIST data and two tiny models trained on it offline.
+
+``fashion_mnist_1k/`` is a clip_benchmark webdataset folder (1,000 official test images);
+``models/diffusion_tiny/`` is a pixel-space text-to-image diffusion model in diffusers format and
+``models/clip_tiny/`` an open_clip model, both trained from scratch by ``scripts/train_*_tiny.py``
+on the official train split with the captions in :mod:`clip_benchmark_diffusion.demo.captions`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parent
+DATASET_DIR = DEMO_DIR / "fashion_mnist_1k"
+DIFFUSION_TINY_DIR = DEMO_DIR / "models" / "diffusion_tiny"
+CLIP_TINY_DIR = DEMO_DIR / "models" / "clip_tiny"
+CLIP_TINY_NAME = "ViT-Tiny-4-28"
+
+
+def register_open_clip_configs() -> None:
+    """Make the demo CLIP's architecture known to open_clip by name (cheap: one small JSON)."""
+    config = CLIP_TINY_DIR / f"{CLIP_TINY_NAME}.json"
+    if config.is_file():
+        import open_clip
+
+        open_clip.add_model_config(config)

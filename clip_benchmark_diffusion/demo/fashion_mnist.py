@@ -1,0 +1,83 @@
+"""Read Debian's Fashion-MNIST files and pick the fixed, class-balanced demo subset."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+# Debian package dataset-fashion-mnist (MIT, Zalando Research).
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+_PREFIX = {"train": "train", "test": "t10k"}
+# The shipped demo subset: this many test images per class, drawn with this seed.
+DEMO_PER_CLASS = 100
+DEMO_SEED = 0
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse one gzip'd IDX file (big-endian header: magic, then one uint32 per dimension)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    # Copy: frombuffer views are read-only, which torch.from_numpy warns about.
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+
+
+def load_split(split: str, root: Path = DEBIAN_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(images uint8 (N, 28, 28), labels int64 (N,))`` of the official ``train``/``test`` split."""
+    if split not in _PREFIX:
+        raise ValueError(f"split must be one of {sorted(_PREFIX)}, got {split!r}")
+    prefix = _PREFIX[split]
+    try:
+        images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+        labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{e.filename} is missing: install the Debian package dataset-fashion-mnist "
+            f"or pass the folder holding the four *-ubyte.gz files."
+        ) from e
+    if len(images) != len(labels):
+        raise ValueError(f"{root}: {len(images)} images but {len(labels)} labels in split {split!r}")
+    return images, labels
+
+
+def balanced_interleaved_indices(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """Pick ``per_class`` random indices of every class and interleave them round-robin.
+
+    Round r holds the r-th pick of every class (classes in a random order per round), so every
+    prefix whose length is a multiple of the class count is exactly class-balanced: evaluating
+    only the first 100 or 200 images of the result still gives a balanced set.
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    picks = []
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        if len(members) < per_class:
+            raise ValueError(f"class {c} has {len(members)} images, fewer than per_class={per_class}")
+        picks.append(rng.choice(members, size=per_class, replace=False))
+    rounds = []
+    for r in range(per_class):
+        order = rng.permutation(len(classes))
+        rounds.append([picks[c][r] for c in order])
+    return np.asarray(rounds, dtype=np.int64).reshape(-1)
+
+
+def demo_test_indices(test_labels: np.ndarray) -> np.ndarray:
+    """Test-split indices of the shipped demo subset, in shard order (1,000 images)."""
+    return balanced_interleaved_indices(test_labels, per_class=DEMO_PER_CLASS, seed=DEMO_SEED)
+
+
+def to_unit_range(images: np.ndarray) -> "torch.Tensor":
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [-1, 1], the demo models' input convention."""
+    import torch
+
+    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
