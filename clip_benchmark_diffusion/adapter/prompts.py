@@ -16,6 +16,7 @@ class PromptTable:
     def __init__(self) -> None:
         self.texts: list[str] = []
         self._ids: dict[str, int] = {}
+        self.last_ids = torch.empty(0, dtype=torch.long)  # the most recent tokenizer call
 
     def add(self, texts: list[str]) -> torch.Tensor:
         ids = []
@@ -24,7 +25,8 @@ class PromptTable:
                 self._ids[text] = len(self.texts)
                 self.texts.append(text)
             ids.append(self._ids[text])
-        return torch.tensor(ids, dtype=torch.long)
+        self.last_ids = torch.tensor(ids, dtype=torch.long)
+        return self.last_ids
 
     def __len__(self) -> int:
         return len(self.texts)

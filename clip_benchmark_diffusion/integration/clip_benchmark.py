@@ -28,7 +28,6 @@ UNSUPPORTED_TASKS = {
                           "which a joint image-text score cannot serve exactly",
     "linear_probe": "a linear probe needs image features, and a diffusion classifier has none",
     "captioning": "captioning needs a text generator",
-    "image_caption_selection": "image-caption selection is not implemented for diffusion models yet",
 }
 
 _version_ok: bool | None = None
@@ -138,6 +137,8 @@ def _patch_metric(task: str, module: Any) -> None:
             if task_name == "zeroshot_classification":
                 check_templates(call.get("classnames"), call.get("templates"))
             model.begin_task(task_name, expected_images=_dataset_size(dataloader))
+            if task_name == "image_caption_selection":
+                dataloader = _AnnouncedBatches(dataloader, model)
         return original(model, dataloader, *args, **kwargs)
 
     module.evaluate = evaluate
@@ -195,10 +196,26 @@ SAVE_CLF_ERROR = ("--save_clf is not supported by diffusion models: their classi
                   "placeholder, not text features; drop --save_clf")
 
 
+class _AnnouncedBatches:
+    """Caption selection: tell the model each batch's (instances, images, texts) before it is encoded."""
+
+    def __init__(self, loader: Any, model: Any) -> None:
+        self.loader, self.model = loader, model
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, texts in self.loader:
+            nim = 1 if images.dim() == 4 else images.shape[1]
+            self.model.set_batch_structure(len(texts), nim, len(texts[0]))
+            yield images, texts
+
+
 def _dataset_size(dataloader: Any) -> int | None:
     try:
         return len(dataloader.dataset)
-    except TypeError:
+    except (TypeError, AttributeError):
         return None
 
 

@@ -111,10 +111,12 @@ class ScoringEngine:
         self.progress = progress
 
     def score(self, latents: torch.Tensor, seeds: list[int], cands: Candidates,
-              on_done: Callable[[int, ImageResult], None] | None = None) -> list[ImageResult]:
+              on_done: Callable[[int, ImageResult], None] | None = None,
+              allowed: torch.Tensor | None = None) -> list[ImageResult]:
         """Score ``latents`` (B, C, H, W) against ``cands``; ``seeds`` from the image contents.
 
         ``on_done(i, result)`` is called as soon as image i is decided (to persist it at once).
+        ``allowed`` (B, G) limits each image to some candidates (the others rank last, unscored).
         """
         start = time.perf_counter()
         calls_before = self.stats.denoiser_calls
@@ -128,6 +130,9 @@ class ScoringEngine:
                         cerr=torch.where(valid[:, :, None], float("nan"), 0.0).expand(G, M, N).clone())
             for lat, seed in zip(latents, seeds)
         ]
+        if allowed is not None:
+            for st, row in zip(states, allowed.cpu()):
+                st.strategy.alive &= row
         while active := [i for i, s in enumerate(states) if not s.strategy.done]:
             items = self._collect(states, active, valid, 0)            # (Q, 4): image, class, member, sample
             items = torch.cat([items, self._fill(states, active, valid, len(items))])
