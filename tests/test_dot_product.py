@@ -101,3 +101,30 @@ def test_prompts_are_encoded_once(loaded):
     ids = tokenizer(["photo of a", "shared", "photo of b"])
     assert ids.tolist() == tokenizer(["photo of a", "shared", "photo of b"]).tolist()
     assert len(set(ids.tolist())) == 3
+
+
+def test_scores_do_not_depend_on_dataloader_batch_or_position(tiny_sd, tmp_path):
+    """Noise comes from the seed and the image content: batches and positions change nothing."""
+    from clip_benchmark.models import load_clip
+
+    opts = tmp_path / "o.json"
+    opts.write_text(json.dumps({"strategy": "ttest", "min_samples": 3, "max_samples": 10, "p_value": 0.2}))
+    model, transform, tokenizer = load_clip("open_clip", f"diffusion_sd2@{opts}", str(tiny_sd), None, "cpu")
+    images = _images(transform, 6)
+
+    def scores(batches, batch_size):
+        model.set_options(model.options.replace(batch_size=batch_size))
+        model.begin_task("zeroshot_classification")
+        for cls in CLASSES:
+            model.encode_text(tokenizer(CUPL[cls]))
+        for batch in batches:
+            model.encode_image(batch)
+        return model.record.results
+
+    a = scores([images], batch_size=64)
+    b = scores([images[[5, 3]], images[[4, 0, 2, 1]]], batch_size=5)
+    for i, j in zip([5, 3, 4, 0, 2, 1], range(6)):
+        assert torch.equal(a[i].outcome.rank, b[j].outcome.rank)
+        assert torch.equal(a[i].outcome.samples, b[j].outcome.samples)
+        assert torch.allclose(a[i].outcome.mean_error, b[j].outcome.mean_error, rtol=1e-5)
+        assert a[i].seed == b[j].seed
