@@ -1,0 +1,82 @@
+"""The shipped Fashion-MNIST demo folder is what clip_benchmark reads, and what the script rebuilds."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clip_benchmark_diffusion.demo import DATASET_DIR
+from clip_benchmark_diffusion.demo.captions import CLASSNAMES, EVAL_TEMPLATES, TRAIN_TEMPLATES
+from clip_benchmark_diffusion.demo.fashion_mnist import (
+    DEBIAN_DIR,
+    balanced_interleaved_indices,
+    demo_test_indices,
+    load_split,
+)
+
+needs_debian = pytest.mark.skipif(
+    not (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+    reason="needs the Debian package dataset-fashion-mnist",
+)
+
+
+def test_eval_templates_are_held_out() -> None:
+    assert len(EVAL_TEMPLATES) == 3
+    assert not set(EVAL_TEMPLATES) & set(TRAIN_TEMPLATES)
+    assert all("{c}" in t for t in EVAL_TEMPLATES + TRAIN_TEMPLATES)
+
+
+def test_interleaving_balances_every_prefix_of_whole_rounds() -> None:
+    labels = np.repeat(np.arange(4), 7)
+    picked = balanced_interleaved_indices(labels, per_class=5, seed=3)
+    assert len(set(picked.tolist())) == 20
+    for end in (4, 8, 20):
+        assert Counter(labels[picked[:end]].tolist()) == {c: end // 4 for c in range(4)}
+
+
+def test_shipped_folder_loads_in_clip_benchmark() -> None:
+    from clip_benchmark.datasets.builder import build_dataset
+
+    ds = build_dataset(
+        dataset_name="wds/fashion_mnist", root=str(DATASET_DIR), split="test", transform=np.asarray
+    )
+    assert ds.classes == list(CLASSNAMES)
+    assert ds.templates == list(EVAL_TEMPLATES)
+    samples = list(ds)
+    assert len(samples) == 1000
+    labels = [y for _, y in samples]
+    assert Counter(labels[:100]) == {c: 10 for c in range(10)}
+    assert Counter(labels) == {c: 100 for c in range(10)}
+    image = samples[0][0]
+    assert image.shape == (28, 28, 3) and image.dtype == np.uint8  # PIL RGB from a gray PNG
+    assert (image[..., 0] == image[..., 2]).all()
+
+
+@needs_debian
+def test_shipped_folder_is_the_documented_subset() -> None:
+    from clip_benchmark.datasets.builder import build_dataset
+
+    images, labels = load_split("test")
+    idx = demo_test_indices(labels)
+    ds = build_dataset(
+        dataset_name="wds/fashion_mnist", root=str(DATASET_DIR), split="test", transform=np.asarray
+    )
+    for position, (image, label) in enumerate(ds):
+        assert label == labels[idx[position]]
+        np.testing.assert_array_equal(image[..., 0], images[idx[position]])
+
+
+@needs_debian
+def test_build_script_reproduces_the_shipped_shard(tmp_path: Path) -> None:
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_fashion_mnist.py"
+    spec = importlib.util.spec_from_file_location("_build_fashion_mnist", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--out", str(tmp_path)])
+    for name in ("test/0.tar", "test/nshards.txt", "classnames.txt",
+                 "zeroshot_classification_templates.txt", "LICENSE.md"):
+        assert (tmp_path / name).read_bytes() == (DATASET_DIR / name).read_bytes(), name

@@ -1,0 +1,170 @@
+"""The demo training scripts run end to end on a few images and write folders the stock loaders read."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip_benchmark_diffusion.demo.fashion_mnist import DEBIAN_DIR
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+pytestmark = pytest.mark.skipif(
+    not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason="needs the Debian package dataset-fashion-mnist",
+)
+
+
+def _load_script(name: str):
+    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_demo_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def diffusion_run(tmp_path_factory):
+    script = _load_script("train_diffusion_tiny")
+    out = tmp_path_factory.mktemp("diffusion_tiny")
+    summary = script.main([
+        "--out", str(out), "--steps", "3", "--train-limit", "128", "--batch-size", "8",
+        "--eval-every", "0", "--eval-images", "10", "--eval-timesteps", "1",
+        "--final-eval-timesteps", "1", "--log-every", "1", "--threads", "1",
+    ])
+    return script, out, summary
+
+
+def test_diffusion_folder_layout(diffusion_run) -> None:
+    _, out, summary = diffusion_run
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    assert index["vae"] == [None, None]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "text_encoder" / "model.safetensors").is_file()
+    assert summary["steps_done"] == 3
+    assert summary["params"]["unet"] == 985_521
+    # Seeded run on CPU: the first three losses are reproducible.
+    assert summary["final_loss_mean_last_200"] == pytest.approx(1.1605, abs=1e-3)
+
+
+def test_diffusion_folder_loads_and_scores(diffusion_run) -> None:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    script, out, summary = diffusion_run
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(out, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(out, subfolder="scheduler")
+    assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (1, 1, 28)
+    assert scheduler.config.num_train_timesteps == 1000
+    assert scheduler.config.prediction_type == "epsilon"
+    assert tokenizer.model_max_length == 16
+
+    import open_clip
+
+    ids = tokenizer(["a photo of a sneaker."], padding="max_length", return_tensors="pt").input_ids
+    reference = open_clip.tokenize(["a photo of a sneaker."], context_length=16)
+    assert ids[0, :8].tolist() == reference[0, :8].tolist()
+    with torch.no_grad():
+        states = text_encoder(ids).last_hidden_state
+        eps = unet(torch.zeros(1, 1, 28, 28), 500, encoder_hidden_states=states).sample
+    assert states.shape == (1, 16, 64) and eps.shape == (1, 1, 28, 28)
+
+    # The saved weights are the ones the training-time evaluation scored.
+    from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_indices, load_split, to_unit_range
+
+    images, labels = load_split("test")
+    idx = demo_test_indices(labels)[:10]
+    acc = script.evaluate(unet, text_encoder, tokenizer, scheduler, to_unit_range(images[idx]),
+                          torch.from_numpy(labels[idx]), n_timesteps=1, full=False)
+    assert acc["heldout"] == summary["curve"][-1]["heldout"]
+    assert acc["train_template"] == summary["curve"][-1]["train_template"]
+
+
+def test_clip_training_writes_an_open_clip_model(tmp_path) -> None:
+    import open_clip
+    from PIL import Image
+
+    script = _load_script("train_clip_tiny")
+    summary = script.main([
+        "--out", str(tmp_path), "--steps", "3", "--train-limit", "256", "--batch-size", "32",
+        "--eval-every", "0", "--eval-images", "50", "--log-every", "1", "--threads", "1",
+    ])
+    assert summary["steps_done"] == 3
+
+    open_clip.add_model_config(tmp_path / f"{script.MODEL_NAME}.json")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        script.MODEL_NAME, pretrained=str(tmp_path / script.WEIGHTS_NAME)
+    )
+    tokenizer = open_clip.get_tokenizer(script.MODEL_NAME)
+    local_model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
+
+    # clip_benchmark hands a grayscale PNG over as PIL RGB; the transform must match training's.
+    from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_indices, load_split
+
+    images, labels = load_split("test")
+    idx = demo_test_indices(labels)[:50]
+    pp = model.visual.preprocess_cfg
+    x = script.normalize_gray(torch.from_numpy(images[idx]), pp["mean"], pp["std"])
+    assert torch.allclose(preprocess(Image.fromarray(images[idx[3]]).convert("RGB")), x[3], atol=1e-5)
+    model.eval()
+    local_model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(x[:4]), local_model.encode_image(x[:4]))
+    y = torch.from_numpy(labels[idx])
+    acc = script.zeroshot_accuracy(model, tokenizer, x, y, script.EVAL_TEMPLATES)
+    assert acc == summary["curve"][-1]["heldout"]
+
+
+def test_shipped_clip_tiny_reproduces_its_recorded_accuracy() -> None:
+    import open_clip
+
+    from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, CLIP_TINY_NAME
+    from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_indices, load_split
+
+    script = _load_script("train_clip_tiny")
+    summary = json.loads((CLIP_TINY_DIR / "training_summary.json").read_text())
+    open_clip.add_model_config(CLIP_TINY_DIR / f"{CLIP_TINY_NAME}.json")
+    model, _, _ = open_clip.create_model_and_transforms(
+        CLIP_TINY_NAME, pretrained=str(CLIP_TINY_DIR / script.WEIGHTS_NAME)
+    )
+    images, labels = load_split("test")
+    idx = demo_test_indices(labels)
+    pp = model.visual.preprocess_cfg
+    x = script.normalize_gray(torch.from_numpy(images[idx]), pp["mean"], pp["std"])
+    tokenizer = open_clip.get_tokenizer(CLIP_TINY_NAME)
+    y = torch.from_numpy(labels[idx])
+    acc = script.zeroshot_accuracy(model, tokenizer, x, y, script.EVAL_TEMPLATES)
+    assert acc == summary["curve"][-1]["heldout"] == pytest.approx(0.891)
+
+
+def test_shipped_diffusion_tiny_classifies() -> None:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from clip_benchmark_diffusion.demo import DIFFUSION_TINY_DIR as d
+    from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_indices, load_split, to_unit_range
+
+    script = _load_script("train_diffusion_tiny")
+    images, labels = load_split("test")
+    idx = demo_test_indices(labels)[:20]
+    acc = script.evaluate(
+        UNet2DConditionModel.from_pretrained(d, subfolder="unet"),
+        CLIPTextModel.from_pretrained(d, subfolder="text_encoder"),
+        CLIPTokenizer.from_pretrained(d, subfolder="tokenizer"),
+        DDPMScheduler.from_pretrained(d, subfolder="scheduler"),
+        to_unit_range(images[idx]), torch.from_numpy(labels[idx]), n_timesteps=3, full=False,
+    )
+    # 20 balanced images, 3 timesteps: a coarse pin that any broken weight or scoring change trips.
+    assert acc == {"heldout": pytest.approx(0.85), "train_template": pytest.approx(0.85)}
