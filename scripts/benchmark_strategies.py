@@ -22,13 +22,14 @@ from clip_benchmark_diffusion.options import ScoringOptions
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "clip_benchmark_diffusion" / "demo" / "fashion_mnist_1k"
 
-# (name, options): the same sample budget (max 100 samples per candidate) for every strategy.
-STRATEGIES = {
-    "full": dict(strategy="full", n_samples=[100]),
-    "staged": dict(strategy="staged", n_samples=[25, 100], to_keep=[3, 1]),
-    "ttest": dict(strategy="ttest", min_samples=20, max_samples=100, p_value=2e-3),
-    "ttest_min10": dict(strategy="ttest", min_samples=10, max_samples=100, p_value=2e-3),
-}
+def strategies(m: int) -> dict[str, dict]:
+    """The compared strategies, all with the same budget of at most ``m`` samples per candidate."""
+    return {
+        "full": dict(strategy="full", n_samples=[m]),
+        "staged": dict(strategy="staged", n_samples=[m // 5, m], to_keep=[3, 1]),
+        "ttest": dict(strategy="ttest", min_samples=20, max_samples=m, p_value=2e-3),
+        "ttest_min10": dict(strategy="ttest", min_samples=10, max_samples=m, p_value=2e-3),
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,7 +40,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dataset-root", default=str(DEMO_DATA))
     p.add_argument("--split", default="test")
     p.add_argument("--images", type=int, default=200, help="first N images of the split")
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list of {', '.join(STRATEGIES)}")
+    p.add_argument("--strategies", default=",".join(strategies(50)), help=f"comma list of {', '.join(strategies(50))}")
+    p.add_argument("--max-samples", type=int, default=50, help="sample budget per candidate for every strategy")
     p.add_argument("--set", default="", help="extra option overrides for every strategy, e.g. 'loss=l1,batch_size=256'")
     p.add_argument("--batch-size", type=int, default=64, help="images per dataloader batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -120,7 +122,7 @@ def main() -> None:
                                               args.images, args.batch_size)
     rows = {}
     for name in args.strategies.split(","):
-        options = env_overrides(base.replace(**STRATEGIES[name]))
+        options = env_overrides(base.replace(**strategies(args.max_samples)[name]))
         rows[name] = run_strategy(model, tokenizer, options, batches, classes, templates, args.device)
     n = sum(len(y) for _, y in batches)
     print(f"\n{args.model} ({args.pretrained}) on {n} images of {args.dataset}, device {args.device}, "

@@ -290,9 +290,8 @@ class DiffusionClassifier(nn.Module):
 
     def _on_progress(self, info: dict) -> None:
         if self._bar is not None:
-            calls = self.engine.stats.denoiser_calls
-            done = max(self.engine.stats.images, 1)
-            self._bar.set_postfix(calls_per_img=f"{calls / done:.0f}",
+            stats = self.engine.stats  # calls so far include those of images still being scored
+            self._bar.set_postfix(calls_per_img=f"{stats.denoiser_calls / max(stats.images, 1):.0f}",
                                   cands_left=f"{info['candidates_left']:.1f}", refresh=False)
 
     def cost_summary(self) -> dict[str, float]:

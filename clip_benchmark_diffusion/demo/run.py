@@ -110,7 +110,9 @@ def load_results(results: Path) -> dict[str, dict]:
     out = {}
     for path in results.glob("fashion_mnist_*.json"):
         result = json.loads(path.read_text())
-        result["predictions"] = json.loads(Path(str(path) + ".predictions.json").read_text())
+        lines = path.with_suffix(".predictions.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
+        result["predictions"] = {key: [row[key] for row in rows] for key in ("target", "top5", "denoiser_calls")}
         out["diffusion" if result["model"].startswith("diffusion") else "clip"] = result
     if set(out) != {"diffusion", "clip"}:
         sys.exit(f"clip_benchmark_diffusion: expected two result files in {results}, found {sorted(out)}")

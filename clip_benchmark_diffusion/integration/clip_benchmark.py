@@ -162,14 +162,14 @@ def _patch_run_classification(module: Any) -> None:
 
 
 def _write_predictions(final: str, model: Any) -> None:
-    """``<output>.predictions.json``: per image the label, the top-5 classes and (ours) the calls."""
+    """``<output stem>.predictions.jsonl``: per image the label, the top-5 classes and (ours) the calls."""
     logits, target = _current.pop("predictions")
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    data = {"target": target.tolist(), "top5": top.tolist(),
-            "denoiser_calls": model.record.calls if model is not None else None}
-    path = Path(final).with_name(Path(final).name + ".predictions.json")
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices.tolist()
+    calls = model.record.calls if model is not None else [None] * len(top)
+    path = Path(final).with_suffix(".predictions.jsonl")  # not *.json: clip_benchmark build reads those
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(data))
+    tmp.write_text("".join(json.dumps({"target": t, "top5": p, "denoiser_calls": c}) + "\n"
+                           for t, p, c in zip(target.tolist(), top, calls)))
     os.replace(tmp, path)
 
 

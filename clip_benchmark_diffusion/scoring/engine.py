@@ -145,6 +145,7 @@ class ScoringEngine:
                                               self._class_error(st.cerr, valid), st.strategy.err)
                 st.strategy.update()
                 if st.strategy.done:
+                    self.stats.images += 1
                     spent = time.perf_counter() - start
                     per_call = spent / max(self.stats.denoiser_calls - calls_before, 1)
                     results[i] = ImageResult(outcome=st.strategy.outcome(), denoiser_calls=st.calls,
@@ -154,7 +155,6 @@ class ScoringEngine:
             if self.progress:
                 self.progress({"active": len(active), "candidates_left": sum(
                     int(states[i].strategy.alive.sum()) for i in active) / len(active)})
-        self.stats.images += len(states)
         self.stats.wall_seconds += time.perf_counter() - start
         return [results[i] for i in range(len(states))]
 
