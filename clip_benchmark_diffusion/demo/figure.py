@@ -45,7 +45,7 @@ def draw(res: dict[str, dict], path: Path) -> Path:
     left.set_ylabel("top-1 accuracy (%)")
     left.set_ylim(0, 105)
     left.set_title("per-class accuracy, held-out prompts")
-    left.legend(loc="lower left", fontsize=8)
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, fontsize=8)
 
     xs, ys, ns = accuracy_by_cost(res["diffusion"]["predictions"])
     right.plot(xs, 100 * ys, "o-", color="tab:blue", label="diffusion, images grouped by cost")
@@ -54,7 +54,7 @@ def draw(res: dict[str, dict], path: Path) -> Path:
     m = res["diffusion"]["metrics"]
     right.axvline(m["denoiser_calls_per_image"], color="tab:blue", ls=":", label="mean calls per image")
     right.axhline(100 * res["clip"]["metrics"]["acc1"], color="tab:orange", ls="--", label="CLIP top-1 (1 forward)")
-    right.set_xlabel("denoiser calls per image (t-test elimination spends more on hard images)")
+    right.set_xlabel("denoiser calls per image (quartiles of images by cost)")
     right.set_ylabel("top-1 accuracy (%)")
     right.set_title("diffusion accuracy vs denoiser calls")
     right.legend(fontsize=8)

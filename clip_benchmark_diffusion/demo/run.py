@@ -93,6 +93,9 @@ def clip_seconds_per_image(data: Path, images: int) -> float:
     import torch
     from clip_benchmark.datasets.builder import build_dataset
 
+    from clip_benchmark_diffusion.demo import register_open_clip_configs
+
+    register_open_clip_configs()
     model, _, transform = open_clip.create_model_and_transforms(
         CLIP_TINY_NAME, pretrained=str(CLIP_TINY_DIR / "open_clip_model.safetensors"))
     model.eval()

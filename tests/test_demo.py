@@ -1,0 +1,41 @@
+"""The embedded default: both shipped models load through the stock CLI and classify well above chance."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from cli_helpers import console
+from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, DIFFUSION_TINY_DIR
+
+pytestmark = pytest.mark.skipif(not (DIFFUSION_TINY_DIR / "model_index.json").is_file()
+                                or not (CLIP_TINY_DIR / "open_clip_model.safetensors").is_file(),
+                                reason="demo weights not built (scripts/train_*_tiny.py)")
+
+IMAGES = 40  # the first 40 shipped test images: 4 per class
+# Measured on these 40 images with the default settings (seeded, deterministic on CPU); one image
+# of slack for floating-point differences between machines.
+PINNED = {"diffusion": 0.9, "clip": 0.9}
+
+
+def test_demo_command_end_to_end(tmp_path):
+    proc = console("clip_benchmark_diffusion", "demo", "--images", str(IMAGES), "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {}
+    for path in (tmp_path / "results").glob("fashion_mnist_*.json"):
+        data = json.loads(path.read_text())
+        results["diffusion" if data["model"] == "diffusion_tiny" else "clip"] = data
+    assert set(results) == {"diffusion", "clip"}
+    assert results["clip"]["model"] == "ViT-Tiny-4-28"                     # open_clip's own loader, by name
+    for kind, data in results.items():
+        acc1 = data["metrics"]["acc1"]
+        assert acc1 >= 0.7, (kind, acc1)                                   # chance is 0.1
+        assert abs(acc1 - PINNED[kind]) <= 1 / IMAGES + 1e-9, (kind, acc1)
+    diff = results["diffusion"]
+    assert diff["diffusion_classifier"]["scoring"]["template_ensemble"] == "embedding_mean"
+    assert 10 * 10 <= diff["metrics"]["denoiser_calls_per_image"] <= 10 * 50
+    rows = list(csv.DictReader(open(tmp_path / "results" / "benchmark.csv")))
+    assert {r["model"] for r in rows} == {"diffusion_tiny", "ViT-Tiny-4-28"}
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert "diffusion_tiny" in proc.stdout and "ViT-Tiny-4-28" in proc.stdout and "denoiser calls/img" in proc.stdout
