@@ -29,6 +29,7 @@ def strategies(m: int) -> dict[str, dict]:
         "staged": dict(strategy="staged", n_samples=[m // 5, m], to_keep=[3, 1]),
         "ttest": dict(strategy="ttest", min_samples=20, max_samples=m, p_value=2e-3),
         "ttest_min10": dict(strategy="ttest", min_samples=10, max_samples=m, p_value=2e-3),
+        "ttest_min5": dict(strategy="ttest", min_samples=5, max_samples=m, p_value=2e-3),
     }
 
 
@@ -40,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dataset-root", default=str(DEMO_DATA))
     p.add_argument("--split", default="test")
     p.add_argument("--images", type=int, default=200, help="first N images of the split")
-    p.add_argument("--strategies", default=",".join(strategies(50)), help=f"comma list of {', '.join(strategies(50))}")
+    p.add_argument("--strategies", default="full,staged,ttest,ttest_min10", help=f"comma list of {', '.join(strategies(50))}")
     p.add_argument("--max-samples", type=int, default=50, help="sample budget per candidate for every strategy")
     p.add_argument("--set", default="", help="extra option overrides for every strategy, e.g. 'loss=l1,batch_size=256'")
     p.add_argument("--batch-size", type=int, default=64, help="images per dataloader batch")
