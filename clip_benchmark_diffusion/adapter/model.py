@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from clip_benchmark_diffusion.adapter.caption_selection import CAPTION_SELECTION, RANK_BASE, CaptionSelectionMixin
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.options import ScoringOptions
@@ -33,9 +34,7 @@ from clip_benchmark_diffusion.scoring.engine import Candidates, ImageResult, Sco
 from clip_benchmark_diffusion.scoring.noise import image_seed
 from clip_benchmark_diffusion.store import ScoreStore, image_digest, image_key, run_key, weights_fingerprint
 
-RANK_BASE = 0.95
 CLASSIFICATION = "zeroshot_classification"
-CAPTION_SELECTION = "image_caption_selection"
 _BATCH_IDS = itertools.count()  # same sequence on every rank: every rank scores every batch
 
 
@@ -49,7 +48,7 @@ class RunRecord:
     scored_calls: int = 0    # denoiser calls this process actually ran
 
 
-class DiffusionClassifier(nn.Module):
+class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
     """``nn.Module`` so that clip_benchmark's ``model.eval()`` and ``.to(device)`` work."""
 
     is_diffusion_classifier = True  # how the integration recognises us without importing torch code
@@ -102,10 +101,6 @@ class DiffusionClassifier(nn.Module):
         self.pair_errors: list[torch.Tensor] = []
         self.record = RunRecord()
         self._bar = tqdm(total=expected_images, desc="diffusion scoring", unit="img", leave=False)
-
-    def set_batch_structure(self, instances: int, images_per_instance: int, texts_per_instance: int) -> None:
-        """Image-caption selection: the shape of the batch about to be encoded (from the integration)."""
-        self._structure = (instances, images_per_instance, texts_per_instance)
 
     def encode_text(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """One call = one class: every prompt of it gets the class's one-hot row."""
@@ -190,57 +185,6 @@ class DiffusionClassifier(nn.Module):
             prompts = [[self.prompts.texts[i] for i in grp.tolist()] for grp in self._groups]
             self._run_key = run_key(self._model_fingerprint, self.options.fingerprint_dict(), prompts)
         return self._run_key
-
-    # -- image-caption selection (Winoground, SugarCrepe) ------------------------------------
-    # clip_benchmark tokenizes a batch's texts, then encodes its images, then its texts, and per
-    # instance compares images_emb @ texts_emb.T along both axes. Text j of an instance gets the
-    # one-hot row e_j; image a gets 0.95 ** (joint rank of its pair errors within the instance)
-    # in slots 0..nt-1, plus a padding slot that gives every image vector the same norm, so the
-    # normalisation clip_benchmark applies cannot reorder scores across images.
-    def _caption_text_rows(self, prompt_ids: torch.Tensor) -> torch.Tensor:
-        _, _, nt = self._require_structure()
-        out = torch.zeros(len(prompt_ids), self.options.max_classes, device=prompt_ids.device)
-        out[torch.arange(len(prompt_ids)), torch.arange(len(prompt_ids)) % nt] = 1.0
-        return out
-
-    @torch.no_grad()
-    def _caption_image_rows(self, images: torch.Tensor) -> torch.Tensor:
-        B, nim, nt = self._require_structure()
-        ids = self.prompts.last_ids
-        if len(ids) != B * nt or len(images) != B * nim:
-            raise RuntimeError(f"caption selection batch mismatch: {len(images)} images, {len(ids)} texts, "
-                               f"structure {(B, nim, nt)}")
-        with torch.autocast(self.device_.type, enabled=False):
-            self._encode_prompts(sorted(set(ids.tolist())))
-            cands = Candidates(cond=torch.stack([self._text_cache[i] for i in ids.tolist()]),
-                               members=torch.arange(B * nt)[:, None])
-            allowed = (torch.arange(B * nim) // nim)[:, None] == (torch.arange(B * nt) // nt)[None, :]
-            images = images.to(self.device_, torch.float32)
-            seeds = [image_seed(image_digest(img), self.options.seed) for img in images]
-            results = self._pair_engine().score(self._latents(images), seeds, cands, allowed=allowed)
-        err = torch.stack([r.outcome.mean_error for r in results]).view(B, nim, B, nt)
-        pair = torch.stack([err[b, :, b, :] for b in range(B)])                        # (B, nim, nt)
-        self.pair_errors.append(pair)
-        self.record.results.extend(results)
-        self.record.calls.extend(r.denoiser_calls for r in results)
-        rank = torch.argsort(torch.argsort(pair.reshape(B, nim * nt), dim=1), dim=1)
-        values = (RANK_BASE ** rank.float()).view(B * nim, nt)
-        out = torch.zeros(B * nim, self.options.max_classes)
-        out[:, :nt] = values
-        out[:, -1] = (nt - values.pow(2).sum(1)).clamp(min=0).sqrt()
-        return out.to(self.device_)
-
-    def _require_structure(self) -> tuple[int, int, int]:
-        if self._structure is None:
-            raise RuntimeError("image_caption_selection batches must be announced with set_batch_structure")
-        if self._structure[2] + 1 > self.options.max_classes:
-            raise UserError(f"more than {self.options.max_classes - 1} captions per instance; raise max_classes")
-        return self._structure
-
-    def _pair_engine(self) -> ScoringEngine:
-        """Every (image, caption) pair on every sample: comparisons across images need full scores."""
-        options = self.options.replace(strategy="full", n_samples=(self.options.max_sample_count,))
-        return ScoringEngine(self._denoise, self.components.schedule, options, self.device_)
 
     # -- internals ---------------------------------------------------------------------------
     def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
