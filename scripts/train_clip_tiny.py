@@ -95,6 +95,7 @@ def normalize_gray(images: torch.Tensor, mean: list[float], std: list[float]) ->
 @torch.no_grad()
 def zeroshot_accuracy(model, tokenizer, x: torch.Tensor, labels: torch.Tensor, templates) -> float:
     """clip_benchmark's recipe: mean of normalised prompt embeddings per class, renormalised."""
+    was_training = model.training
     model.eval()
     weights = []
     for name in CLASSNAMES:
@@ -102,7 +103,7 @@ def zeroshot_accuracy(model, tokenizer, x: torch.Tensor, labels: torch.Tensor, t
         weights.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
     classifier = torch.stack(weights, dim=1)  # (D, C)
     logits = torch.cat([model.encode_image(b, normalize=True) @ classifier for b in x.split(500)])
-    model.train()
+    model.train(was_training)
     return (logits.argmax(1) == labels).float().mean().item()
 
 

@@ -153,6 +153,7 @@ def class_errors(
 @torch.no_grad()
 def evaluate(unet, text_encoder, tokenizer, scheduler, x0, labels, n_timesteps, full: bool) -> dict:
     """Top-1 accuracy with the held-out templates and with one training template."""
+    was_training = unet.training
     unet.eval()
     text_encoder.eval()
     out = {}
@@ -161,8 +162,8 @@ def evaluate(unet, text_encoder, tokenizer, scheduler, x0, labels, n_timesteps, 
         cond = text_encoder(ids.flatten(0, 1)).last_hidden_state.unflatten(0, ids.shape[:2])
         errors = class_errors(unet, scheduler, x0, cond, n_timesteps, round_robin=not full)
         out[name] = (errors.argmin(1) == labels).float().mean().item()
-    unet.train()
-    text_encoder.train()
+    unet.train(was_training)
+    text_encoder.train(was_training)
     return out
 
 
