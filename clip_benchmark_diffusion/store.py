@@ -217,8 +217,8 @@ def image_key(run_key: str, image_digest: str) -> str:
 def image_digest(image: "torch.Tensor") -> str:
     """blake2b-128 hex of the image's shape and pixels quantised to int16, on CPU.
 
-    The same quantisation as :func:`clip_benchmark_diffusion.scoring.noise.image_seed`, so two
-    images with one digest get the same noise and hence the same scores, on any device.
+    The noise seed is derived from this digest (:func:`clip_benchmark_diffusion.scoring.noise.image_seed`),
+    so two images with one digest get the same noise and hence the same scores, on any device.
     """
     import torch
 

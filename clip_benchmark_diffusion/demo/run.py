@@ -150,5 +150,5 @@ def main(images: int = DEFAULT_IMAGES, out: str = "runs/demo", batch_size: int =
     figure = draw(res, paths.out / "demo.png")
     print(f"\n{table}\n")
     print(f"stock command wall time {wall:.0f} s; results in {paths.results}, CSV {csv}, figure {figure}")
-    print(f"all 1,000 shipped images: clip_benchmark_diffusion demo --images 1000")
+    print("all 1,000 shipped images: clip_benchmark_diffusion demo --images 1000")
     return 0

@@ -227,7 +227,7 @@ def _patch_cli(cli: Any) -> None:
     original_run, original_main_eval, original_main = cli.run, cli.main_eval, cli.main
 
     def run(args: Any) -> Any:
-        return _run_one(original_run, args)
+        return _run_one(original_run, args)  # direct callers of cli.run get validation too
 
     def main_eval(base: Any) -> None:
         planned: list[Any] = []
@@ -239,7 +239,7 @@ def _patch_cli(cli: Any) -> None:
         for args in planned:
             validate_run(args)
         for args in planned:
-            run(args)
+            _run_one(original_run, args, validated=True)
 
     @functools.wraps(original_main)
     def main(*a: Any, **kw: Any) -> Any:
@@ -255,10 +255,12 @@ def _patch_cli(cli: Any) -> None:
 def _task_of(args: Any) -> str:
     from clip_benchmark.datasets.builder import get_dataset_default_task
 
-    if args.task != "auto":
-        return args.task
-    name = args.dataset.replace("wds/", "", 1) if args.dataset.startswith("wds/") else args.dataset
-    return get_dataset_default_task(name)
+    return args.task if args.task != "auto" else get_dataset_default_task(_dataset_name(args))
+
+
+def _dataset_name(args: Any) -> str:
+    """The dataset name without clip_benchmark's ``wds/`` prefix, as its ``run`` computes it."""
+    return args.dataset.replace("wds/", "", 1) if args.dataset.startswith("wds/") else args.dataset
 
 
 def _is_ours(args: Any) -> bool:
@@ -305,17 +307,18 @@ def _slug(text: str) -> str:
 
 def output_path(args: Any, task: str) -> str:
     """clip_benchmark's output name, with ``/`` in model and weights names made file-safe."""
-    dataset = args.dataset.replace("wds/", "", 1) if args.dataset.startswith("wds/") else args.dataset
+    dataset = _dataset_name(args)
     return args.output.format(model=_slug(args.model), pretrained=_slug(args.pretrained),
                               pretrained_full_path=args.pretrained.replace("/", "_"), task=task,
                               dataset=dataset.replace("/", "_"), language=args.language)
 
 
-def _run_one(original_run: Callable[[Any], Any], args: Any) -> Any:
+def _run_one(original_run: Callable[[Any], Any], args: Any, validated: bool = False) -> Any:
     """Run clip_benchmark's ``run`` into a temporary file, add our fields, then move it in place."""
     from copy import copy
 
-    validate_run(args)
+    if not validated:
+        validate_run(args)
     final = output_path(args, _task_of(args))
     if args.skip_existing and os.path.exists(final):
         if args.verbose:

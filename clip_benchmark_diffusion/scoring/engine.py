@@ -10,7 +10,7 @@ used in order, so decisions never depend on batching).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
