@@ -28,6 +28,13 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(images=args.images, out=args.out, batch_size=args.batch_size)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from clip_benchmark_diffusion.predictions import comparison_lines, read_run
+
+    print("\n".join(comparison_lines(read_run(args.first), read_run(args.second))))
+    return 0
+
+
 def _eval(argv: list[str]) -> int:
     """Exactly ``clip_benchmark eval ...``, with our models registered."""
     from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
@@ -55,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo", help="folder for results, CSV and figure")
     p.add_argument("--batch-size", type=int, default=100, help="dataloader batch size")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("compare", help="two results on the same images: 95%% intervals and a paired McNemar test")
+    p.add_argument("first", help="result JSON of clip_benchmark eval, run with CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS=1")
+    p.add_argument("second", help="result JSON of the other model on the same dataset")
+    p.set_defaults(func=_compare)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -39,3 +39,11 @@ def test_demo_command_end_to_end(tmp_path):
     assert {r["model"] for r in rows} == {"diffusion_tiny", "ViT-Tiny-4-28"}
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     assert "diffusion_tiny" in proc.stdout and "ViT-Tiny-4-28" in proc.stdout and "denoiser calls/img" in proc.stdout
+    # the paired comparison the demo prints is the compare command's, on the predictions it dumped
+    paths = sorted((tmp_path / "results").glob("fashion_mnist_*.json"), key=lambda p: "diffusion" not in p.name)
+    compared = console("clip_benchmark_diffusion", "compare", *map(str, paths), cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr
+    assert compared.stdout in proc.stdout
+    n_right = {k: round(results[k]["metrics"]["acc1"] * IMAGES) for k in results}
+    assert f"diffusion_tiny: top-1 {100 * n_right['diffusion'] / IMAGES:.2f}% (95% CI" in compared.stdout
+    assert f"{n_right['clip']}/{IMAGES})" in compared.stdout and "exact McNemar p = " in compared.stdout

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from clip_benchmark_diffusion.demo.captions import CLASSNAMES
+from clip_benchmark_diffusion.predictions import Run
 
 
 def per_class_accuracy(pred: dict) -> np.ndarray:
@@ -29,7 +30,7 @@ def accuracy_by_cost(pred: dict, bins: int = 4) -> tuple[np.ndarray, np.ndarray,
     return np.array(xs), np.array(ys), np.array(ns)
 
 
-def draw(res: dict[str, dict], path: Path) -> Path:
+def draw(res: dict[str, Run], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,22 +39,22 @@ def draw(res: dict[str, dict], path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
     x = np.arange(len(CLASSNAMES))
     for offset, kind, color in ((-0.2, "diffusion", "tab:blue"), (0.2, "clip", "tab:orange")):
-        acc = per_class_accuracy(res[kind]["predictions"])
+        acc = per_class_accuracy(res[kind].as_dict())
         left.bar(x + offset, 100 * acc, width=0.4, color=color,
-                 label=f"{res[kind]['model']} ({100 * res[kind]['metrics']['acc1']:.1f}%)")
+                 label=f"{res[kind].model} ({100 * res[kind].result['metrics']['acc1']:.1f}%)")
     left.set_xticks(x, CLASSNAMES, rotation=30, ha="right")
     left.set_ylabel("top-1 accuracy (%)")
     left.set_ylim(0, 105)
     left.set_title("per-class accuracy, held-out prompts")
     left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, fontsize=8)
 
-    xs, ys, ns = accuracy_by_cost(res["diffusion"]["predictions"])
+    xs, ys, ns = accuracy_by_cost(res["diffusion"].as_dict())
     right.plot(xs, 100 * ys, "o-", color="tab:blue", label="diffusion, images grouped by cost")
     for xi, yi, ni in zip(xs, ys, ns):
         right.annotate(f"{ni} img", (xi, 100 * yi), textcoords="offset points", xytext=(4, -12), fontsize=7)
-    m = res["diffusion"]["metrics"]
+    m = res["diffusion"].result["metrics"]
     right.axvline(m["denoiser_calls_per_image"], color="tab:blue", ls=":", label="mean calls per image")
-    right.axhline(100 * res["clip"]["metrics"]["acc1"], color="tab:orange", ls="--", label="CLIP top-1 (1 forward)")
+    right.axhline(100 * res["clip"].result["metrics"]["acc1"], color="tab:orange", ls="--", label="CLIP top-1 (1 forward)")
     right.set_xlabel("denoiser calls per image (quartiles of images by cost)")
     right.set_ylabel("top-1 accuracy (%)")
     right.set_title("diffusion accuracy vs denoiser calls")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, CLIP_TINY_NAME, DATASET_DIR
+from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV, Run, comparison_lines, read_run
 
 DIFFUSION = "diffusion_tiny"
 DATASET = "wds/fashion_mnist"
@@ -72,7 +73,7 @@ def run_stock_eval(data: Path, results: Path, batch_size: int) -> tuple[float, s
            "--dataset", DATASET, "--dataset_root", str(data), "--batch_size", str(batch_size),
            "--num_workers", "0", "--output", str(results / "{dataset}_{model}_{pretrained}.json")]
     print("$ " + " ".join(cmd), flush=True)
-    env = {**os.environ, "CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS": "1"}
+    env = {**os.environ, PREDICTIONS_ENV: "1"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -108,24 +109,21 @@ def clip_seconds_per_image(data: Path, images: int) -> float:
     return (time.perf_counter() - start) / images
 
 
-def load_results(results: Path) -> dict[str, dict]:
-    """``{"diffusion": result, "clip": result}`` with ``predictions`` attached."""
+def load_results(results: Path) -> dict[str, Run]:
+    """``{"diffusion": run, "clip": run}``, each result with its per-image predictions."""
     out = {}
     for path in results.glob("fashion_mnist_*.json"):
-        result = json.loads(path.read_text())
-        lines = path.with_suffix(".predictions.jsonl").read_text().splitlines()
-        rows = [json.loads(line) for line in lines]
-        result["predictions"] = {key: [row[key] for row in rows] for key in ("target", "top5", "denoiser_calls")}
-        out["diffusion" if result["model"].startswith("diffusion") else "clip"] = result
+        run = read_run(path)
+        out["diffusion" if run.model.startswith("diffusion") else "clip"] = run
     if set(out) != {"diffusion", "clip"}:
         sys.exit(f"clip_benchmark_diffusion: expected two result files in {results}, found {sorted(out)}")
     return out
 
 
-def comparison_table(res: dict[str, dict], clip_seconds: float) -> str:
+def comparison_table(res: dict[str, Run], clip_seconds: float) -> str:
     rows = [("model", "top-1", "top-5", "mean/class recall", "denoiser calls/img", "s/img")]
     for kind in ("diffusion", "clip"):
-        r = res[kind]
+        r = res[kind].result
         m = r["metrics"]
         calls = f"{m['denoiser_calls_per_image']:.0f} (max {m['denoiser_calls_per_image_max']})" if kind == "diffusion" else "-"
         secs = m["seconds_per_image"] if kind == "diffusion" else clip_seconds
@@ -149,6 +147,7 @@ def main(images: int = DEFAULT_IMAGES, out: str = "runs/demo", batch_size: int =
 
     figure = draw(res, paths.out / "demo.png")
     print(f"\n{table}\n")
+    print("\n".join(comparison_lines(res["diffusion"], res["clip"])) + "\n")
     print(f"stock command wall time {wall:.0f} s; results in {paths.results}, CSV {csv}, figure {figure}")
     print("all 1,000 shipped images: clip_benchmark_diffusion demo --images 1000")
     return 0

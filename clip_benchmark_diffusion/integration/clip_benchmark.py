@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from clip_benchmark_diffusion._startup import _WATCHED
 from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV, predictions_path
 
 SUPPORTED = ((1, 6), (1, 7))  # [min, max) of clip_benchmark's (major, minor)
 MODEL_TYPE = "diffusion"
@@ -144,9 +145,6 @@ def _patch_metric(task: str, module: Any) -> None:
     module.evaluate = evaluate
 
 
-PREDICTIONS_ENV = "CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS"
-
-
 def _patch_run_classification(module: Any) -> None:
     """Keep the logits and labels of each run when asked, for any model (per-image analyses)."""
     original = module.run_classification
@@ -166,7 +164,7 @@ def _write_predictions(final: str, model: Any) -> None:
     logits, target = _current.pop("predictions")
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices.tolist()
     calls = model.record.calls if model is not None else [None] * len(top)
-    path = Path(final).with_suffix(".predictions.jsonl")  # not *.json: clip_benchmark build reads those
+    path = predictions_path(Path(final))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     tmp.write_text("".join(json.dumps({"target": t, "top5": p, "denoiser_calls": c}) + "\n"
                            for t, p, c in zip(target.tolist(), top, calls)))

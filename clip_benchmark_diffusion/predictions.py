@@ -1,0 +1,79 @@
+"""Per-image predictions beside a clip_benchmark result, and paired comparisons read from them.
+
+``clip_benchmark eval`` with ``CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS=1`` writes, for any model
+(diffusion or CLIP), ``<result stem>.predictions.jsonl`` beside the result JSON: one line per image
+with the label, the top-5 classes and (diffusion models) the denoiser calls spent on it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clip_benchmark_diffusion.errors import UserError
+
+if TYPE_CHECKING:  # scipy is imported only when a comparison is made, not on every evaluation
+    from clip_benchmark_diffusion.compare import Accuracy, PairedComparison
+
+PREDICTIONS_ENV = "CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One result JSON with its per-image predictions."""
+
+    path: Path
+    result: dict
+    target: list[int]
+    top5: list[list[int]]
+    denoiser_calls: list[int | None]
+
+    @property
+    def model(self) -> str:
+        return self.result["model"]
+
+    @property
+    def correct(self) -> list[bool]:
+        return [row[0] == t for row, t in zip(self.top5, self.target)]
+
+    def as_dict(self) -> dict[str, list]:
+        return {"target": self.target, "top5": self.top5, "denoiser_calls": self.denoiser_calls}
+
+
+def predictions_path(result: Path) -> Path:
+    return result.with_suffix(".predictions.jsonl")  # not *.json: clip_benchmark build reads those
+
+
+def read_run(result: Path) -> Run:
+    result = Path(result)
+    if not result.is_file():
+        raise UserError(f"no result file {result}; pass the JSON written by clip_benchmark eval --output")
+    preds = predictions_path(result)
+    if not preds.is_file():
+        raise UserError(f"no per-image predictions {preds.name} beside {result}; rerun that evaluation with "
+                        f"{PREDICTIONS_ENV}=1 (the score store makes a diffusion rerun free)")
+    rows = [json.loads(line) for line in preds.read_text().splitlines() if line.strip()]
+    return Run(result, json.loads(result.read_text()), [r["target"] for r in rows], [r["top5"] for r in rows],
+               [r.get("denoiser_calls") for r in rows])
+
+
+def compare_runs(a: Run, b: Run) -> tuple[Accuracy, Accuracy, PairedComparison]:
+    """Intervals of both and the paired test; the two runs must have scored the same images in order."""
+    from clip_benchmark_diffusion.compare import accuracy_interval, paired_comparison
+
+    if a.result.get("dataset") != b.result.get("dataset") or a.target != b.target:
+        raise UserError(f"{a.path.name} and {b.path.name} did not evaluate the same images in the same order; "
+                        "compare runs of one dataset, split and image count")
+    return accuracy_interval(a.correct), accuracy_interval(b.correct), paired_comparison(a.correct, b.correct)
+
+
+def comparison_lines(a: Run, b: Run) -> list[str]:
+    """Human-readable summary: each model's top-1 with its 95% interval, then the paired test."""
+    acc_a, acc_b, paired = compare_runs(a, b)
+    lines = [f"{run.model}: top-1 {100 * acc.value:.2f}% (95% CI {100 * acc.low:.1f}-{100 * acc.high:.1f}, "
+             f"{acc.correct}/{acc.total})" for run, acc in ((a, acc_a), (b, acc_b))]
+    lines.append(f"{a.model} - {b.model}: {100 * paired.difference:+.2f} points on the same {paired.total} images; "
+                 f"{paired.a_only} right only by the first, {paired.b_only} only by the second; "
+                 f"exact McNemar p = {paired.p_value:.3g}")
+    return lines
