@@ -60,3 +60,18 @@ def test_our_console_command_lists_models_and_runs_eval(tiny_sd, digits_wds, tmp
                    "--output", str(tmp_path / "out.json"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "out.json").read_text())["metrics"]["denoiser_calls_per_image"] == 20
+
+
+def test_results_land_in_an_output_folder_that_does_not_exist_yet(tiny_sd, digits_wds, tmp_path):
+    """Stock clip_benchmark opens --output only after the compute, so a missing folder lost the run."""
+    from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, CLIP_TINY_NAME
+
+    opts = quick_options(tmp_path, strategy="full", n_samples=[1])
+    out = tmp_path / "new" / "folder"
+    proc = clip_benchmark_eval(
+        "--pretrained_model", f"{CLIP_TINY_NAME},{CLIP_TINY_DIR / 'open_clip_model.safetensors'}",
+        f"diffusion_sd2@{opts.name},{tiny_sd}", "--dataset", "wds/digits", "--dataset_root", str(digits_wds),
+        "--output", str(out / "{dataset}_{model}.json"), cwd=tmp_path,
+        env={"CLIP_BENCHMARK_DIFFUSION_STORE": "off"})  # the store would create the folder for diffusion runs
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.json")) == ["digits_ViT-Tiny-4-28.json", "digits_diffusion_sd2@quick.json.json"]

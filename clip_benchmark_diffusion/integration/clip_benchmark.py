@@ -322,6 +322,8 @@ def _run_one(original_run: Callable[[Any], Any], args: Any, validated: bool = Fa
         if args.verbose:
             print(f"Skip {final}, exists already.")
         return None
+    # stock clip_benchmark opens --output only after the compute: a missing folder would lose the run
+    Path(final).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(final).with_name(f".{Path(final).name}.{os.getpid()}.partial")
     patched = copy(args)
     patched.output, patched.skip_existing = str(tmp), False
