@@ -130,7 +130,7 @@ def comparison_table(res: dict[str, Run], clip_seconds: float) -> str:
         rows.append((f"{r['model']}", f"{100 * m['acc1']:.1f}", f"{100 * m['acc5']:.1f}",
                      f"{100 * m['mean_per_class_recall']:.1f}", calls, f"{secs:.4f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def main(images: int = DEFAULT_IMAGES, out: str = "runs/demo", batch_size: int = 100) -> int:
