@@ -47,6 +47,10 @@ class RunRecord:
     reused: int = 0          # images whose result came from the score store
     scored_calls: int = 0    # denoiser calls this process actually ran
 
+    def add(self, results: list[ImageResult]) -> None:
+        self.results.extend(results)
+        self.calls.extend(r.denoiser_calls for r in results)
+
 
 class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
     """``nn.Module`` so that clip_benchmark's ``model.eval()`` and ``.to(device)`` work."""
@@ -73,22 +77,20 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self.components = components
         self.prompts = PromptTable()
         self.tokenizer = PromptTokenizer(self.prompts)
-        self.engine = ScoringEngine(self._denoise, components.schedule, self.options, self.device_,
-                                    progress=self._on_progress)
         self.task: str | None = None
         self.record = RunRecord()
         self._groups: list[torch.Tensor] = []
         self._text_cache: dict[int, torch.Tensor] = {}
-        self._candidates: Candidates | None = None
         self._bar: tqdm | None = None
         self._model_fingerprint: str | None = None
-        self._run_key: str | None = None
+        self.set_options(spec.options)  # the engine, and no candidate table or run key yet
 
     def set_options(self, options: ScoringOptions) -> None:
         """Score with other options from now on (same weights; for benchmarks and sweeps)."""
         self.options = options
         self.spec = dataclasses.replace(self.spec, options=options)
-        self._candidates, self._run_key = None, None
+        self._candidates: Candidates | None = None
+        self._run_key: str | None = None
         self.engine = ScoringEngine(self._denoise, self.components.schedule, options, self.device_,
                                     progress=self._on_progress)
 
@@ -140,8 +142,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
                 next(_BATCH_IDS), len(images), lambda idx: self._score_subset(images, idx, digests, keys, cands),
                 self.world, self.claimer, chunk)
         results = [ImageResult.from_payload(payloads[i]) for i in range(len(images))]
-        self.record.results.extend(results)
-        self.record.calls.extend(r.denoiser_calls for r in results)
+        self.record.add(results)
         if self._bar is not None:
             self._bar.update(len(results))
         out = torch.zeros(len(images), self.options.max_classes, device=self.device_)
@@ -251,7 +252,6 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             "denoiser_calls_per_image_max": max(calls),
             "seconds_per_image": sum(seconds) / len(seconds),
         }
-
 
     def store_report(self) -> str:
         """One line on what the score store saved in this process."""

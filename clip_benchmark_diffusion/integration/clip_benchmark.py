@@ -31,6 +31,12 @@ UNSUPPORTED_TASKS = {
     "captioning": "captioning needs a text generator",
 }
 
+
+def unsupported_task_error(task: str) -> UserError:
+    return UserError(f"task {task} is not supported by diffusion models: {UNSUPPORTED_TASKS[task]}; "
+                     "use zeroshot_classification")
+
+
 _version_ok: bool | None = None
 _current: dict[str, Any] = {}  # the diffusion model of the run in progress
 
@@ -130,8 +136,7 @@ def _patch_metric(task: str, module: Any) -> None:
     def evaluate(model, dataloader, *args, **kwargs):
         if _is_diffusion(model):
             if task_name in UNSUPPORTED_TASKS:
-                raise UserError(f"task {task_name} is not supported by diffusion models: "
-                                f"{UNSUPPORTED_TASKS[task_name]}; use zeroshot_classification")
+                raise unsupported_task_error(task_name)
             call = signature.bind_partial(model, dataloader, *args, **kwargs).arguments
             if call.get("load_clfs"):
                 raise UserError(LOAD_CLFS_ERROR)
@@ -285,8 +290,7 @@ def validate_run(args: Any) -> None:
     resolve_weights(spec.recipe.resolve_weights(args.pretrained))
     task = _task_of(args)
     if task in UNSUPPORTED_TASKS:
-        raise UserError(f"task {task} is not supported by diffusion models: {UNSUPPORTED_TASKS[task]}; "
-                        "use zeroshot_classification")
+        raise unsupported_task_error(task)
     if args.load_clfs:
         raise UserError(LOAD_CLFS_ERROR)
     if args.save_clf:
