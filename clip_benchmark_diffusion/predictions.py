@@ -7,6 +7,7 @@ with the label, the top-5 classes and (diffusion models) the denoiser calls spen
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,12 +38,20 @@ class Run:
     def correct(self) -> list[bool]:
         return [row[0] == t for row, t in zip(self.top5, self.target)]
 
-    def as_dict(self) -> dict[str, list]:
-        return {"target": self.target, "top5": self.top5, "denoiser_calls": self.denoiser_calls}
-
 
 def predictions_path(result: Path) -> Path:
     return result.with_suffix(".predictions.jsonl")  # not *.json: clip_benchmark build reads those
+
+
+def write_predictions(result: Path, target: list[int], top5: list[list[int]],
+                      denoiser_calls: list[int | None]) -> Path:
+    """Write the predictions file of ``result`` atomically (a reader never sees half of it)."""
+    path = predictions_path(result)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text("".join(json.dumps({"target": t, "top5": p, "denoiser_calls": c}) + "\n"
+                           for t, p, c in zip(target, top5, denoiser_calls)))
+    os.replace(tmp, path)
+    return path
 
 
 def read_run(result: Path) -> Run:

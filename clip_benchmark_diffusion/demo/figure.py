@@ -9,17 +9,16 @@ from clip_benchmark_diffusion.demo.captions import CLASSNAMES
 from clip_benchmark_diffusion.predictions import Run
 
 
-def per_class_accuracy(pred: dict) -> np.ndarray:
-    target = np.array(pred["target"])
-    top1 = np.array([row[0] for row in pred["top5"]])
-    return np.array([(top1[target == c] == c).mean() if (target == c).any() else np.nan
+def per_class_accuracy(run: Run) -> np.ndarray:
+    target, correct = np.array(run.target), np.array(run.correct)
+    return np.array([correct[target == c].mean() if (target == c).any() else np.nan
                      for c in range(len(CLASSNAMES))])
 
 
-def accuracy_by_cost(pred: dict, bins: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def accuracy_by_cost(run: Run, bins: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images grouped into cost quantiles: (mean calls, accuracy, images) per group."""
-    calls = np.array(pred["denoiser_calls"], dtype=float)
-    correct = np.array([row[0] for row in pred["top5"]]) == np.array(pred["target"])
+    calls = np.array(run.denoiser_calls, dtype=float)
+    correct = np.array(run.correct)
     edges = np.unique(np.quantile(calls, np.linspace(0, 1, bins + 1)))
     group = np.clip(np.searchsorted(edges, calls, side="right") - 1, 0, len(edges) - 2)
     xs, ys, ns = [], [], []
@@ -39,7 +38,7 @@ def draw(res: dict[str, Run], path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
     x = np.arange(len(CLASSNAMES))
     for offset, kind, color in ((-0.2, "diffusion", "tab:blue"), (0.2, "clip", "tab:orange")):
-        acc = per_class_accuracy(res[kind].as_dict())
+        acc = per_class_accuracy(res[kind])
         left.bar(x + offset, 100 * acc, width=0.4, color=color,
                  label=f"{res[kind].model} ({100 * res[kind].result['metrics']['acc1']:.1f}%)")
     left.set_xticks(x, CLASSNAMES, rotation=30, ha="right")
@@ -48,7 +47,7 @@ def draw(res: dict[str, Run], path: Path) -> Path:
     left.set_title("per-class accuracy, held-out prompts")
     left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, fontsize=8)
 
-    xs, ys, ns = accuracy_by_cost(res["diffusion"].as_dict())
+    xs, ys, ns = accuracy_by_cost(res["diffusion"])
     right.plot(xs, 100 * ys, "o-", color="tab:blue", label="diffusion, images grouped by cost")
     for xi, yi, ni in zip(xs, ys, ns):
         right.annotate(f"{ni} img", (xi, 100 * yi), textcoords="offset points", xytext=(4, -12), fontsize=7)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from clip_benchmark_diffusion._startup import _WATCHED
 from clip_benchmark_diffusion.errors import UserError
-from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV, predictions_path
+from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV, write_predictions
 
 SUPPORTED = ((1, 6), (1, 7))  # [min, max) of clip_benchmark's (major, minor)
 MODEL_TYPE = "diffusion"
@@ -169,11 +169,7 @@ def _write_predictions(final: str, model: Any) -> None:
     logits, target = _current.pop("predictions")
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices.tolist()
     calls = model.record.calls if model is not None else [None] * len(top)
-    path = predictions_path(Path(final))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text("".join(json.dumps({"target": t, "top5": p, "denoiser_calls": c}) + "\n"
-                           for t, p, c in zip(target.tolist(), top, calls)))
-    os.replace(tmp, path)
+    write_predictions(Path(final), target.tolist(), top, calls)
 
 
 def check_templates(classnames: Any, templates: Any) -> None:
