@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from clip_benchmark_diffusion.options import ScoringOptions
-
-DEMO_DATA = Path(__file__).resolve().parent.parent / "clip_benchmark_diffusion" / "demo" / "fashion_mnist_1k"
+from clip_benchmark_diffusion.demo import DATASET_DIR
+from clip_benchmark_diffusion.options import OPTIONS_ENV, ScoringOptions, env_overrides
 
 def strategies(m: int) -> dict[str, dict]:
     """The compared strategies, all with the same budget of at most ``m`` samples per candidate."""
@@ -38,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="diffusion_tiny", help="recipe name (options after @ are overridden)")
     p.add_argument("--pretrained", default="default")
     p.add_argument("--dataset", default="wds/fashion_mnist")
-    p.add_argument("--dataset-root", default=str(DEMO_DATA))
+    p.add_argument("--dataset-root", default=str(DATASET_DIR))
     p.add_argument("--split", default="test")
     p.add_argument("--images", type=int, default=200, help="first N images of the split")
     p.add_argument("--strategies", default="full,staged,ttest,ttest_min10", help=f"comma list of {', '.join(strategies(50))}")
@@ -111,14 +110,11 @@ def main() -> None:
     args = parse_args()
     from clip_benchmark_diffusion.adapter.loader import load_diffusion_classifier
     from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
-    from clip_benchmark_diffusion.options import env_overrides
 
     ensure_installed()
     model, transform, tokenizer = load_diffusion_classifier(args.model, args.pretrained, device=args.device)
     model.eval()
-    base = model.options
-    if args.set:
-        base = base.replace(**dict(kv.split("=", 1) for kv in args.set.split(",")))
+    base = env_overrides(model.options, {OPTIONS_ENV: args.set})  # --set reads like the environment variable
     batches, classes, templates = load_images(args.dataset, args.dataset_root, args.split, transform,
                                               args.images, args.batch_size)
     rows = {}

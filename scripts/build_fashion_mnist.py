@@ -29,7 +29,7 @@ from clip_benchmark_diffusion.demo.fashion_mnist import (
     DEBIAN_DIR,
     DEMO_PER_CLASS,
     DEMO_SEED,
-    balanced_interleaved_indices,
+    demo_test_indices,
     load_split,
 )
 
@@ -105,15 +105,13 @@ def _license(what: str, selection: str, indices_block: str) -> str:
     )
 
 
-def build_demo(
-    out_dir: Path = DATASET_DIR, seed: int = DEMO_SEED, per_class: int = DEMO_PER_CLASS
-) -> np.ndarray:
+def build_demo(out_dir: Path = DATASET_DIR) -> np.ndarray:
     """Write the class-balanced demo subset; return the test-split indices in shard order."""
     images, labels = load_split("test")
-    indices = balanced_interleaved_indices(labels, per_class=per_class, seed=seed)
+    indices = demo_test_indices(labels)
     selection = (
-        f"{per_class} images per class ({len(indices)} in all), drawn without replacement with "
-        f"`numpy.random.default_rng({seed})` by `balanced_interleaved_indices` in "
+        f"{DEMO_PER_CLASS} images per class ({len(indices)} in all), drawn without replacement with "
+        f"`numpy.random.default_rng({DEMO_SEED})` by `balanced_interleaved_indices` in "
         "`clip_benchmark_diffusion/demo/fashion_mnist.py`, then interleaved round-robin (one image "
         "of every class per round, classes shuffled within a round), so the first 10k samples "
         "of the shard are class-balanced."

@@ -17,8 +17,8 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -27,21 +27,22 @@ from pathlib import Path
 # Before the OpenMP runtime starts: spinning threads stall on shared cores (see train_diffusion_tiny).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, CLIP_TINY_NAME  # noqa: E402
+from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, CLIP_TINY_NAME, CLIP_TINY_WEIGHTS  # noqa: E402
 from clip_benchmark_diffusion.demo.captions import (  # noqa: E402
     CLASSNAMES,
     EVAL_TEMPLATES,
+    TRAIN_EVAL_TEMPLATE,
     TRAIN_TEMPLATES,
+    captions_for,
 )
-from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_indices, load_split  # noqa: E402
+from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_subset, load_split  # noqa: E402
+from clip_benchmark_diffusion.demo.training import parse_config  # noqa: E402
 
 MODEL_NAME = CLIP_TINY_NAME  # "ViT-Tiny-4-28": ViT, 4x4 patches, 28x28 images
-WEIGHTS_NAME = "open_clip_model.safetensors"
-TRAIN_EVAL_TEMPLATE = "a photo of a {c}."
+WEIGHTS_NAME = CLIP_TINY_WEIGHTS.name
 # open_clip model config: architecture as data, one JSON file per model name.
 MODEL_CFG = {
     "embed_dim": 64,
@@ -98,8 +99,8 @@ def zeroshot_accuracy(model, tokenizer, x: torch.Tensor, labels: torch.Tensor, t
     was_training = model.training
     model.eval()
     weights = []
-    for name in CLASSNAMES:
-        emb = model.encode_text(tokenizer([t.format(c=name) for t in templates]), normalize=True)
+    for label in range(len(CLASSNAMES)):
+        emb = model.encode_text(tokenizer(captions_for(label, templates)), normalize=True)
         weights.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
     classifier = torch.stack(weights, dim=1)  # (D, C)
     logits = torch.cat([model.encode_image(b, normalize=True) @ classifier for b in x.split(500)])
@@ -128,16 +129,15 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
     if config.train_limit:
         images, labels = images[: config.train_limit], labels[: config.train_limit]
     x_train, y_train = torch.from_numpy(images), torch.from_numpy(labels)
-    test_images, test_labels = load_split("test")
-    eval_idx = demo_test_indices(test_labels)[: config.eval_images]
-    x_eval = normalize_gray(torch.from_numpy(test_images[eval_idx]), pp["mean"], pp["std"])
-    y_eval = torch.from_numpy(test_labels[eval_idx])
+    eval_images, eval_labels = demo_test_subset(config.eval_images)
+    x_eval = normalize_gray(torch.from_numpy(eval_images), pp["mean"], pp["std"])
+    y_eval = torch.from_numpy(eval_labels)
     # Guard the fast path against drift from open_clip's real transform.
-    reference = preprocess(Image.fromarray(test_images[eval_idx[0]]).convert("RGB"))
+    reference = preprocess(Image.fromarray(eval_images[0]).convert("RGB"))
     if not torch.allclose(reference, x_eval[0], atol=1e-5):
         raise RuntimeError("normalize_gray() no longer matches open_clip's preprocessing")
     caption_tokens = torch.stack(  # (C, P, L)
-        [tokenizer([t.format(c=c) for t in TRAIN_TEMPLATES]) for c in CLASSNAMES]
+        [tokenizer(captions_for(label, TRAIN_TEMPLATES)) for label in range(len(CLASSNAMES))]
     )
 
     params_decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -180,7 +180,7 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
         optimizer.step()
         lr_schedule.step()
         with torch.no_grad():  # CLIP's clamp: temperature at most 100
-            model.logit_scale.clamp_(0, np.log(100))
+            model.logit_scale.clamp_(0, math.log(100))
         step += 1
         losses.append(loss.item())
         if step % config.log_every == 0:
@@ -206,14 +206,7 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=CLIP_TINY_DIR, help="output folder")
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
-    out_dir = args.pop("out")
-    return train(TrainConfig(**args), out_dir)
+    return train(*parse_config(TrainConfig, CLIP_TINY_DIR, "output folder", __doc__.splitlines()[0], argv))
 
 
 if __name__ == "__main__":

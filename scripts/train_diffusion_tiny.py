@@ -16,7 +16,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -35,18 +34,16 @@ from clip_benchmark_diffusion.demo import DIFFUSION_TINY_DIR  # noqa: E402
 from clip_benchmark_diffusion.demo.captions import (  # noqa: E402
     CLASSNAMES,
     EVAL_TEMPLATES,
+    TRAIN_EVAL_TEMPLATE,
     TRAIN_TEMPLATES,
+    captions_for,
 )
-from clip_benchmark_diffusion.demo.fashion_mnist import (  # noqa: E402
-    demo_test_indices,
-    load_split,
-    to_unit_range,
-)
+from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_subset, load_split, to_unit_range  # noqa: E402
+from clip_benchmark_diffusion.demo.training import parse_config  # noqa: E402
+from clip_benchmark_diffusion.scoring.timesteps import uniform_grid  # noqa: E402
 from clip_benchmark_diffusion.tokenizers import clip_bpe_tokenizer  # noqa: E402
 
 CONTEXT_LENGTH = 16
-# The training template used for the "seen prompt" accuracy.
-TRAIN_EVAL_TEMPLATE = "a photo of a {c}."
 
 
 @dataclass(frozen=True)
@@ -111,7 +108,7 @@ def build_components(seed: int):
 
 def caption_ids(tokenizer, templates: tuple[str, ...]) -> torch.Tensor:
     """Token ids of every (class, template) caption: (C, P, L)."""
-    texts = [t.format(c=c) for c in CLASSNAMES for t in templates]
+    texts = [text for label in range(len(CLASSNAMES)) for text in captions_for(label, templates)]
     ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids
     return ids.view(len(CLASSNAMES), len(templates), -1)
 
@@ -128,7 +125,7 @@ def class_errors(
     round_robin: use prompt k % P at timestep k (P times cheaper) instead of every prompt at every k.
     """
     T = scheduler.config.num_train_timesteps
-    ts = torch.arange(T // n_timesteps // 2, T, T // n_timesteps)[:n_timesteps]  # (K,)
+    ts = uniform_grid(n_timesteps, T)  # (K,)
     B, K, (C, P) = len(x0), len(ts), cond.shape[:2]
     noise = torch.randn((B, K, *x0.shape[1:]), generator=torch.Generator().manual_seed(seed))
     x_t = scheduler.add_noise(  # (B, K, 1, H, W); add_noise wants one timestep per leading row
@@ -199,11 +196,9 @@ def load_data(train_limit: int, eval_images: int) -> tuple[torch.Tensor, ...]:
     images, labels = load_split("train")
     if train_limit:
         images, labels = images[:train_limit], labels[:train_limit]
-    test_images, test_labels = load_split("test")
-    eval_idx = demo_test_indices(test_labels)[:eval_images]
+    x_eval, y_eval = demo_test_subset(eval_images)
     return (
-        to_unit_range(images), torch.from_numpy(labels),
-        to_unit_range(test_images[eval_idx]), torch.from_numpy(test_labels[eval_idx]),
+        to_unit_range(images), torch.from_numpy(labels), to_unit_range(x_eval), torch.from_numpy(y_eval),
     )
 
 
@@ -295,14 +290,8 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DIFFUSION_TINY_DIR, help="output diffusers folder")
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
-    out_dir = args.pop("out")
-    return train(TrainConfig(**args), out_dir)
+    return train(*parse_config(TrainConfig, DIFFUSION_TINY_DIR, "output diffusers folder",
+                               __doc__.splitlines()[0], argv))
 
 
 if __name__ == "__main__":

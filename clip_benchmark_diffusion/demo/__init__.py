@@ -15,6 +15,8 @@ DATASET_DIR = DEMO_DIR / "fashion_mnist_1k"
 DIFFUSION_TINY_DIR = DEMO_DIR / "models" / "diffusion_tiny"
 CLIP_TINY_DIR = DEMO_DIR / "models" / "clip_tiny"
 CLIP_TINY_NAME = "ViT-Tiny-4-28"
+# open_clip's own weights file name (what its ``local-dir:`` schema looks for).
+CLIP_TINY_WEIGHTS = CLIP_TINY_DIR / "open_clip_model.safetensors"
 
 
 def register_open_clip_configs() -> None:

@@ -34,6 +34,9 @@ TRAIN_TEMPLATES: tuple[str, ...] = (
     "an image of the {c}.",
 )
 
+# The training template both training scripts report a "seen prompt" accuracy with.
+TRAIN_EVAL_TEMPLATE = TRAIN_TEMPLATES[2]  # "a photo of a {c}."
+
 EVAL_TEMPLATES: tuple[str, ...] = (
     "a picture of the {c}.",
     "a grayscale photo of a {c}.",

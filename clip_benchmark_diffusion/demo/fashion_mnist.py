@@ -76,6 +76,13 @@ def demo_test_indices(test_labels: np.ndarray) -> np.ndarray:
     return balanced_interleaved_indices(test_labels, per_class=DEMO_PER_CLASS, seed=DEMO_SEED)
 
 
+def demo_test_subset(n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` (default all 1,000) images and labels of the shipped demo subset, uint8."""
+    images, labels = load_split("test")
+    idx = demo_test_indices(labels)[:n]
+    return images[idx], labels[idx]
+
+
 def to_unit_range(images: np.ndarray) -> "torch.Tensor":
     """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [-1, 1], the demo models' input convention."""
     import torch
