@@ -270,7 +270,8 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
             curve.append(run_eval(step, config.eval_timesteps, full=False))
             start += time.time() - eval_start  # the budget counts training only
     train_minutes = (time.time() - start) / 60
-    curve.append(run_eval(step, config.eval_timesteps, full=False))
+    if not curve or curve[-1]["step"] != step:  # the budget may have run out right after an evaluation
+        curve.append(run_eval(step, config.eval_timesteps, full=False))
     final = None
     if config.final_eval_timesteps:
         final = run_eval(step, config.final_eval_timesteps, full=True)
