@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from analytic_denoiser import images, run
 from clip_benchmark_diffusion.registry import parse_model_spec
 from clip_benchmark_diffusion.scoring.strategies import staged_calls
-from test_engine import images, run
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = sorted((ROOT / "benchmark_configs" / "li2023").glob("*.json"))

@@ -1,63 +1,18 @@
-"""The packed-batch engine and the strategies, with analytic denoisers.
-
-Class g's conditioning row carries a prototype image P_g. The "exact" oracle predicts the noise
-as if the clean image were P_g: ``eps_hat = (x_t - sqrt(a) P_g) / sqrt(1 - a)``, so an image equal
-to P_c has exactly zero error under class c. The "gaussian" denoiser is the Bayes-optimal one for
-classes x0 ~ N(P_g, I): ``eps_hat = sqrt(1 - a) (x_t - sqrt(a) P_g)``, whose errors behave like a
-real model's (bounded over t), so the diffusion classifier becomes a likelihood classifier.
-"""
+"""The packed-batch engine and the strategies, with the analytic denoisers of analytic_denoiser.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from analytic_denoiser import SHAPE, images, run
 from clip_benchmark_diffusion.options import ScoringOptions
-from clip_benchmark_diffusion.scoring.engine import Candidates, Schedule, ScoringEngine
-from clip_benchmark_diffusion.scoring.math import v_target
-
-SHAPE = (2, 4, 4)
-
-
-def schedule(prediction_type: str = "epsilon") -> Schedule:
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    return Schedule(alphas_cumprod=torch.cumprod(1 - betas, 0), prediction_type=prediction_type)
-
-
-def oracle(sched: Schedule, kind: str = "gaussian"):
-    def denoise(x_t, t, cond):
-        a = sched.alphas_cumprod[t].float()[:, None, None, None]
-        proto = cond.reshape(len(cond), *SHAPE)
-        if kind == "exact":
-            eps_hat = (x_t - a.sqrt() * proto) / (1 - a).sqrt()
-        else:
-            eps_hat = (1 - a).sqrt() * (x_t - a.sqrt() * proto)
-        if sched.prediction_type == "v_prediction":
-            x0_hat = (x_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
-            return v_target(x0_hat, eps_hat, a.flatten())
-        return eps_hat
-    return denoise
+from clip_benchmark_diffusion.scoring.engine import Candidates
 
 
 @pytest.fixture
 def protos() -> torch.Tensor:
     torch.manual_seed(0)
     return torch.randn(5, *SHAPE)                                   # 5 classes
-
-
-def cands(protos: torch.Tensor) -> Candidates:
-    return Candidates(cond=protos.reshape(len(protos), 1, -1), members=torch.arange(len(protos))[:, None])
-
-
-def images(protos: torch.Tensor, labels: list[int], noise: float = 0.3) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    return protos[labels] + noise * torch.randn(len(labels), *SHAPE, generator=g)
-
-
-def run(options: ScoringOptions, protos, x, pred="epsilon", seeds=None, kind="gaussian"):
-    sched = schedule(pred)
-    engine = ScoringEngine(oracle(sched, kind), sched, options, "cpu")
-    res = engine.score(x, seeds or list(range(len(x))), cands(protos))
-    return res, engine
 
 
 def test_oracle_gives_zero_error_for_the_true_class(protos):
@@ -128,11 +83,10 @@ def test_unequal_prompt_lists_average_member_errors(protos):
     # Class 0 has members (P0, P1); class 1 has just P2.
     c = Candidates(cond=protos[:3].reshape(3, 1, -1), members=torch.tensor([[0, 1], [2, -1]]))
     single = Candidates(cond=protos[:3].reshape(3, 1, -1), members=torch.tensor([[0], [1], [2]]))
-    sched = schedule()
     opts = ScoringOptions(strategy="full", n_samples=(6,))
     x = images(protos, [1], noise=0.2)
-    grouped = ScoringEngine(oracle(sched), sched, opts, "cpu").score(x, [5], c)[0]
-    each = ScoringEngine(oracle(sched), sched, opts, "cpu").score(x, [5], single)[0]
+    [grouped], _ = run(opts, protos, x, seeds=[5], candidates=c)
+    [each], _ = run(opts, protos, x, seeds=[5], candidates=single)
     assert grouped.denoiser_calls == 3 * 6
     expected = torch.stack([(each.outcome.mean_error[0] + each.outcome.mean_error[1]) / 2, each.outcome.mean_error[2]])
     assert torch.allclose(grouped.outcome.mean_error, expected, rtol=1e-5)
