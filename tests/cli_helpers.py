@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,25 @@ def quick_options(folder: Path, **fields) -> Path:
     path.write_text(json.dumps({"strategy": "ttest", "min_samples": 3, "max_samples": 6, "p_value": 0.1,
                                 "batch_size": 32, **fields}))
     return path
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str, cwd: Path | None = None) -> str:
+    """A user mistake: non-zero exit, no traceback, our one-line message last on stderr (containing
+    ``needles``), and, given ``cwd``, no result or partial file left there. Returns that line."""
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    last = err[-1] if err else ""
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith("clip_benchmark_diffusion: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in last, last
+    if cwd is not None:
+        assert not list(cwd.glob("digits*.json")) and not list(cwd.glob(".*partial"))
+    return last
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -28,12 +28,6 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_sd_v(tmp_path_factory) -> Path:
-    """The same weights with a v-prediction scheduler config (an SD 2.x 768-style folder)."""
-    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v") / "model", prediction_type="v_prediction")
-
-
-@pytest.fixture(scope="session")
 def digits_wds(tmp_path_factory) -> Path:
     """20 real scikit-learn digits (2 per class) as a clip_benchmark webdataset folder."""
     return write_digits_wds(tmp_path_factory.mktemp("wds") / "digits", per_class=2)

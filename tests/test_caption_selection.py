@@ -1,12 +1,11 @@
 """Image-caption selection (Winoground, SugarCrepe) through clip_benchmark's real metric code."""
 from __future__ import annotations
 
-import json
-
 import torch
 from PIL import Image
 
-from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
+from cli_helpers import quick_options
+from tiny_models import load_tiny_classifier
 
 
 def _expected(pair: torch.Tensor) -> dict[str, float]:
@@ -23,13 +22,10 @@ def _expected(pair: torch.Tensor) -> dict[str, float]:
 
 
 def test_caption_selection_is_exact(tiny_sd, tmp_path):
-    ensure_installed()
+    opts = quick_options(tmp_path, min_samples=2, max_samples=4, p_value=2e-3, batch_size=64)
+    model, transform, tokenizer = load_tiny_classifier(tiny_sd, opts)
     from clip_benchmark.metrics import image_caption_selection as ics
-    from clip_benchmark.models import load_clip
 
-    opts = tmp_path / "o.json"
-    opts.write_text(json.dumps({"min_samples": 2, "max_samples": 4, "batch_size": 64}))
-    model, transform, tokenizer = load_clip("open_clip", f"diffusion_sd2@{opts}", str(tiny_sd), None, "cpu")
     model.eval()
     g = torch.Generator().manual_seed(0)
     pix = (torch.rand(6, 2, 20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
@@ -45,13 +41,10 @@ def test_caption_selection_is_exact(tiny_sd, tmp_path):
 
 def test_single_image_instances(tiny_sd, tmp_path):
     """SugarCrepe-like: one image, a positive and a negative caption, images given as (B, C, H, W)."""
-    ensure_installed()
+    opts = quick_options(tmp_path, min_samples=2, max_samples=3, p_value=2e-3, batch_size=64)
+    model, transform, tokenizer = load_tiny_classifier(tiny_sd, opts)
     from clip_benchmark.metrics import image_caption_selection as ics
-    from clip_benchmark.models import load_clip
 
-    opts = tmp_path / "o.json"
-    opts.write_text(json.dumps({"min_samples": 2, "max_samples": 3}))
-    model, transform, tokenizer = load_clip("open_clip", f"diffusion_sd2@{opts}", str(tiny_sd), None, "cpu")
     g = torch.Generator().manual_seed(1)
     pix = (torch.rand(5, 16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
     images = torch.stack([transform(Image.fromarray(p)) for p in pix])

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from cli_helpers import console
+from cli_helpers import assert_clean_failure, console
 from clip_benchmark_diffusion.compare import accuracy_interval, paired_comparison
+from clip_benchmark_diffusion.predictions import predictions_path
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -45,7 +46,7 @@ def _result(folder, name, dataset, targets, top1):
     path = folder / f"{name}.json"
     path.write_text(json.dumps({"dataset": dataset, "model": name, "pretrained": "x", "task": "zeroshot_classification",
                                 "metrics": {"acc1": sum(t == p for t, p in zip(targets, top1)) / len(targets)}}))
-    path.with_suffix(".predictions.jsonl").write_text(
+    predictions_path(path).write_text(
         "".join(json.dumps({"target": t, "top5": [p, (p + 1) % 10], "denoiser_calls": None}) + "\n"
                 for t, p in zip(targets, top1)))
     return path
@@ -73,5 +74,5 @@ def test_compare_command_refuses_runs_it_cannot_pair(tmp_path):
                            ((a, bare), "CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS=1"),
                            ((a, tmp_path / "missing.json"), "no result file")):
         proc = console("clip_benchmark_diffusion", "compare", *map(str, args), cwd=tmp_path)
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.count("\n") == 1 and expected in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert_clean_failure(proc, expected)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from cli_helpers import free_port
 from clip_benchmark_diffusion.distributed import (World, WorkClaimer, local_device, score_batch_distributed,
                                                   world_from_env)
 from clip_benchmark_diffusion.errors import UserError
@@ -62,12 +62,6 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_ranks_split_work_dynamically(tmp_path):
     script = tmp_path / "score.py"
     script.write_text(textwrap.dedent(SCRIPT % {"batch": BATCH}))
@@ -76,7 +70,7 @@ def test_torchrun_two_ranks_split_work_dynamically(tmp_path):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out)]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())

@@ -1,14 +1,13 @@
 """The dot-product trick against clip_benchmark's real zero-shot code."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from PIL import Image
 
+from cli_helpers import quick_options
 from clip_benchmark_diffusion.adapter.model import RANK_BASE
-from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
+from tiny_models import load_tiny_classifier
 
 CLASSES = ["zero", "one", "two", "three", "four", "five"]
 # CuPL-style per-class prompt lists of unequal length, one prompt shared by two classes.
@@ -24,13 +23,8 @@ CUPL = {
 
 @pytest.fixture(scope="module")
 def loaded(tiny_sd, tmp_path_factory):
-    ensure_installed()
-    from clip_benchmark.models import load_clip
-
-    opts = tmp_path_factory.mktemp("opts") / "quick.json"
-    opts.write_text(json.dumps({"strategy": "ttest", "min_samples": 3, "max_samples": 8,
-                                "p_value": 0.2, "batch_size": 16}))
-    return load_clip("open_clip", f"diffusion_sd2@{opts}", str(tiny_sd), None, "cpu")
+    opts = quick_options(tmp_path_factory.mktemp("opts"), max_samples=8, p_value=0.2, batch_size=16)
+    return load_tiny_classifier(tiny_sd, opts)
 
 
 def _images(transform, n: int) -> torch.Tensor:
@@ -95,9 +89,21 @@ def test_encoders_return_float32_under_autocast(loaded):
 def test_prompts_are_encoded_once(loaded):
     model, _, tokenizer = loaded
     model.begin_task("zeroshot_classification")
+    known = set(model.prompts.texts)           # the module's model has seen other tests' prompts
     for cls in ["a", "b", "a"]:
         model.encode_text(tokenizer([f"photo of {cls}", "shared"]))
-    assert len(model.prompts) >= 3
+    new = {"photo of a", "photo of b", "shared"} - known
+    assert set(model.prompts.texts) - known == new
+    assert len(model.prompts.texts) == len(set(model.prompts.texts))      # each prompt stored once
+    rows: list[int] = []
+    hook = model.text_encoder.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+    try:
+        model._candidate_table()
+        model._candidates = None               # rebuild the table: the text states come from the cache
+        model._candidate_table()
+    finally:
+        hook.remove()
+    assert rows == [len(new)]                  # one text-encoder pass, over the new prompts only
     ids = tokenizer(["photo of a", "shared", "photo of b"])
     assert ids.tolist() == tokenizer(["photo of a", "shared", "photo of b"]).tolist()
     assert len(set(ids.tolist())) == 3
@@ -105,11 +111,8 @@ def test_prompts_are_encoded_once(loaded):
 
 def test_scores_do_not_depend_on_dataloader_batch_or_position(tiny_sd, tmp_path):
     """Noise comes from the seed and the image content: batches and positions change nothing."""
-    from clip_benchmark.models import load_clip
-
-    opts = tmp_path / "o.json"
-    opts.write_text(json.dumps({"strategy": "ttest", "min_samples": 3, "max_samples": 10, "p_value": 0.2}))
-    model, transform, tokenizer = load_clip("open_clip", f"diffusion_sd2@{opts}", str(tiny_sd), None, "cpu")
+    opts = quick_options(tmp_path, max_samples=10, p_value=0.2)
+    model, transform, tokenizer = load_tiny_classifier(tiny_sd, opts)
     images = _images(transform, 6)
 
     def scores(batches, batch_size):

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli_helpers import BIN, clip_benchmark_eval, quick_options
+from cli_helpers import BIN, clip_benchmark_eval, free_port, quick_options
 
 TIMING = ("seconds_per_image",)  # measured wall time: the one field two runs cannot share
 
@@ -93,7 +93,7 @@ def test_torchrun_two_processes_match_one(tiny_sd, digits_wds, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "CLIP_BENCHMARK_DIFFUSION_STORE": str(tmp_path / "two.sqlite")}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29400 + os.getpid() % 500), str(BIN / "clip_benchmark"), "eval", "--num_workers", "0",
+                          str(free_port()), str(BIN / "clip_benchmark"), "eval", "--num_workers", "0",
                           *_args(opts, tiny_sd, digits_wds, tmp_path / "two.json")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-4000:]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import open_clip
 import pytest
-
-open_clip = pytest.importorskip("open_clip")
 
 from clip_benchmark_diffusion.tokenizers import clip_bpe_tokenizer
 

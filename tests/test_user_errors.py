@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from cli_helpers import clip_benchmark_eval, quick_options
+from cli_helpers import assert_clean_failure, clip_benchmark_eval, quick_options
 from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
 
 
@@ -62,86 +62,76 @@ def corrupted(tiny_sd, tmp_path_factory):
     return folder
 
 
-def _fails_cleanly(proc, *needles: str, cwd=None) -> str:
-    assert proc.returncode != 0
-    err = proc.stderr.strip().splitlines()
-    last = err[-1] if err else ""
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert last.startswith("clip_benchmark_diffusion: "), proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in last, last
-    if cwd is not None:
-        assert not list(cwd.glob("digits*.json")) and not list(cwd.glob(".*partial"))
-    return last
-
-
 def _eval(model, pretrained, wds, cwd, *extra, env=None, runner=clip_benchmark_eval):
     return runner("--model", model, "--pretrained", str(pretrained), "--dataset", "wds/digits",
                   "--dataset_root", str(wds), *extra, cwd=cwd, env=env)
 
 
 def test_unknown_model_name_suggests_close_names(tiny_sd, digits_wds, tmp_path):
-    _fails_cleanly(_eval("diffusion_sd22", tiny_sd, digits_wds, tmp_path), "unknown diffusion model",
+    assert_clean_failure(_eval("diffusion_sd22", tiny_sd, digits_wds, tmp_path), "unknown diffusion model",
                    "did you mean diffusion_sd2", cwd=tmp_path)
 
 
 def test_unknown_name_under_model_type_diffusion(tiny_sd, digits_wds, tmp_path, inproc):
-    _fails_cleanly(_eval("ViT-B-32", tiny_sd, digits_wds, tmp_path, "--model_type", "diffusion", runner=inproc),
+    assert_clean_failure(_eval("ViT-B-32", tiny_sd, digits_wds, tmp_path, "--model_type", "diffusion", runner=inproc),
                    "unknown diffusion model 'ViT-B-32'", cwd=tmp_path)
 
 
 def test_missing_pretrained_folder(digits_wds, tmp_path, inproc):
-    _fails_cleanly(_eval("diffusion_sd2", tmp_path / "nope", digits_wds, tmp_path, runner=inproc), "does not exist", cwd=tmp_path)
+    assert_clean_failure(_eval("diffusion_sd2", tmp_path / "nope", digits_wds, tmp_path, runner=inproc), "does not exist", cwd=tmp_path)
 
 
 def test_folder_that_is_not_diffusers(digits_wds, tmp_path, inproc):
     (tmp_path / "empty").mkdir()
-    _fails_cleanly(_eval("diffusion_sd2", tmp_path / "empty", digits_wds, tmp_path, runner=inproc), "no model_index.json")
+    assert_clean_failure(_eval("diffusion_sd2", tmp_path / "empty", digits_wds, tmp_path, runner=inproc), "no model_index.json",
+                         cwd=tmp_path)
 
 
 def test_pipeline_that_is_not_text_to_image(unconditional, digits_wds, tmp_path, inproc):
-    _fails_cleanly(_eval("diffusion_sd2", unconditional, digits_wds, tmp_path, runner=inproc),
+    assert_clean_failure(_eval("diffusion_sd2", unconditional, digits_wds, tmp_path, runner=inproc),
                    "not a text-to-image diffusion model", "DDPMPipeline", cwd=tmp_path)
 
 
 def test_corrupted_weights(corrupted, digits_wds, tmp_path, inproc):
-    _fails_cleanly(_eval("diffusion_sd2", corrupted, digits_wds, tmp_path, runner=inproc), "could not load the weights", cwd=tmp_path)
+    assert_clean_failure(_eval("diffusion_sd2", corrupted, digits_wds, tmp_path, runner=inproc), "could not load the weights", cwd=tmp_path)
 
 
 def test_unknown_weights_tag(digits_wds, tmp_path, inproc):
-    _fails_cleanly(_eval("diffusion_sd2", "sd9", digits_wds, tmp_path, runner=inproc), "neither a known weights tag", cwd=tmp_path)
+    assert_clean_failure(_eval("diffusion_sd2", "sd9", digits_wds, tmp_path, runner=inproc), "neither a known weights tag", cwd=tmp_path)
 
 
 @pytest.mark.parametrize("task", ["zeroshot_retrieval", "linear_probe", "captioning"])
 def test_unsupported_tasks_stop_before_compute(tiny_sd, digits_wds, tmp_path, task, inproc):
     runner = clip_benchmark_eval if task == "zeroshot_retrieval" else inproc
-    _fails_cleanly(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path, "--task", task, runner=runner),
+    assert_clean_failure(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path, "--task", task, runner=runner),
                    f"task {task} is not supported by diffusion models", cwd=tmp_path)
 
 
 def test_load_clfs_is_refused(tiny_sd, digits_wds, tmp_path, inproc):
-    _fails_cleanly(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path, "--load_clfs", "clf.pt", runner=inproc),
+    assert_clean_failure(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path, "--load_clfs", "clf.pt", runner=inproc),
                    "--load_clfs is not supported", cwd=tmp_path)
 
 
 def test_more_classes_than_slots(tiny_sd, digits_wds, tmp_path):
     opts = quick_options(tmp_path, max_classes=5)
-    _fails_cleanly(_eval(f"diffusion_sd2@{opts}", tiny_sd, digits_wds, tmp_path), "more than 5 classes", cwd=tmp_path)
+    assert_clean_failure(_eval(f"diffusion_sd2@{opts}", tiny_sd, digits_wds, tmp_path), "more than 5 classes", cwd=tmp_path)
 
 
 def test_bad_scoring_options(tiny_sd, digits_wds, tmp_path, inproc):
-    _fails_cleanly(_eval("diffusion_sd2@turbo", tiny_sd, digits_wds, tmp_path, runner=inproc), "unknown scoring preset 'turbo'")
+    assert_clean_failure(_eval("diffusion_sd2@turbo", tiny_sd, digits_wds, tmp_path, runner=inproc), "unknown scoring preset 'turbo'",
+                         cwd=tmp_path)
     (tmp_path / "bad.json").write_text(json.dumps({"strategy": "fastest"}))
-    _fails_cleanly(_eval(f"diffusion_sd2@{tmp_path / 'bad.json'}", tiny_sd, digits_wds, tmp_path, runner=inproc),
-                   "strategy='fastest' is not one of full, staged, ttest")
-    _fails_cleanly(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path,
-                         env={"CLIP_BENCHMARK_DIFFUSION_OPTIONS": "batchsize=3"}, runner=inproc), "unknown scoring option 'batchsize'")
+    assert_clean_failure(_eval(f"diffusion_sd2@{tmp_path / 'bad.json'}", tiny_sd, digits_wds, tmp_path, runner=inproc),
+                   "strategy='fastest' is not one of full, staged, ttest", cwd=tmp_path)
+    assert_clean_failure(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path,
+                         env={"CLIP_BENCHMARK_DIFFUSION_OPTIONS": "batchsize=3"}, runner=inproc), "unknown scoring option 'batchsize'",
+                         cwd=tmp_path)
 
 
 def test_a_bad_second_model_stops_the_command_before_the_first_runs(tiny_sd, digits_wds, tmp_path):
     proc = clip_benchmark_eval("--pretrained_model", f"diffusion_sd2,{tiny_sd}", "diffusion_sd5,x",
                                "--dataset", "wds/digits", "--dataset_root", str(digits_wds), cwd=tmp_path)
-    _fails_cleanly(proc, "unknown diffusion model 'diffusion_sd5'", cwd=tmp_path)
+    assert_clean_failure(proc, "unknown diffusion model 'diffusion_sd5'", cwd=tmp_path)
     assert "Running" not in proc.stdout
 
 
@@ -155,13 +145,13 @@ def _templated_wds(tmp_path, templates: str):
 
 def test_empty_template_file(tiny_sd, tmp_path, inproc):
     wds = _templated_wds(tmp_path, "")
-    _fails_cleanly(_eval("diffusion_sd2", tiny_sd, wds, tmp_path, runner=inproc), "template list is empty",
+    assert_clean_failure(_eval("diffusion_sd2", tiny_sd, wds, tmp_path, runner=inproc), "template list is empty",
                    cwd=tmp_path)
 
 
 def test_template_without_placeholder(tiny_sd, tmp_path, inproc):
     wds = _templated_wds(tmp_path, "a photo of a {c}.\na photo of something\n")
-    _fails_cleanly(_eval("diffusion_sd2", tiny_sd, wds, tmp_path, runner=inproc),
+    assert_clean_failure(_eval("diffusion_sd2", tiny_sd, wds, tmp_path, runner=inproc),
                    "template 'a photo of something' has no {c} placeholder", cwd=tmp_path)
 
 
@@ -170,7 +160,7 @@ def test_cupl_file_missing_a_class(tiny_sd, digits_wds, tmp_path, inproc):
 
     prompts = {"digits": {name: [f"a {name}"] for name in DIGIT_NAMES[:-1]}}
     (tmp_path / "cupl.json").write_text(json.dumps(prompts))
-    _fails_cleanly(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path, "--custom_template_file",
+    assert_clean_failure(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path, "--custom_template_file",
                          str(tmp_path / "cupl.json"), runner=inproc), "no prompts for 'nine'", cwd=tmp_path)
 
 
@@ -205,7 +195,7 @@ def _odd_wds(tmp_path, bomb: bool):
 
 
 def test_grayscale_rgba_tiny_and_large_images_are_scored(tiny_sd, tmp_path, inproc):
-    opts = quick_options(tmp_path / "..", strategy="full", n_samples=[1])
+    opts = quick_options(tmp_path, strategy="full", n_samples=[1])
     proc = inproc("--model", f"diffusion_sd2@{opts}", "--pretrained", str(tiny_sd), "--dataset", "wds/odd",
                   "--dataset_root", str(_odd_wds(tmp_path, bomb=False)), "--output", "out.json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -213,8 +203,8 @@ def test_grayscale_rgba_tiny_and_large_images_are_scored(tiny_sd, tmp_path, inpr
 
 
 def test_decompression_bomb_is_one_line(tiny_sd, tmp_path, inproc):
-    opts = quick_options(tmp_path / "..", strategy="full", n_samples=[1])
+    opts = quick_options(tmp_path, strategy="full", n_samples=[1])
     proc = inproc("--model", f"diffusion_sd2@{opts}", "--pretrained", str(tiny_sd), "--dataset", "wds/odd",
                   "--dataset_root", str(_odd_wds(tmp_path, bomb=True)), "--output", "out.json", cwd=tmp_path)
-    _fails_cleanly(proc, "too large to decode safely")
+    assert_clean_failure(proc, "too large to decode safely")
     assert not (tmp_path / "out.json").exists() and not list(tmp_path.glob(".*partial"))

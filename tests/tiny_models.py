@@ -48,3 +48,13 @@ def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) 
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+def load_tiny_classifier(folder: Path, options: Path, device: str = "cpu"):
+    """``(model, transform, tokenizer)`` through clip_benchmark's own ``load_clip``, as the CLI loads it."""
+    from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
+
+    ensure_installed()
+    from clip_benchmark.models import load_clip
+
+    return load_clip("open_clip", f"diffusion_sd2@{options}", str(folder), None, device)
