@@ -1,6 +1,7 @@
 """Run the real console commands in a subprocess, as a user would."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -10,12 +11,27 @@ import sys
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def subprocess_env(extra: dict | None = None) -> dict:
+    """The environment of every command a test starts: one thread, offline, plus ``extra``."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(extra or {})}
 
 
 def console(name: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     exe = shutil.which(name, path=str(BIN)) or name
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([exe, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([exe, *args], cwd=cwd, env=subprocess_env(env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def clip_benchmark_eval(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cli_helpers import load_script
 from clip_benchmark_diffusion.demo import DATASET_DIR
 from clip_benchmark_diffusion.demo.captions import CLASSNAMES, EVAL_TEMPLATES, TRAIN_TEMPLATES
 from clip_benchmark_diffusion.demo.fashion_mnist import (
@@ -72,11 +72,7 @@ def test_shipped_folder_is_the_documented_subset() -> None:
 
 @needs_debian
 def test_build_script_reproduces_the_shipped_shard(tmp_path: Path) -> None:
-    path = Path(__file__).resolve().parents[1] / "scripts" / "build_fashion_mnist.py"
-    spec = importlib.util.spec_from_file_location("_build_fashion_mnist", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--out", str(tmp_path)])
+    load_script("build_fashion_mnist").main(["--out", str(tmp_path)])
     for name in ("test/0.tar", "test/nshards.txt", "classnames.txt",
                  "zeroshot_classification_templates.txt", "LICENSE.md"):
         assert (tmp_path / name).read_bytes() == (DATASET_DIR / name).read_bytes(), name

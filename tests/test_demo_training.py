@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from cli_helpers import load_script
 from clip_benchmark_diffusion.demo.fashion_mnist import DEBIAN_DIR
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 pytestmark = pytest.mark.skipif(
     not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists(),
@@ -20,18 +16,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _load_script(name: str):
-    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_demo_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def diffusion_run(tmp_path_factory):
-    script = _load_script("train_diffusion_tiny")
+    script = load_script("train_diffusion_tiny")
     out = tmp_path_factory.mktemp("diffusion_tiny")
     summary = script.main([
         "--out", str(out), "--steps", "3", "--train-limit", "128", "--batch-size", "8",
@@ -96,7 +83,7 @@ def test_clip_training_writes_an_open_clip_model(tmp_path) -> None:
     import open_clip
     from PIL import Image
 
-    script = _load_script("train_clip_tiny")
+    script = load_script("train_clip_tiny")
     summary = script.main([
         "--out", str(tmp_path), "--steps", "3", "--train-limit", "256", "--batch-size", "32",
         "--eval-every", "0", "--eval-images", "50", "--log-every", "1", "--threads", "1",
@@ -133,7 +120,7 @@ def test_shipped_clip_tiny_reproduces_its_recorded_accuracy() -> None:
     from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, CLIP_TINY_NAME
     from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_indices, load_split
 
-    script = _load_script("train_clip_tiny")
+    script = load_script("train_clip_tiny")
     summary = json.loads((CLIP_TINY_DIR / "training_summary.json").read_text())
     open_clip.add_model_config(CLIP_TINY_DIR / f"{CLIP_TINY_NAME}.json")
     model, _, _ = open_clip.create_model_and_transforms(
@@ -156,7 +143,7 @@ def test_shipped_diffusion_tiny_classifies() -> None:
     from clip_benchmark_diffusion.demo import DIFFUSION_TINY_DIR as d
     from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_indices, load_split, to_unit_range
 
-    script = _load_script("train_diffusion_tiny")
+    script = load_script("train_diffusion_tiny")
     images, labels = load_split("test")
     idx = demo_test_indices(labels)[:20]
     acc = script.evaluate(

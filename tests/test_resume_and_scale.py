@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -10,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli_helpers import BIN, clip_benchmark_eval, free_port, quick_options
+from cli_helpers import BIN, clip_benchmark_eval, free_port, quick_options, subprocess_env
 
 TIMING = ("seconds_per_image",)  # measured wall time: the one field two runs cannot share
 
@@ -41,7 +40,7 @@ def test_sigkill_then_resume_computes_only_what_is_missing(tiny_sd, digits_wds, 
     run_dir.mkdir(), ref_dir.mkdir()
     out = run_dir / "result.json"
     db = run_dir / "clip_benchmark_diffusion_scores.sqlite"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env()
     proc = subprocess.Popen([str(BIN / "clip_benchmark"), "eval", "--num_workers", "0",
                              *_args(opts, tiny_sd, digits_wds, out)], cwd=run_dir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -90,8 +89,7 @@ def test_torchrun_two_processes_match_one(tiny_sd, digits_wds, tmp_path):
     one = clip_benchmark_eval(*_args(opts, tiny_sd, digits_wds, tmp_path / "one.json"), cwd=tmp_path,
                               env={"CLIP_BENCHMARK_DIFFUSION_STORE": "off"})
     assert one.returncode == 0, one.stderr[-2000:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "CLIP_BENCHMARK_DIFFUSION_STORE": str(tmp_path / "two.sqlite")}
+    env = subprocess_env({"CLIP_BENCHMARK_DIFFUSION_STORE": str(tmp_path / "two.sqlite")})
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(free_port()), str(BIN / "clip_benchmark"), "eval", "--num_workers", "0",
                           *_args(opts, tiny_sd, digits_wds, tmp_path / "two.json")],

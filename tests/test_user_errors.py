@@ -187,11 +187,9 @@ class _OddImages:
 
 
 def _odd_wds(tmp_path, bomb: bool):
-    from clip_benchmark.webdataset_builder import convert_dataset
+    from wds_data import write_wds
 
-    folder = tmp_path / "odd"
-    convert_dataset(_OddImages(bomb), "test", str(folder), image_format="png", verbose=False)
-    return folder
+    return write_wds(_OddImages(bomb), tmp_path / "odd")
 
 
 def test_grayscale_rgba_tiny_and_large_images_are_scored(tiny_sd, tmp_path, inproc):

@@ -32,10 +32,15 @@ class _Digits:
         return Image.fromarray(pixels, mode="L").resize((32, 32), Image.NEAREST), self.labels[i]
 
 
-def write_digits_wds(folder: Path, per_class: int = 2, templates: list[str] | None = None) -> Path:
-    """Write the digits with clip_benchmark's own ``convert_dataset``; returns the folder."""
+def write_wds(dataset, folder: Path) -> Path:
+    """Write a (PIL image, label) dataset with ``classes``/``templates`` as a clip_benchmark
+    webdataset test split, with clip_benchmark's own ``convert_dataset``; returns the folder."""
     from clip_benchmark.webdataset_builder import convert_dataset
 
-    dataset = _Digits(per_class, templates or DIGIT_TEMPLATES)
     convert_dataset(dataset, "test", str(folder), image_format="png", verbose=False)
     return Path(folder)
+
+
+def write_digits_wds(folder: Path, per_class: int = 2, templates: list[str] | None = None) -> Path:
+    """The digits as a webdataset folder."""
+    return write_wds(_Digits(per_class, templates or DIGIT_TEMPLATES), folder)
