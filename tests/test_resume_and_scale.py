@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -99,7 +100,8 @@ def test_torchrun_two_processes_match_one(tiny_sd, digits_wds, tmp_path):
     b = json.loads((tmp_path / "two.json").read_text())
     assert _without_timing(a) == _without_timing(b)
     # Both ranks scored: the work was split, not duplicated.
-    reports = [line for line in two.stderr.splitlines() if "denoiser calls run on rank" in line]
-    calls = {int(line.rsplit("rank ", 1)[1]): int(line.split("; ")[1].split()[0]) for line in reports}
+    # Parsed from the whole stream, not line by line: the ranks share one stderr pipe.
+    reports = re.findall(r"; (\d+) denoiser calls run on rank (\d+)", two.stderr)
+    calls = {int(rank): int(n) for n, rank in reports}
     assert set(calls) == {0, 1} and all(c > 0 for c in calls.values())
     assert sum(calls.values()) == round(a["metrics"]["denoiser_calls_per_image"] * 20)

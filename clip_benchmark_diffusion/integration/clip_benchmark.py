@@ -343,7 +343,10 @@ def _run_one(original_run: Callable[[Any], Any], args: Any, validated: bool = Fa
             dump = json.loads(tmp.read_text())
             model = _current.get("model")
             if model is not None:
-                print(model.store_report(), file=sys.stderr)
+                # One write per line: under torchrun, ranks share stderr and print() would let
+                # another rank's line land between the text and its newline.
+                sys.stderr.write(model.store_report() + "\n")
+                sys.stderr.flush()
                 dump["metrics"].update(model.cost_summary())
                 dump["diffusion_classifier"] = model.result_metadata(model_type=args.model_type)
             if _rank() == 0:  # every rank computed the same metrics; one writes them
