@@ -3,7 +3,8 @@
 Default: the shipped demo set ``clip_benchmark_diffusion/demo/fashion_mnist_1k/``, a fixed,
 seeded, class-balanced subset of 1,000 official test images (100 per class), interleaved so any
 prefix of 10k images is balanced. ``--full OUT_DIR`` writes all 10,000 test images in their
-official order instead.
+official order instead; ``--validation OUT_DIR`` the 1,000 train images that the training
+scripts hold out for choosing between runs.
 
 Usage:
     python scripts/build_fashion_mnist.py                  # the demo subset
@@ -29,8 +30,10 @@ from clip_benchmark_diffusion.demo.fashion_mnist import (
     DEBIAN_DIR,
     DEMO_PER_CLASS,
     DEMO_SEED,
+    VALIDATION_SEED,
     demo_test_indices,
     load_split,
+    validation_indices,
 )
 
 _LICENSE = """\
@@ -61,10 +64,10 @@ released under the MIT License:
 ## Provenance
 
 - Source files: Debian package `dataset-fashion-mnist`,
-  `{debian}/t10k-images-idx3-ubyte.gz` and `t10k-labels-idx1-ubyte.gz` (the official test split).
+  `{debian}/{prefix}-images-idx3-ubyte.gz` and `{prefix}-labels-idx1-ubyte.gz` (the official {split} split).
 - Written by `scripts/build_fashion_mnist.py` of clip_benchmark_diffusion: each image as a
   lossless 28x28 grayscale PNG (`<key>.png`) with its integer label (`<key>.cls`); sample keys
-  are `test<index>`, the 0-based index into the official test split.
+  are `{split}<index>`, the 0-based index into the official {split} split.
 - Selection: {selection}
 - Class names (label order): {classnames}.
 - `zeroshot_classification_templates.txt` holds prompts that the demo models never saw in training.
@@ -79,7 +82,8 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 
 def write_wds_folder(
-    out_dir: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, license_text: str
+    out_dir: Path, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, license_text: str,
+    key_prefix: str = "test",
 ) -> None:
     """Write the clip_benchmark ``wds/`` layout: metadata files and one ``test/0.tar`` shard."""
     if out_dir.exists():
@@ -90,15 +94,17 @@ def write_wds_folder(
     # Fixed mtime so rebuilding gives byte-identical tar files.
     with wds.TarWriter(str(out_dir / "test" / "0.tar"), mtime=0.0) as sink:
         for i in indices:
-            sink.write({"__key__": f"test{i:05d}", "png": _png_bytes(images[i]), "cls": int(labels[i])})
+            sink.write({"__key__": f"{key_prefix}{i:05d}", "png": _png_bytes(images[i]), "cls": int(labels[i])})
     (out_dir / "test" / "nshards.txt").write_text("1\n")
     (out_dir / "LICENSE.md").write_text(license_text)
 
 
-def _license(what: str, selection: str, indices_block: str) -> str:
+def _license(what: str, selection: str, indices_block: str, split: str = "test") -> str:
     return _LICENSE.format(
         what=what,
         debian=DEBIAN_DIR,
+        prefix={"test": "t10k", "train": "train"}[split],
+        split=split,
         selection=selection,
         classnames=", ".join(f"{i} {c}" for i, c in enumerate(CLASSNAMES)),
         indices=indices_block,
@@ -130,12 +136,30 @@ def build_full(out_dir: Path) -> None:
     write_wds_folder(out_dir, images, labels, indices, _license("full test split", selection, ""))
 
 
+def build_validation(out_dir: Path) -> None:
+    """Write the validation split: train images held out by the training scripts, for model selection."""
+    images, labels = load_split("train")
+    indices = validation_indices(labels)
+    selection = (
+        f"the validation split of `validation_indices` in `clip_benchmark_diffusion/demo/fashion_mnist.py` "
+        f"({len(indices)} train images, class-balanced, seed {VALIDATION_SEED}); training scripts run "
+        "with `--val-per-class 100` never train on them. Not for reporting: for choosing between runs."
+    )
+    write_wds_folder(out_dir, images, labels, indices, _license("validation split", selection, "", split="train"),
+                     key_prefix="train")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", type=Path, metavar="OUT_DIR", help="write all 10k test images here")
+    parser.add_argument("--validation", type=Path, metavar="OUT_DIR",
+                        help="write the 1k validation images held out of the train split here")
     parser.add_argument("--out", type=Path, default=DATASET_DIR, help="demo subset folder (default: shipped)")
     args = parser.parse_args(argv)
-    if args.full is not None:
+    if args.validation is not None:
+        build_validation(args.validation)
+        print(f"wrote the validation split to {args.validation}")
+    elif args.full is not None:
         build_full(args.full)
         print(f"wrote 10000 test images to {args.full}")
     else:

@@ -76,3 +76,27 @@ def test_build_script_reproduces_the_shipped_shard(tmp_path: Path) -> None:
     for name in ("test/0.tar", "test/nshards.txt", "classnames.txt",
                  "zeroshot_classification_templates.txt", "LICENSE.md"):
         assert (tmp_path / name).read_bytes() == (DATASET_DIR / name).read_bytes(), name
+
+
+@needs_debian
+def test_validation_split_is_held_out_of_training_and_balanced(tmp_path: Path) -> None:
+    from clip_benchmark.datasets.builder import build_dataset
+
+    from clip_benchmark_diffusion.demo.fashion_mnist import train_validation_split, validation_indices
+
+    images, labels = load_split("train")
+    held = validation_indices(labels)
+    assert len(set(held.tolist())) == 1000
+    assert Counter(labels[held[:100]].tolist()) == {c: 10 for c in range(10)}
+    train_x, train_y, val_x, val_y = train_validation_split(100)
+    assert len(train_x) == 59_000 and len(val_x) == 1000
+    np.testing.assert_array_equal(val_x, images[held])
+    # No validation image is among the training images (compared by pixels, not index).
+    train_rows = {row.tobytes() for row in train_x.reshape(len(train_x), -1)}
+    duplicates_in_train = sum(row.tobytes() in train_rows for row in val_x.reshape(len(val_x), -1))
+    assert duplicates_in_train == 0
+
+    load_script("build_fashion_mnist").main(["--validation", str(tmp_path)])
+    ds = build_dataset(dataset_name="wds/fashion_mnist", root=str(tmp_path), split="test", transform=np.asarray)
+    assert [y for _, y in ds] == val_y.tolist()
+    assert "official train split" in (tmp_path / "LICENSE.md").read_text()

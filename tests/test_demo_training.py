@@ -68,13 +68,13 @@ def test_diffusion_folder_loads_and_scores(diffusion_run) -> None:
         eps = unet(torch.zeros(1, 1, 28, 28), 500, encoder_hidden_states=states).sample
     assert states.shape == (1, 16, 64) and eps.shape == (1, 1, 28, 28)
 
-    # The saved weights are the ones the training-time evaluation scored.
-    from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_indices, load_split, to_unit_range
+    # The saved weights are the ones the training-time evaluation scored, on held-out train images.
+    from clip_benchmark_diffusion.demo.fashion_mnist import to_unit_range, train_validation_split
 
-    images, labels = load_split("test")
-    idx = demo_test_indices(labels)[:10]
-    acc = script.evaluate(unet, text_encoder, tokenizer, scheduler, to_unit_range(images[idx]),
-                          torch.from_numpy(labels[idx]), n_timesteps=1, full=False)
+    assert summary["config"]["val_per_class"] == 100
+    *_, val_images, val_labels = train_validation_split(100)
+    acc = script.evaluate(unet, text_encoder, tokenizer, scheduler, to_unit_range(val_images[:10]),
+                          torch.from_numpy(val_labels[:10]), n_timesteps=1, full=False)
     assert acc["heldout"] == summary["curve"][-1]["heldout"]
     assert acc["train_template"] == summary["curve"][-1]["train_template"]
 

@@ -17,6 +17,9 @@ _PREFIX = {"train": "train", "test": "t10k"}
 # The shipped demo subset: this many test images per class, drawn with this seed.
 DEMO_PER_CLASS = 100
 DEMO_SEED = 0
+# The validation split: this many *train* images per class, held out from training when asked.
+VALIDATION_PER_CLASS = 100
+VALIDATION_SEED = 1
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -81,6 +84,29 @@ def demo_test_subset(n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     images, labels = load_split("test")
     idx = demo_test_indices(labels)[:n]
     return images[idx], labels[idx]
+
+
+def validation_indices(train_labels: np.ndarray, per_class: int = VALIDATION_PER_CLASS) -> np.ndarray:
+    """Train-split indices held out for model selection: ``per_class`` per class, interleaved.
+
+    Training scripts that hold these out can compare checkpoints and runs without looking at
+    any test image.
+    """
+    return balanced_interleaved_indices(train_labels, per_class=per_class, seed=VALIDATION_SEED)
+
+
+def train_validation_split(per_class: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, validation images, validation labels) from the official train split.
+
+    ``per_class=0`` returns all 60,000 images for training and an empty validation set.
+    """
+    images, labels = load_split("train")
+    if per_class == 0:
+        return images, labels, images[:0], labels[:0]
+    held = validation_indices(labels, per_class)
+    keep = np.ones(len(labels), dtype=bool)
+    keep[held] = False
+    return images[keep], labels[keep], images[held], labels[held]
 
 
 def to_unit_range(images: np.ndarray) -> "torch.Tensor":
