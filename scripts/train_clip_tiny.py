@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,8 +37,7 @@ from clip_benchmark_diffusion.demo.captions import (  # noqa: E402
     TRAIN_TEMPLATES,
     captions_for,
 )
-from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_subset, load_split  # noqa: E402
-from clip_benchmark_diffusion.demo.training import parse_config  # noqa: E402
+from clip_benchmark_diffusion.demo.training import load_training_data, parse_config, run_training  # noqa: E402
 
 MODEL_NAME = CLIP_TINY_NAME  # "ViT-Tiny-4-28": ViT, 4x4 patches, 28x28 images
 WEIGHTS_NAME = CLIP_TINY_WEIGHTS.name
@@ -68,7 +66,8 @@ class TrainConfig:
     train_limit: int = 0  # use only the first N training images (0: all 60,000); for tests
     log_every: int = 50
     eval_every: int = 250
-    eval_images: int = 1000  # first N images of the demo test subset (class-balanced prefix)
+    val_per_class: int = 100  # train images per class held out for the checks (0: none; check on test)
+    eval_images: int = 1000  # first N held-out images (a class-balanced prefix)
 
 
 def write_config(out_dir: Path, preprocess_cfg: dict | None = None) -> Path:
@@ -129,15 +128,12 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
     n_visual = sum(p.numel() for p in model.visual.parameters())
     print(f"params: total {n_params:,}  visual {n_visual:,}  preprocess {pp}", flush=True)
 
-    images, labels = load_split("train")
-    if config.train_limit:
-        images, labels = images[: config.train_limit], labels[: config.train_limit]
-    x_train, y_train = torch.from_numpy(images), torch.from_numpy(labels)
-    eval_images, eval_labels = demo_test_subset(config.eval_images)
-    x_eval = normalize_gray(torch.from_numpy(eval_images), pp["mean"], pp["std"])
-    y_eval = torch.from_numpy(eval_labels)
+    data = load_training_data(config.train_limit, config.val_per_class, config.eval_images)
+    x_train, y_train = torch.from_numpy(data.train_images), torch.from_numpy(data.train_labels)
+    x_eval = normalize_gray(torch.from_numpy(data.check_images), pp["mean"], pp["std"])
+    y_eval = torch.from_numpy(data.check_labels)
     # Guard the fast path against drift from open_clip's real transform.
-    reference = preprocess(Image.fromarray(eval_images[0]).convert("RGB"))
+    reference = preprocess(Image.fromarray(data.check_images[0]).convert("RGB"))
     if not torch.allclose(reference, x_eval[0], atol=1e-5):
         raise RuntimeError("normalize_gray() no longer matches open_clip's preprocessing")
     caption_tokens = torch.stack(  # (C, P, L)
@@ -166,11 +162,10 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
             "heldout_first200": heldout[:200].mean().item(),  # the diffusion script's evaluation size
         }
         print(f"eval step {step}: held-out {acc['heldout']:.3f} (first 200: {acc['heldout_first200']:.3f})"
-              f"  train-template {acc['train_template']:.3f}  ({len(x_eval)} images)", flush=True)
+              f"  train-template {acc['train_template']:.3f}  ({len(x_eval)} {data.check_name} images)", flush=True)
         return acc
 
-    curve, losses, start, step = [], [], time.time(), 0
-    while step < config.steps and time.time() - start < 60 * config.minutes:
+    def train_step() -> float:
         idx = torch.randint(len(x_train), (config.batch_size,), generator=gen)
         template = torch.randint(len(TRAIN_TEMPLATES), (config.batch_size,), generator=gen)
         x = normalize_gray(x_train[idx], pp["mean"], pp["std"])  # (B, 3, 28, 28)
@@ -183,17 +178,11 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
         lr_schedule.step()
         with torch.no_grad():  # CLIP's clamp: temperature at most 100
             model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        losses.append(loss.item())
-        if step % config.log_every == 0:
-            print(f"step {step}  loss {sum(losses[-config.log_every:]) / config.log_every:.4f}"
-                  f"  logit_scale {model.logit_scale.exp().item():.1f}"
-                  f"  {(time.time() - start) / 60:.1f} min", flush=True)
-        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            curve.append(run_eval(step))
-    train_minutes = (time.time() - start) / 60
-    if not curve or curve[-1]["step"] != step:  # the budget may have run out right after an evaluation
-        curve.append(run_eval(step))
+        return loss.item()
+
+    loop = run_training(config.steps, config.minutes, train_step, run_eval, config.log_every, config.eval_every,
+                        describe=lambda: f"logit_scale {model.logit_scale.exp().item():.1f}")
+    step, losses, curve, train_minutes = loop.steps_done, loop.losses, loop.curve, loop.train_minutes
 
     write_config(out_dir, preprocess_cfg=dict(pp))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_NAME))

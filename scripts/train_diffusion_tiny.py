@@ -41,12 +41,8 @@ from clip_benchmark_diffusion.demo.captions import (  # noqa: E402
     TRAIN_TEMPLATES,
     captions_for,
 )
-from clip_benchmark_diffusion.demo.fashion_mnist import (  # noqa: E402
-    demo_test_subset,
-    to_unit_range,
-    train_validation_split,
-)
-from clip_benchmark_diffusion.demo.training import parse_config  # noqa: E402
+from clip_benchmark_diffusion.demo.fashion_mnist import to_unit_range  # noqa: E402
+from clip_benchmark_diffusion.demo.training import load_training_data, parse_config, run_training  # noqa: E402
 from clip_benchmark_diffusion.scoring.timesteps import uniform_grid  # noqa: E402
 from clip_benchmark_diffusion.tokenizers import clip_bpe_tokenizer  # noqa: E402
 
@@ -196,24 +192,6 @@ def save_pipeline(out_dir: Path, tokenizer, text_encoder, unet, scheduler) -> No
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def load_data(train_limit: int, val_per_class: int, eval_images: int) -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_eval, y_eval): images in [-1, 1] as (N, 1, 28, 28), int64 labels.
-
-    The evaluation images are the first ``eval_images`` of the held-out validation split, or of
-    the shipped demo test subset when ``val_per_class`` is 0.
-    """
-    images, labels, x_val, y_val = train_validation_split(val_per_class)
-    if train_limit:
-        images, labels = images[:train_limit], labels[:train_limit]
-    if val_per_class:
-        x_eval, y_eval = x_val[:eval_images], y_val[:eval_images]
-    else:
-        x_eval, y_eval = demo_test_subset(eval_images)
-    return (
-        to_unit_range(images), torch.from_numpy(labels), to_unit_range(x_eval), torch.from_numpy(y_eval),
-    )
-
-
 def denoising_loss(
     unet, text_encoder, scheduler, caption_table: torch.Tensor,
     x_train: torch.Tensor, y_train: torch.Tensor, batch_size: int, gen: torch.Generator,
@@ -241,7 +219,9 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
     n_text = sum(p.numel() for p in text_encoder.parameters())
     print(f"params: unet {n_unet:,}  text_encoder {n_text:,}", flush=True)
 
-    x_train, y_train, x_eval, y_eval = load_data(config.train_limit, config.val_per_class, config.eval_images)
+    data = load_training_data(config.train_limit, config.val_per_class, config.eval_images)
+    x_train, y_train = to_unit_range(data.train_images), torch.from_numpy(data.train_labels)
+    x_eval, y_eval = to_unit_range(data.check_images), torch.from_numpy(data.check_labels)
     train_ids = caption_ids(tokenizer, TRAIN_TEMPLATES)  # (C, P, L)
 
     optimizer = torch.optim.AdamW(params, lr=config.lr)
@@ -257,12 +237,11 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
         ema.restore(params)
         kind = "all templates x timesteps" if full else "templates round-robin"
         print(f"eval step {step}: held-out {acc['heldout']:.3f}  train-template {acc['train_template']:.3f}"
-              f"  ({len(x_eval)} {'validation' if config.val_per_class else 'test'} images, {n_timesteps} timesteps, {kind}, {time.time() - t0:.0f}s)",
-              flush=True)
+              f"  ({len(x_eval)} {data.check_name} images, {n_timesteps} timesteps, {kind},"
+              f" {time.time() - t0:.0f}s)", flush=True)
         return {"step": step, "timesteps": n_timesteps, "full": full, **acc}
 
-    curve, losses, start, step = [], [], time.time(), 0
-    while step < config.steps and time.time() - start < 60 * config.minutes:
+    def train_step() -> float:
         loss = denoising_loss(
             unet, text_encoder, scheduler, train_ids, x_train, y_train, config.batch_size, gen
         )
@@ -271,19 +250,13 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
         optimizer.step()
         lr_schedule.step()
         ema.step(params)
-        step += 1
-        losses.append(loss.item())
-        if step % config.log_every == 0:
-            print(f"step {step}  loss {sum(losses[-config.log_every:]) / config.log_every:.4f}"
-                  f"  lr {lr_schedule.get_last_lr()[0]:.2e}  {(time.time() - start) / 60:.1f} min",
-                  flush=True)
-        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            eval_start = time.time()
-            curve.append(run_eval(step, config.eval_timesteps, full=False))
-            start += time.time() - eval_start  # the budget counts training only
-    train_minutes = (time.time() - start) / 60
-    if not curve or curve[-1]["step"] != step:  # the budget may have run out right after an evaluation
-        curve.append(run_eval(step, config.eval_timesteps, full=False))
+        return loss.item()
+
+    loop = run_training(
+        config.steps, config.minutes, train_step, lambda step: run_eval(step, config.eval_timesteps, full=False),
+        config.log_every, config.eval_every, describe=lambda: f"lr {lr_schedule.get_last_lr()[0]:.2e}",
+    )
+    step, losses, curve, train_minutes = loop.steps_done, loop.losses, loop.curve, loop.train_minutes
     final = None
     if config.final_eval_timesteps:
         final = run_eval(step, config.final_eval_timesteps, full=True)

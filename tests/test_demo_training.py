@@ -98,18 +98,18 @@ def test_clip_training_writes_an_open_clip_model(tmp_path) -> None:
     local_model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
 
     # clip_benchmark hands a grayscale PNG over as PIL RGB; the transform must match training's.
-    from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_indices, load_split
+    from clip_benchmark_diffusion.demo.fashion_mnist import train_validation_split
 
-    images, labels = load_split("test")
-    idx = demo_test_indices(labels)[:50]
+    *_, images, labels = train_validation_split(100)  # the checks ran on held-out train images
+    images, labels = images[:50], labels[:50]
     pp = model.visual.preprocess_cfg
-    x = script.normalize_gray(torch.from_numpy(images[idx]), pp["mean"], pp["std"])
-    assert torch.allclose(preprocess(Image.fromarray(images[idx[3]]).convert("RGB")), x[3], atol=1e-5)
+    x = script.normalize_gray(torch.from_numpy(images), pp["mean"], pp["std"])
+    assert torch.allclose(preprocess(Image.fromarray(images[3]).convert("RGB")), x[3], atol=1e-5)
     model.eval()
     local_model.eval()
     with torch.no_grad():
         assert torch.allclose(model.encode_image(x[:4]), local_model.encode_image(x[:4]))
-    y = torch.from_numpy(labels[idx])
+    y = torch.from_numpy(labels)
     acc = script.zeroshot_accuracy(model, tokenizer, x, y, script.EVAL_TEMPLATES)
     assert acc == summary["curve"][-1]["heldout"]
 
