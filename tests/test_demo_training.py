@@ -154,4 +154,4 @@ def test_shipped_diffusion_tiny_classifies() -> None:
         to_unit_range(images[idx]), torch.from_numpy(labels[idx]), n_timesteps=3, full=False,
     )
     # 20 balanced images, 3 timesteps: a coarse pin that any broken weight or scoring change trips.
-    assert acc == {"heldout": pytest.approx(0.85), "train_template": pytest.approx(0.85)}
+    assert acc == {"heldout": pytest.approx(0.8), "train_template": pytest.approx(0.8)}
