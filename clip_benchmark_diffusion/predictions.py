@@ -80,9 +80,12 @@ def compare_runs(a: Run, b: Run) -> tuple[Accuracy, Accuracy, PairedComparison]:
 def comparison_lines(a: Run, b: Run) -> list[str]:
     """Human-readable summary: each model's top-1 with its 95% interval, then the paired test."""
     acc_a, acc_b, paired = compare_runs(a, b)
-    lines = [f"{run.model}: top-1 {100 * acc.value:.2f}% (95% CI {100 * acc.low:.1f}-{100 * acc.high:.1f}, "
-             f"{acc.correct}/{acc.total})" for run, acc in ((a, acc_a), (b, acc_b))]
-    lines.append(f"{a.model} - {b.model}: {100 * paired.difference:+.2f} points on the same {paired.total} images; "
+    label_a, label_b = a.model, b.model
+    if label_a == label_b:  # two checkpoints of one recipe: name them by their weights too
+        label_a, label_b = (f"{run.model} ({run.result.get('pretrained', run.path.stem)})" for run in (a, b))
+    lines = [f"{label}: top-1 {100 * acc.value:.2f}% (95% CI {100 * acc.low:.1f}-{100 * acc.high:.1f}, "
+             f"{acc.correct}/{acc.total})" for label, acc in ((label_a, acc_a), (label_b, acc_b))]
+    lines.append(f"{label_a} - {label_b}: {100 * paired.difference:+.2f} points on the same {paired.total} images; "
                  f"{paired.a_only} right only by the first, {paired.b_only} only by the second; "
                  f"exact McNemar p = {paired.p_value:.3g}")
     return lines

@@ -42,9 +42,10 @@ def test_paired_comparison_is_the_exact_mcnemar_test():
         paired_comparison(a, b[:-1])
 
 
-def _result(folder, name, dataset, targets, top1):
+def _result(folder, name, dataset, targets, top1, model=None, pretrained="x"):
     path = folder / f"{name}.json"
-    path.write_text(json.dumps({"dataset": dataset, "model": name, "pretrained": "x", "task": "zeroshot_classification",
+    path.write_text(json.dumps({"dataset": dataset, "model": model or name, "pretrained": pretrained,
+                                "task": "zeroshot_classification",
                                 "metrics": {"acc1": sum(t == p for t, p in zip(targets, top1)) / len(targets)}}))
     predictions_path(path).write_text(
         "".join(json.dumps({"target": t, "top5": [p, (p + 1) % 10], "denoiser_calls": None}) + "\n"
@@ -63,6 +64,18 @@ def test_compare_command_prints_intervals_and_the_paired_test(tmp_path):
     assert lines[1].startswith("model_b: top-1 66.67%")
     assert "+33.33 points on the same 30 images; 10 right only by the first, 0 only by the second" in lines[2]
     assert f"p = {2 / 2 ** 10:.3g}" in lines[2]
+
+
+def test_two_checkpoints_of_one_model_are_told_apart_by_their_weights(tmp_path):
+    targets = [i % 10 for i in range(20)]
+    a = _result(tmp_path, "old", "wds/x", targets, targets, model="diffusion_tiny", pretrained="default")
+    b = _result(tmp_path, "new", "wds/x", targets, targets, model="diffusion_tiny", pretrained="/runs/ckpt_7k")
+    proc = console("clip_benchmark_diffusion", "compare", str(a), str(b), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("diffusion_tiny (default): top-1 100.00%")
+    assert lines[1].startswith("diffusion_tiny (/runs/ckpt_7k): top-1 100.00%")
+    assert lines[2].startswith("diffusion_tiny (default) - diffusion_tiny (/runs/ckpt_7k): +0.00 points")
 
 
 def test_compare_command_refuses_runs_it_cannot_pair(tmp_path):
