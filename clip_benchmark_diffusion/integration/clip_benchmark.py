@@ -37,6 +37,13 @@ def unsupported_task_error(task: str) -> UserError:
                      "use zeroshot_classification")
 
 
+def _stderr_line(text: str) -> None:
+    """Print one line to stderr in a single write: under torchrun the ranks share stderr, and
+    print() writes the text and its newline separately, so another rank's output can land between."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 _version_ok: bool | None = None
 _current: dict[str, Any] = {}  # the diffusion model of the run in progress
 
@@ -52,8 +59,8 @@ def version_ok() -> bool:
         parts = tuple(int(p) for p in (version.split(".") + ["0", "0"])[:2] if p.isdigit())
         _version_ok = len(parts) == 2 and SUPPORTED[0] <= parts < SUPPORTED[1]
         if not _version_ok:
-            print(f"clip_benchmark_diffusion: clip_benchmark {version} is not supported (needs "
-                  f"{'.'.join(map(str, SUPPORTED[0]))}.x); diffusion models are not registered", file=sys.stderr)
+            _stderr_line(f"clip_benchmark_diffusion: clip_benchmark {version} is not supported (needs "
+                         f"{'.'.join(map(str, SUPPORTED[0]))}.x); diffusion models are not registered")
     return _version_ok
 
 
@@ -245,7 +252,7 @@ def _patch_cli(cli: Any) -> None:
         try:
             return original_main(*a, **kw)
         except UserError as exc:
-            print(str(exc), file=sys.stderr)
+            _stderr_line(str(exc))
             return 2
 
     cli.run, cli.main_eval, cli.main = run, main_eval, main
@@ -343,10 +350,7 @@ def _run_one(original_run: Callable[[Any], Any], args: Any, validated: bool = Fa
             dump = json.loads(tmp.read_text())
             model = _current.get("model")
             if model is not None:
-                # One write per line: under torchrun, ranks share stderr and print() would let
-                # another rank's line land between the text and its newline.
-                sys.stderr.write(model.store_report() + "\n")
-                sys.stderr.flush()
+                _stderr_line(model.store_report())
                 dump["metrics"].update(model.cost_summary())
                 dump["diffusion_classifier"] = model.result_metadata(model_type=args.model_type)
             if _rank() == 0:  # every rank computed the same metrics; one writes them
