@@ -182,18 +182,18 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
 
     loop = run_training(config.steps, config.minutes, train_step, run_eval, config.log_every, config.eval_every,
                         describe=lambda: f"logit_scale {model.logit_scale.exp().item():.1f}")
-    step, losses, curve, train_minutes = loop.steps_done, loop.losses, loop.curve, loop.train_minutes
 
     write_config(out_dir, preprocess_cfg=dict(pp))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_NAME))
     summary = {
-        "config": asdict(config), "model_name": MODEL_NAME, "model_cfg": MODEL_CFG, "steps_done": step,
-        "train_minutes": round(train_minutes, 2), "params": {"total": n_params, "visual": n_visual},
-        "final_loss_mean_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])), "curve": curve,
+        "config": asdict(config), "model_name": MODEL_NAME, "model_cfg": MODEL_CFG,
+        "steps_done": loop.steps_done, "train_minutes": round(loop.train_minutes, 2),
+        "params": {"total": n_params, "visual": n_visual},
+        "final_loss_mean_last_50": loop.mean_loss(50), "curve": loop.curve,
         "eval_templates": list(EVAL_TEMPLATES), "train_eval_template": TRAIN_EVAL_TEMPLATE,
     }
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"saved {out_dir / WEIGHTS_NAME} after {step} steps, {train_minutes:.1f} min", flush=True)
+    print(f"saved {out_dir / WEIGHTS_NAME} after {loop.steps_done} steps, {loop.train_minutes:.1f} min", flush=True)
     return summary
 
 

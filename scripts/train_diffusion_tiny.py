@@ -256,21 +256,20 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
         config.steps, config.minutes, train_step, lambda step: run_eval(step, config.eval_timesteps, full=False),
         config.log_every, config.eval_every, describe=lambda: f"lr {lr_schedule.get_last_lr()[0]:.2e}",
     )
-    step, losses, curve, train_minutes = loop.steps_done, loop.losses, loop.curve, loop.train_minutes
     final = None
     if config.final_eval_timesteps:
-        final = run_eval(step, config.final_eval_timesteps, full=True)
+        final = run_eval(loop.steps_done, config.final_eval_timesteps, full=True)
 
     ema.copy_to(params)
     save_pipeline(out_dir, tokenizer, text_encoder, unet, scheduler)
     summary = {
-        "config": asdict(config), "steps_done": step, "train_minutes": round(train_minutes, 2),
-        "final_loss_mean_last_200": sum(losses[-200:]) / max(1, len(losses[-200:])),
-        "params": {"unet": n_unet, "text_encoder": n_text}, "curve": curve, "final": final,
+        "config": asdict(config), "steps_done": loop.steps_done, "train_minutes": round(loop.train_minutes, 2),
+        "final_loss_mean_last_200": loop.mean_loss(200),
+        "params": {"unet": n_unet, "text_encoder": n_text}, "curve": loop.curve, "final": final,
         "eval_templates": list(EVAL_TEMPLATES), "train_eval_template": TRAIN_EVAL_TEMPLATE,
     }
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"saved EMA weights to {out_dir} after {step} steps, {train_minutes:.1f} min of training",
+    print(f"saved EMA weights to {out_dir} after {loop.steps_done} steps, {loop.train_minutes:.1f} min of training",
           flush=True)
     return summary
 

@@ -61,6 +61,11 @@ class LoopResult:
     losses: list[float] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)
 
+    def mean_loss(self, last: int) -> float:
+        """Mean of the last ``last`` step losses (0.0 before any step)."""
+        tail = self.losses[-last:]
+        return sum(tail) / max(1, len(tail))
+
 
 def run_training(steps: int, minutes: float, step: Callable[[], float], check: Callable[[int], dict],
                  log_every: int, check_every: int, describe: Callable[[], str] = lambda: "") -> LoopResult:
