@@ -17,6 +17,7 @@ def register_models(register: Callable[[Recipe], None]) -> None:
         weights_tags={"sd2-base": "stabilityai/stable-diffusion-2-base",
                       "sd21-base": "stabilityai/stable-diffusion-2-1-base"},
         prediction_type="epsilon",
+        resolution=512,
     ))
     register(Recipe(
         name="diffusion_sd2_768",
@@ -26,6 +27,7 @@ def register_models(register: Callable[[Recipe], None]) -> None:
         weights_tags={"sd2": "stabilityai/stable-diffusion-2",
                       "sd21": "stabilityai/stable-diffusion-2-1"},
         prediction_type="v_prediction",
+        resolution=768,
     ))
     register(Recipe(
         name="diffusion_sd15",
@@ -35,12 +37,14 @@ def register_models(register: Callable[[Recipe], None]) -> None:
         weights_tags={"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                       "sd14": "CompVis/stable-diffusion-v1-4"},
         prediction_type="epsilon",
+        resolution=512,
     ))
     register(Recipe(
         name="diffusion_tiny",
         family="stable_diffusion",
         default_weights="demo:diffusion_tiny",
         description="The embedded demo: a pixel-space diffusion model trained here on Fashion-MNIST",
+        resolution=28,
         # From scripts/benchmark_strategies.py on this model: t-test elimination after 10 samples
         # and one conditioning per class (mean prompt embedding) keep full evaluation's accuracy
         # at a fraction of its calls.
