@@ -51,3 +51,37 @@ def register_models(register: Callable[[Recipe], None]) -> None:
         scoring={"strategy": "ttest", "min_samples": 10, "max_samples": 50, "template_ensemble": "embedding_mean",
                  "batch_size": 200},
     ))
+    register(Recipe(
+        name="diffusion_sdxl",
+        family="sdxl",
+        default_weights="stabilityai/stable-diffusion-xl-base-1.0",
+        description="SDXL base 1.0: two CLIP text encoders, pooled embedding and size ids; epsilon, 1024 px",
+        weights_tags={"sdxl-base": "stabilityai/stable-diffusion-xl-base-1.0"},
+        prediction_type="epsilon",
+        resolution=1024,
+    ))
+    register(Recipe(
+        name="diffusion_sd3",
+        family="sd3",
+        default_weights="stabilityai/stable-diffusion-3-medium-diffusers",
+        description="SD3 medium: MMDiT on CLIP-L + bigG + T5-XXL, rectified flow (shift 3), 1024 px",
+        weights_tags={"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers"},
+        resolution=1024,
+    ))
+    register(Recipe(
+        name="diffusion_sd35_medium",
+        family="sd3",
+        default_weights="stabilityai/stable-diffusion-3.5-medium",
+        description="SD3.5 medium: MMDiT-X (dual attention, QK norm), rectified flow, 1024 px",
+        weights_tags={"sd35-medium": "stabilityai/stable-diffusion-3.5-medium"},
+        resolution=1024,
+    ))
+    register(Recipe(
+        name="diffusion_sd35_large",
+        family="sd3",
+        default_weights="stabilityai/stable-diffusion-3.5-large",
+        description="SD3.5 large: 8B MMDiT with QK norm, rectified flow, 1024 px (turbo: timestep-distilled)",
+        weights_tags={"sd35-large": "stabilityai/stable-diffusion-3.5-large",
+                      "sd35-large-turbo": "stabilityai/stable-diffusion-3.5-large-turbo"},
+        resolution=1024,
+    ))
