@@ -85,3 +85,20 @@ def register_models(register: Callable[[Recipe], None]) -> None:
                       "sd35-large-turbo": "stabilityai/stable-diffusion-3.5-large-turbo"},
         resolution=1024,
     ))
+    register(Recipe(
+        name="diffusion_flux_dev",
+        family="flux",
+        default_weights="black-forest-labs/FLUX.1-dev",
+        description="FLUX.1-dev: 12B guidance-distilled rectified-flow transformer (guidance option, default 3.5), "
+                    "resolution-dependent shift, 1024 px",
+        weights_tags={"flux-dev": "black-forest-labs/FLUX.1-dev"},
+        resolution=1024,
+    ))
+    register(Recipe(
+        name="diffusion_flux_schnell",
+        family="flux",
+        default_weights="black-forest-labs/FLUX.1-schnell",
+        description="FLUX.1-schnell: timestep-distilled FLUX (no guidance input, shift 1), 1024 px",
+        weights_tags={"flux-schnell": "black-forest-labs/FLUX.1-schnell"},
+        resolution=1024,
+    ))

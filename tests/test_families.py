@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cli_helpers import assert_clean_failure, clip_benchmark_eval, quick_options
+from clip_benchmark_diffusion.scoring.engine import Levels
 from tiny_families import TINY_FAMILIES, save_tiny
 
 
@@ -106,9 +107,12 @@ def test_a_class_name_cut_off_by_the_token_limit_is_refused(tiny_folders, tmp_pa
 # Scores of two real digits under the tiny SD model with a VAE (epsilon, 4 samples, full), and
 # under the tiny SD3 model (flow, VAE shift and scale): dropping the VAE scaling factor, its
 # shift, a sign of the flow conversion or the shift of the time grid changes these numbers.
+# FLUX-dev adds packing, the resolution-dependent shift, sigma as timestep and the guidance input
+# (dropping the VAE shift, the dynamic shift or guidance 3.5 fails it).
 PINNED = {
     "stable_diffusion": ("diffusion_sd2", [[1.17801166, 1.17751551, 1.17616177], [1.10267568, 1.10255325, 1.10250688]]),
     "sd3": ("diffusion_sd3", [[0.26992828, 0.27053934, 0.26943496], [0.25860104, 0.25935078, 0.25830236]]),
+    "flux_dev": ("diffusion_flux_dev", [[0.32995784, 0.33053714, 0.32940644], [0.33447078, 0.33407936, 0.33429259]]),
 }
 
 
@@ -128,3 +132,51 @@ def test_pinned_scores(name, tiny_folders, digits_wds, tmp_path):
     errors = torch.stack([r.outcome.mean_error for r in model.record.results])      # (2 images, 3 classes)
     # Dropping the VAE scaling factor moves these by 0.7% (SD) and 7.5% (SD3): far beyond the tolerance.
     assert torch.allclose(errors, torch.tensor(expected), rtol=2e-5, atol=0), errors.tolist()
+
+
+TWO_DIGITS = [["a photo of the number one."], ["a photo of the number two."]]
+
+
+def test_flux_denoiser_gets_packed_latents_ids_sigma_and_guidance(tiny_folders, tmp_path):
+    from clip_benchmark_diffusion.scoring.timesteps import dynamic_shift, shift_sigma
+
+    model, _, _ = load(tiny_folders["flux_dev"], "diffusion_flux_dev", tmp_path, strategy="full", n_samples=[4],
+                       max_sequence_length=8, guidance=2.0)
+    call = _captured_call(model, torch.zeros(1, 3, 16, 16), TWO_DIGITS)[0]
+    assert call["hidden_states"].shape == (8, 16, 64)          # 16 px -> 8x8x16 latents -> (8/2)^2 tokens x 4*16
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    assert torch.equal(call["img_ids"], torch.stack([torch.zeros(16), rows.flatten(), cols.flatten()], 1))
+    assert torch.equal(call["txt_ids"], torch.zeros(8, 3))     # 2-D ids: (T5 tokens, 3)
+    assert call["encoder_hidden_states"].shape == (8, 8, 32) and call["pooled_projections"].shape == (8, 16)
+    assert torch.equal(call["guidance"], torch.full((8,), 2.0))
+    # timestep = sigma in (0, 1) (x1000 inside), on the midpoint grid shifted by e^mu(16 tokens) ~ 1.58
+    k = dynamic_shift(16, 256, 4096, 0.5, 1.15)
+    sigma = shift_sigma((torch.arange(4) + 0.5) / 4, k)
+    assert torch.allclose(torch.sort(call["timestep"].unique()).values, sigma.float(), atol=1e-6)
+    assert model.result_metadata("open_clip")["flow_shift"] == pytest.approx(k)
+
+
+def test_flux_schnell_gets_no_guidance_and_its_constant_shift(tiny_folders, tmp_path):
+    model, _, _ = load(tiny_folders["flux_schnell"], "diffusion_flux_schnell", tmp_path, strategy="full",
+                       n_samples=[4], max_sequence_length=8)
+    call = _captured_call(model, torch.zeros(1, 3, 16, 16), TWO_DIGITS)[0]
+    assert call["guidance"] is None
+    assert torch.allclose(torch.sort(call["timestep"].unique()).values, (torch.arange(4) + 0.5) / 4)  # shift 1
+    meta = model.result_metadata("open_clip")
+    assert meta["flow_shift"] == 1.0 and meta["guidance"] is None
+
+
+def test_flux_output_is_unpacked_to_the_latent_layout_it_was_packed_from(tiny_folders, tmp_path):
+    model, _, _ = load(tiny_folders["flux_schnell"], "diffusion_flux_schnell", tmp_path, strategy="full", n_samples=[2])
+    loaded = model.model
+    # An identity transformer: the family's unpacked output must be x_t itself, element for element.
+    hook = loaded.denoiser.register_forward_hook(
+        lambda mod, args, kwargs, out: type(out)(sample=kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        x_t = torch.randn(3, 16, 8, 8)
+        levels = Levels(a=torch.full((3,), 0.5), b=torch.full((3,), 0.5), model_time=torch.full((3,), 0.5))
+        cond = loaded.encode_prompts(["a photo of the number one."] * 3, model.options)
+        out = loaded.family.call_denoiser(loaded.pipe, x_t, levels, cond, model.options)
+    finally:
+        hook.remove()
+    assert torch.equal(out, x_t)

@@ -111,12 +111,32 @@ def sd3_pipeline(variant: str = "sd3"):
         tokenizer_3=word_tokenizer())
 
 
+def flux_pipeline(guidance_embeds: bool):
+    """dev (guidance embedding, dynamic shift) or schnell (neither); packed 2x2 latents: 16 px -> 8x8 -> 16 tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    # Real: in 64 = 16 latent channels x 2x2, head dim 128 = sum(axes_dims_rope) (16, 56, 56); tiny: 16 = 4+6+6.
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 6, 6))
+    # The released scheduler configs: dev shifts by e^mu(sequence length), schnell has shift 1 and no dynamics.
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0 if guidance_embeds else 1.0,
+                                            use_dynamic_shifting=guidance_embeds, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=sched, vae=vae(16, 0.3611, 0.1159), text_encoder=clip_text(16),
+                        tokenizer=clip_tokenizer(), text_encoder_2=t5(32), tokenizer_2=word_tokenizer(),
+                        transformer=transformer)
+
+
 # name -> (recipe, pipeline builder); the helpers that add families add one line each.
 TINY_FAMILIES: dict[str, tuple[str, Callable[[], object]]] = {
     "stable_diffusion": ("diffusion_sd2", sd_pipeline),
     "sdxl": ("diffusion_sdxl", sdxl_pipeline),
     "sd3": ("diffusion_sd3", sd3_pipeline),
     "sd35_medium": ("diffusion_sd35_medium", lambda: sd3_pipeline("sd35_medium")),
+    "flux_dev": ("diffusion_flux_dev", lambda: flux_pipeline(guidance_embeds=True)),
+    "flux_schnell": ("diffusion_flux_schnell", lambda: flux_pipeline(guidance_embeds=False)),
 }
 
 

@@ -48,6 +48,8 @@ class Family:
     cuda_dtype: ClassVar[str] = "float16"
     # The pipeline's own default max_sequence_length for T5/Gemma encoders (0: CLIP only).
     default_max_sequence_length: ClassVar[int] = 0
+    # Encoders that read max_sequence_length tokens (T5, Gemma), not their tokenizer's model_max_length.
+    sequence_encoders: ClassVar[tuple[str, ...]] = ()
     # Optional pipeline components never needed for scoring (not loaded).
     skip: ClassVar[tuple[str, ...]] = ("safety_checker", "feature_extractor", "image_encoder", "watermarker")
     description: ClassVar[str] = ""
@@ -112,7 +114,9 @@ class Family:
 
     def token_limits(self, pipe: Any, options: ScoringOptions) -> list[tuple[str, Any, int]]:
         """``(tokenizer name, tokenizer, tokens the model reads)`` for each tokenizer in use."""
-        return [(s.tokenizer, getattr(pipe, s.tokenizer), int(getattr(pipe, s.tokenizer).model_max_length))
+        return [(s.tokenizer, getattr(pipe, s.tokenizer),
+                 int(self.max_sequence_length(options) if s.encoder in self.sequence_encoders
+                     else getattr(pipe, s.tokenizer).model_max_length))
                 for s in self.text_sides(pipe)]
 
     def encode_prompts(self, pipe: Any, texts: list[str], device: torch.device,
