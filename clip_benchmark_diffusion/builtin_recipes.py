@@ -102,3 +102,24 @@ def register_models(register: Callable[[Recipe], None]) -> None:
         weights_tags={"flux-schnell": "black-forest-labs/FLUX.1-schnell"},
         resolution=1024,
     ))
+    register(Recipe(
+        name="diffusion_pixart_alpha",
+        family="pixart_alpha",
+        default_weights="PixArt-alpha/PixArt-XL-2-512x512",
+        description="PixArt-alpha XL-2: T5-conditioned DiT, epsilon + learned sigma, 512 px (tag 1024-MS: "
+                    "1024 px with size micro-conditions)",
+        weights_tags={"pixart-alpha-512": "PixArt-alpha/PixArt-XL-2-512x512",
+                      "pixart-alpha-1024-ms": "PixArt-alpha/PixArt-XL-2-1024-MS"},
+        prediction_type="epsilon",
+        resolution=512,
+    ))
+    register(Recipe(
+        name="diffusion_pixart_sigma",
+        family="pixart_sigma",
+        default_weights="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+        description="PixArt-Sigma XL-2: T5 (300 tokens), SDXL VAE, epsilon + learned sigma, 1024 px",
+        weights_tags={"pixart-sigma-1024-ms": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+                      "pixart-sigma-512": "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"},
+        prediction_type="epsilon",
+        resolution=1024,
+    ))

@@ -180,3 +180,26 @@ def test_flux_output_is_unpacked_to_the_latent_layout_it_was_packed_from(tiny_fo
     finally:
         hook.remove()
     assert torch.equal(out, x_t)
+
+
+@pytest.mark.parametrize("name, micro", [("pixart_alpha", False), ("pixart_alpha_ms", True), ("pixart_sigma", False)])
+def test_pixart_denoiser_gets_t5_mask_and_micro_conditions_only_when_trained_with_them(name, micro, tiny_folders,
+                                                                                       tmp_path):
+    recipe = TINY_FAMILIES[name][0]
+    model, _, _ = load(tiny_folders[name], recipe, tmp_path, strategy="full", n_samples=[2], max_sequence_length=12)
+    call = _captured_call(model, torch.zeros(1, 3, 16, 16), TWO_DIGITS)[0]
+    mask = call["encoder_attention_mask"]
+    assert call["encoder_hidden_states"].shape == (4, 12, 32) and mask.shape == (4, 12)
+    assert mask[:, :8].eq(1).all() and mask[:, 8:].eq(0).all()   # "a photo of the number one ." + </s>, padding
+    assert sorted(call["timestep"].unique().tolist()) == [250.0, 750.0]    # Li et al.'s uniform grid, n = 2
+    added = call["added_cond_kwargs"]
+    if micro:
+        assert added["resolution"].tolist() == [[16.0, 16.0]] * 4 and added["aspect_ratio"].tolist() == [[1.0]] * 4
+    else:
+        assert added == {"resolution": None, "aspect_ratio": None}
+
+
+def test_pixart_default_token_limits_are_the_pipelines(tiny_folders, tmp_path):
+    for name, limit in (("pixart_alpha", 120), ("pixart_sigma", 300)):
+        model, _, _ = load(tiny_folders[name], TINY_FAMILIES[name][0], tmp_path)
+        assert [lim for _, _, lim in model.model.token_limits(model.options)] == [limit]

@@ -129,6 +129,23 @@ def flux_pipeline(guidance_embeds: bool):
                         transformer=transformer)
 
 
+def pixart_pipeline(kind: str = "alpha"):
+    """alpha (512-style, no micro-conditions), alpha_ms (1024-MS: resolution/aspect ratio) or sigma."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, \
+        PixArtTransformer2DModel
+
+    # inner_dim 3 x 8 = 24: size micro-conditions embed into inner_dim // 3 each, so it must divide by 3.
+    transformer = PixArtTransformer2DModel(num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8,
+                                           num_layers=1, sample_size=8, patch_size=2, caption_channels=32,
+                                           cross_attention_dim=24, norm_num_groups=4,
+                                           use_additional_conditions=True if kind == "alpha_ms" else None)
+    sched = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                        prediction_type="epsilon", num_train_timesteps=1000)
+    cls = PixArtSigmaPipeline if kind == "sigma" else PixArtAlphaPipeline
+    return cls(tokenizer=word_tokenizer(), text_encoder=t5(32), vae=vae(4, 0.13025 if kind == "sigma" else 0.18215),
+               transformer=transformer, scheduler=sched)
+
+
 # name -> (recipe, pipeline builder); the helpers that add families add one line each.
 TINY_FAMILIES: dict[str, tuple[str, Callable[[], object]]] = {
     "stable_diffusion": ("diffusion_sd2", sd_pipeline),
@@ -137,6 +154,9 @@ TINY_FAMILIES: dict[str, tuple[str, Callable[[], object]]] = {
     "sd35_medium": ("diffusion_sd35_medium", lambda: sd3_pipeline("sd35_medium")),
     "flux_dev": ("diffusion_flux_dev", lambda: flux_pipeline(guidance_embeds=True)),
     "flux_schnell": ("diffusion_flux_schnell", lambda: flux_pipeline(guidance_embeds=False)),
+    "pixart_alpha": ("diffusion_pixart_alpha", pixart_pipeline),
+    "pixart_alpha_ms": ("diffusion_pixart_alpha", lambda: pixart_pipeline("alpha_ms")),
+    "pixart_sigma": ("diffusion_pixart_sigma", lambda: pixart_pipeline("sigma")),
 }
 
 

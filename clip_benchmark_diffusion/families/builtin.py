@@ -9,9 +9,11 @@ from clip_benchmark_diffusion.hookspecs import hookimpl
 @hookimpl
 def register_families(register: Callable[..., None]) -> None:
     from clip_benchmark_diffusion.families.flux import FluxFamily
+    from clip_benchmark_diffusion.families.pixart import PixArtAlphaFamily, PixArtSigmaFamily
     from clip_benchmark_diffusion.families.sd3 import SD3Family
     from clip_benchmark_diffusion.families.sdxl import SDXLFamily
     from clip_benchmark_diffusion.families.stable_diffusion import StableDiffusionFamily
 
-    for family in (StableDiffusionFamily(), SDXLFamily(), SD3Family(), FluxFamily()):
+    for family in (StableDiffusionFamily(), SDXLFamily(), SD3Family(), FluxFamily(), PixArtAlphaFamily(),
+                   PixArtSigmaFamily()):
         register(family)
