@@ -123,3 +123,12 @@ def register_models(register: Callable[[Recipe], None]) -> None:
         prediction_type="epsilon",
         resolution=1024,
     ))
+    register(Recipe(
+        name="diffusion_sana",
+        family="sana",
+        default_weights="Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+        description="Sana 1.6B: linear-attention DiT on Gemma-2, DC-AE (32x), rectified flow (flow_shift 3), 1024 px",
+        weights_tags={"sana-1600m": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+                      "sana-600m": "Efficient-Large-Model/Sana_600M_1024px_diffusers"},
+        resolution=1024,
+    ))

@@ -203,3 +203,21 @@ def test_pixart_default_token_limits_are_the_pipelines(tiny_folders, tmp_path):
     for name, limit in (("pixart_alpha", 120), ("pixart_sigma", 300)):
         model, _, _ = load(tiny_folders[name], TINY_FAMILIES[name][0], tmp_path)
         assert [lim for _, _, lim in model.model.token_limits(model.options)] == [limit]
+
+
+def test_sana_denoiser_gets_dc_ae_latents_gemma_mask_and_scaled_sigma(tiny_folders, tmp_path):
+    from clip_benchmark_diffusion.scoring.timesteps import shift_sigma
+
+    model, _, _ = load(tiny_folders["sana"], "diffusion_sana", tmp_path, strategy="full", n_samples=[4],
+                       max_sequence_length=10)
+    loaded = model.model
+    images = torch.rand(1, 3, 16, 16) * 2 - 1
+    x0 = loaded.encode_images(images)
+    assert torch.equal(x0, loaded.vae.encode(images).latent * 0.41407)        # no posterior, no shift
+    call = _captured_call(model, images, TWO_DIGITS)[0]
+    assert call["args"][0].shape == (8, 8, 8, 8)                                # 16 px / 2 -> 8x8, 8 channels
+    assert call["encoder_hidden_states"].shape == (8, 10, 32)
+    assert call["encoder_attention_mask"][0].tolist() == [1] * 8 + [0] * 2       # <bos> + 7 words, right padding
+    sigma = shift_sigma((torch.arange(4) + 0.5) / 4, 3.0)                      # the scheduler's flow_shift
+    scale = 1000 * loaded.denoiser.config.timestep_scale
+    assert torch.allclose(torch.sort(call["timestep"].unique()).values, (scale * sigma).float(), atol=1e-3)

@@ -146,6 +146,30 @@ def pixart_pipeline(kind: str = "alpha"):
                transformer=transformer, scheduler=sched)
 
 
+def sana_pipeline():
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    text_encoder = Gemma2Model(Gemma2Config(vocab_size=len(WORDS) + 4, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=3))
+    transformer = SanaTransformer2DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                                         num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                         cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=1)
+    # A 2-level DC-AE (16 px -> 8x8x8); real f32c32: 6 levels, 32 channels, scaling factor 0.41407.
+    dc_ae = AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=2,
+                          encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                          decoder_block_types=("ResBlock", "EfficientViTBlock"),
+                          encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                          encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                          encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                          downsample_block_type="conv", upsample_block_type="interpolate",
+                          decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+    sched = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+    return SanaPipeline(tokenizer=word_tokenizer(bos="<bos>"), text_encoder=text_encoder, vae=dc_ae,
+                        transformer=transformer, scheduler=sched)
+
+
 # name -> (recipe, pipeline builder); the helpers that add families add one line each.
 TINY_FAMILIES: dict[str, tuple[str, Callable[[], object]]] = {
     "stable_diffusion": ("diffusion_sd2", sd_pipeline),
@@ -157,6 +181,7 @@ TINY_FAMILIES: dict[str, tuple[str, Callable[[], object]]] = {
     "pixart_alpha": ("diffusion_pixart_alpha", pixart_pipeline),
     "pixart_alpha_ms": ("diffusion_pixart_alpha", lambda: pixart_pipeline("alpha_ms")),
     "pixart_sigma": ("diffusion_pixart_sigma", lambda: pixart_pipeline("sigma")),
+    "sana": ("diffusion_sana", sana_pipeline),
 }
 
 

@@ -10,10 +10,11 @@ from clip_benchmark_diffusion.hookspecs import hookimpl
 def register_families(register: Callable[..., None]) -> None:
     from clip_benchmark_diffusion.families.flux import FluxFamily
     from clip_benchmark_diffusion.families.pixart import PixArtAlphaFamily, PixArtSigmaFamily
+    from clip_benchmark_diffusion.families.sana import SanaFamily
     from clip_benchmark_diffusion.families.sd3 import SD3Family
     from clip_benchmark_diffusion.families.sdxl import SDXLFamily
     from clip_benchmark_diffusion.families.stable_diffusion import StableDiffusionFamily
 
     for family in (StableDiffusionFamily(), SDXLFamily(), SD3Family(), FluxFamily(), PixArtAlphaFamily(),
-                   PixArtSigmaFamily()):
+                   PixArtSigmaFamily(), SanaFamily()):
         register(family)
