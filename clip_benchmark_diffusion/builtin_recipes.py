@@ -132,3 +132,14 @@ def register_models(register: Callable[[Recipe], None]) -> None:
                       "sana-600m": "Efficient-Large-Model/Sana_600M_1024px_diffusers"},
         resolution=1024,
     ))
+    register(Recipe(
+        name="diffusion_if",
+        family="if",
+        default_weights="DeepFloyd/IF-I-XL-v1.0",
+        description="DeepFloyd IF stage I XL: pixel-space 64 px UNet on T5-XXL, cosine schedule, epsilon "
+                    "(Imagen-style; gated licence)",
+        weights_tags={"if-i-xl": "DeepFloyd/IF-I-XL-v1.0", "if-i-l": "DeepFloyd/IF-I-L-v1.0",
+                      "if-i-m": "DeepFloyd/IF-I-M-v1.0"},
+        prediction_type="epsilon",
+        resolution=64,
+    ))

@@ -108,11 +108,13 @@ def test_a_class_name_cut_off_by_the_token_limit_is_refused(tiny_folders, tmp_pa
 # under the tiny SD3 model (flow, VAE shift and scale): dropping the VAE scaling factor, its
 # shift, a sign of the flow conversion or the shift of the time grid changes these numbers.
 # FLUX-dev adds packing, the resolution-dependent shift, sigma as timestep and the guidance input
-# (dropping the VAE shift, the dynamic shift or guidance 3.5 fails it).
+# (dropping the VAE shift, the dynamic shift or guidance 3.5 fails it); IF adds pixel space, the
+# cosine schedule and the learned-variance split (keeping the last 3 channels instead fails it).
 PINNED = {
     "stable_diffusion": ("diffusion_sd2", [[1.17801166, 1.17751551, 1.17616177], [1.10267568, 1.10255325, 1.10250688]]),
     "sd3": ("diffusion_sd3", [[0.26992828, 0.27053934, 0.26943496], [0.25860104, 0.25935078, 0.25830236]]),
     "flux_dev": ("diffusion_flux_dev", [[0.32995784, 0.33053714, 0.32940644], [0.33447078, 0.33407936, 0.33429259]]),
+    "if": ("diffusion_if", [[1.07598042, 1.07194006, 1.07688034], [1.05609775, 1.05676389, 1.06198871]]),
 }
 
 
@@ -221,3 +223,37 @@ def test_sana_denoiser_gets_dc_ae_latents_gemma_mask_and_scaled_sigma(tiny_folde
     sigma = shift_sigma((torch.arange(4) + 0.5) / 4, 3.0)                      # the scheduler's flow_shift
     scale = 1000 * loaded.denoiser.config.timestep_scale
     assert torch.allclose(torch.sort(call["timestep"].unique()).values, (scale * sigma).float(), atol=1e-3)
+
+
+def test_if_denoiser_gets_pixels_and_77_t5_tokens_without_a_mask(tiny_folders, tmp_path):
+    model, _, _ = load(tiny_folders["if"], "diffusion_if", tmp_path, strategy="full", n_samples=[2])
+    images = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(model.model.encode_images(images), images)              # pixel space: no VAE
+    call = _captured_call(model, images, TWO_DIGITS)[0]
+    assert call["args"][0].shape == (4, 3, 16, 16)
+    assert call["encoder_hidden_states"].shape == (4, 77, 32)                  # max_length 77, hard-coded by IF
+    assert call.get("encoder_attention_mask") is None and call.get("attention_mask") is None
+    assert [lim for _, _, lim in model.model.token_limits(model.options)] == [77]
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "elbo", "native", "exp7"])
+def test_if_cosine_schedule_at_alpha_bar_1e_9_stays_finite_under_every_weighting(weighting, tiny_folders, tmp_path):
+    from clip_benchmark_diffusion.scoring import math as smath
+
+    model, _, _ = load(tiny_folders["if"], "diffusion_if", tmp_path, strategy="full", n_samples=[2],
+                       weighting=weighting)
+    loaded = model.model
+    grid = loaded.grid(1000, model.options)          # every training step (uniform), or the ELBO's 1000 levels
+    k = int(grid.a.argmin())
+    if weighting != "elbo":
+        assert grid.a[k] ** 2 < 1e-8                   # alpha_bar(999) = 2.4e-9: lam = -19.8
+    weight, scale = smath.sample_weighting(grid, weighting, loaded.objective)
+    x0 = torch.rand(1, 3, 16, 16) * 2 - 1
+    eps = torch.randn(1, 3, 16, 16)
+    levels = Levels(a=grid.a[k:k + 1].float(), b=grid.b[k:k + 1].float(), model_time=grid.model_time[k:k + 1].float())
+    cond = loaded.encode_prompts(["a photo of the number one."], model.options)
+    eps_hat = loaded.denoise(smath.add_noise(x0, eps, levels.a, levels.b), levels, cond, model.options)
+    err = smath.sample_error(eps, eps_hat, "l2", None if scale is None else scale[k:k + 1]) * weight[k]
+    plain = smath.sample_error(eps, eps_hat, "l2")
+    assert torch.isfinite(err).all() and torch.isfinite(weight).all()
+    assert err.item() <= plain.item() * float(torch.exp(torch.tensor(10.0))) * 1.0001   # lam clamped at -10

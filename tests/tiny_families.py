@@ -170,6 +170,24 @@ def sana_pipeline():
                         transformer=transformer, scheduler=sched)
 
 
+def if_pipeline():
+    """IF stage I at 16 px: the converter's UNet pattern (SimpleCrossAttn blocks, text addition embedding)."""
+    from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
+
+    # cross_attention_norm="group_norm" normalises the projected text with 32 groups: cross_attention_dim 32.
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=32, encoder_hid_dim=32,
+        attention_head_dim=8, addition_embed_type="text", addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=4)
+    sched = DDPMScheduler(variance_type="learned_range", beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                          thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5)
+    return IFPipeline(tokenizer=word_tokenizer(), text_encoder=t5(32), unet=unet, scheduler=sched,
+                      safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+
+
 # name -> (recipe, pipeline builder); the helpers that add families add one line each.
 TINY_FAMILIES: dict[str, tuple[str, Callable[[], object]]] = {
     "stable_diffusion": ("diffusion_sd2", sd_pipeline),
@@ -182,6 +200,7 @@ TINY_FAMILIES: dict[str, tuple[str, Callable[[], object]]] = {
     "pixart_alpha_ms": ("diffusion_pixart_alpha", lambda: pixart_pipeline("alpha_ms")),
     "pixart_sigma": ("diffusion_pixart_sigma", lambda: pixart_pipeline("sigma")),
     "sana": ("diffusion_sana", sana_pipeline),
+    "if": ("diffusion_if", if_pipeline),
 }
 
 
