@@ -143,3 +143,13 @@ def register_models(register: Callable[[Recipe], None]) -> None:
         prediction_type="epsilon",
         resolution=64,
     ))
+    register(Recipe(
+        name="diffusion_dit",
+        family="dit",
+        default_weights="facebook/DiT-XL-2-256",
+        description="DiT-XL/2: class-conditional ImageNet model (ImageNet-class datasets only), epsilon, 256 px "
+                    "(tag dit-512: Li et al.'s 79.1% model)",
+        weights_tags={"dit-256": "facebook/DiT-XL-2-256", "dit-512": "facebook/DiT-XL-2-512"},
+        prediction_type="epsilon",
+        resolution=256,
+    ))

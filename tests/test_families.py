@@ -29,24 +29,37 @@ def load(folder, recipe: str, tmp_path, **options):
     return load_clip("open_clip", f"{recipe}@{opts}", str(folder), None, "cpu")
 
 
+@pytest.fixture(scope="module")
+def imagenet_wds(tmp_path_factory):
+    """The digits 0-9 under the names of ImageNet classes 0-9 (the tiny DiT's id2label), one capitalised."""
+    from wds_data import write_digits_wds
+
+    names = ["tench", "Goldfish", "great white shark", "tiger shark", "hammerhead shark", "electric ray",
+             "stingray", "cock", "hen", "ostrich"]
+    return write_digits_wds(tmp_path_factory.mktemp("wds") / "imagenet10", per_class=2, classes=names)
+
+
 @pytest.mark.parametrize("name", list(TINY_FAMILIES))
-def test_stock_command_scores_every_family(name, tiny_folders, digits_wds, tmp_path):
+def test_stock_command_scores_every_family(name, tiny_folders, digits_wds, imagenet_wds, tmp_path):
+    from clip_benchmark_diffusion.registry import get_family, get_recipe
+
     recipe = TINY_FAMILIES[name][0]
+    # Class-conditional families (DiT) score ImageNet-named classes, with one conditioning per class.
+    text = get_family(get_recipe(recipe).family).text_conditioned
+    data, rows_per_class = (digits_wds, 2) if text else (imagenet_wds, 1)
     opts = quick_options(tmp_path, strategy="full", n_samples=[2])
     proc = clip_benchmark_eval(
         "--model", f"{recipe}@{opts}", "--pretrained", str(tiny_folders[name]), "--dataset", "wds/digits",
-        "--dataset_root", str(digits_wds), "--batch_size", "20", "--output", str(tmp_path / "out.json"), cwd=tmp_path)
+        "--dataset_root", str(data), "--batch_size", "20", "--output", str(tmp_path / "out.json"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "deprecated" not in proc.stderr, proc.stderr[-3000:]
     result = json.loads((tmp_path / "out.json").read_text())
     meta = result["diffusion_classifier"]
-    from clip_benchmark_diffusion.registry import get_recipe
-
     assert meta["family"] == get_recipe(recipe).family
     assert meta["objective"] == ("flow" if meta["family"] in ("sd3", "flux", "sana") else "epsilon")
     assert meta["resolution"] == 16
     assert len(meta["noise_levels"]["log_snr"]) == 2
-    assert result["metrics"]["denoiser_calls_per_image"] == 10 * 2 * 2     # classes x templates x samples
+    assert result["metrics"]["denoiser_calls_per_image"] == 10 * rows_per_class * 2   # classes x templates x samples
     assert 0 <= result["metrics"]["acc1"] <= result["metrics"]["acc5"] <= 1
 
 
@@ -257,3 +270,43 @@ def test_if_cosine_schedule_at_alpha_bar_1e_9_stays_finite_under_every_weighting
     plain = smath.sample_error(eps, eps_hat, "l2")
     assert torch.isfinite(err).all() and torch.isfinite(weight).all()
     assert err.item() <= plain.item() * float(torch.exp(torch.tensor(10.0))) * 1.0001   # lam clamped at -10
+
+
+def test_dit_denoiser_gets_imagenet_label_ids_and_no_text(tiny_folders, tmp_path):
+    model, _, _ = load(tiny_folders["dit"], "diffusion_dit", tmp_path, strategy="full", n_samples=[2])
+    seen: list[dict] = []
+    hook = model.model.denoiser.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    try:
+        model.begin_task("zeroshot_classification", classnames=["Goldfish", "ostrich", "tench"])
+        for c in ("Goldfish", "ostrich", "tench"):                        # clip_benchmark still encodes prompts
+            model.encode_text(model.tokenizer([f"a photo of a {c}."]))
+        model.encode_image(torch.zeros(1, 3, 16, 16))
+    finally:
+        hook.remove()
+    assert sorted(seen[0]["class_labels"].tolist()) == [0, 0, 1, 1, 9, 9]     # 3 classes x 2 samples
+    assert "encoder_hidden_states" not in seen[0]
+
+
+def test_dit_refuses_a_dataset_of_non_imagenet_classes_before_compute(tiny_folders, digits_wds, tmp_path):
+    proc = clip_benchmark_eval("--model", f"diffusion_dit@{quick_options(tmp_path)}", "--pretrained",
+                               str(tiny_folders["dit"]), "--dataset", "wds/digits", "--dataset_root", str(digits_wds),
+                               cwd=tmp_path)
+    last = assert_clean_failure(proc, "serves only ImageNet-class datasets", "10 of 10", "'zero', 'one'", cwd=tmp_path)
+    assert "diffusion scoring" not in proc.stderr                              # refused before the first image
+    assert len(last) < 400
+
+
+def test_dit_maps_clip_benchmarks_imagenet_names_by_position():
+    """clip_benchmark's imagenet1k names ("rooster", two "sunglasses") are in label order: class g is id g."""
+    import types
+    from importlib import resources
+
+    from clip_benchmark_diffusion.errors import UserError
+    from clip_benchmark_diffusion.registry import get_family
+
+    names = json.loads(resources.files("clip_benchmark.datasets").joinpath("en_classnames.json").read_text())["imagenet1k"]
+    dit = get_family("dit")
+    full = types.SimpleNamespace(labels={f"synonym {i}": i for i in range(1000)})    # a 1000-class model
+    assert torch.equal(dit.encode_classes(full, names)["class_labels"], torch.arange(1000))
+    with pytest.raises(UserError, match="1000 of 1000 class names"):                  # out of order: by name only
+        dit.encode_classes(full, names[::-1])

@@ -8,6 +8,7 @@ vocabulary matches, since no sentencepiece model can be downloaded here.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -188,6 +189,25 @@ def if_pipeline():
                       safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
 
 
+# Real ImageNet ids and synonyms (the first ten of DiT-XL-2-256's id2label); datasets named with them.
+IMAGENET_FIRST10 = {
+    "0": "tench, Tinca tinca", "1": "goldfish, Carassius auratus",
+    "2": "great white shark, white shark, man-eater, man-eating shark, Carcharodon carcharias",
+    "3": "tiger shark, Galeocerdo cuvieri", "4": "hammerhead, hammerhead shark",
+    "5": "electric ray, crampfish, numbfish, torpedo", "6": "stingray", "7": "cock", "8": "hen",
+    "9": "ostrich, Struthio camelus"}
+
+
+def dit_pipeline():
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+                                        norm_num_groups=4)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    return DiTPipeline(transformer=transformer, vae=vae(4), scheduler=sched, id2label=IMAGENET_FIRST10)
+
+
 # name -> (recipe, pipeline builder); the helpers that add families add one line each.
 TINY_FAMILIES: dict[str, tuple[str, Callable[[], object]]] = {
     "stable_diffusion": ("diffusion_sd2", sd_pipeline),
@@ -201,7 +221,11 @@ TINY_FAMILIES: dict[str, tuple[str, Callable[[], object]]] = {
     "pixart_sigma": ("diffusion_pixart_sigma", lambda: pixart_pipeline("sigma")),
     "sana": ("diffusion_sana", sana_pipeline),
     "if": ("diffusion_if", if_pipeline),
+    "dit": ("diffusion_dit", dit_pipeline),
 }
+
+# model_index.json entries save_pretrained does not write: DiT's id2label lives only there on the Hub.
+INDEX_EXTRAS: dict[str, dict] = {"dit": {"id2label": IMAGENET_FIRST10}}
 
 
 def save_tiny(name: str, folder: Path, seed: int = 0) -> Path:
@@ -209,4 +233,7 @@ def save_tiny(name: str, folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     pipe = TINY_FAMILIES[name][1]()
     pipe.save_pretrained(folder, safe_serialization=True)
+    if name in INDEX_EXTRAS:
+        index_file = Path(folder) / "model_index.json"
+        index_file.write_text(json.dumps({**json.loads(index_file.read_text()), **INDEX_EXTRAS[name]}, indent=2))
     return Path(folder)

@@ -13,15 +13,15 @@ DIGIT_TEMPLATES = ["a photo of the number {c}.", "a handwritten digit {c}."]
 class _Digits:
     """scikit-learn's bundled 8x8 digits as a (PIL image, label) dataset with classes/templates."""
 
-    def __init__(self, per_class: int, templates: list[str]) -> None:
+    def __init__(self, per_class: int, templates: list[str], classes: list[str] = DIGIT_NAMES) -> None:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        picks = [i for c in range(10) for i in np.flatnonzero(digits.target == c)[:per_class]]
+        picks = [i for c in range(len(classes)) for i in np.flatnonzero(digits.target == c)[:per_class]]
         picks.sort()
         self.images = [digits.images[i] for i in picks]
         self.labels = [int(digits.target[i]) for i in picks]
-        self.classes = DIGIT_NAMES
+        self.classes = list(classes)
         self.templates = templates
 
     def __len__(self) -> int:
@@ -41,6 +41,7 @@ def write_wds(dataset, folder: Path) -> Path:
     return Path(folder)
 
 
-def write_digits_wds(folder: Path, per_class: int = 2, templates: list[str] | None = None) -> Path:
-    """The digits as a webdataset folder."""
-    return write_wds(_Digits(per_class, templates or DIGIT_TEMPLATES), folder)
+def write_digits_wds(folder: Path, per_class: int = 2, templates: list[str] | None = None,
+                     classes: list[str] | None = None) -> Path:
+    """The digits as a webdataset folder; ``classes`` renames digits 0, 1, ... (and drops the rest)."""
+    return write_wds(_Digits(per_class, templates or DIGIT_TEMPLATES, classes or DIGIT_NAMES), folder)

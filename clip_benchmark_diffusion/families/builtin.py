@@ -9,6 +9,7 @@ from clip_benchmark_diffusion.hookspecs import hookimpl
 @hookimpl
 def register_families(register: Callable[..., None]) -> None:
     from clip_benchmark_diffusion.families.deepfloyd_if import IFFamily
+    from clip_benchmark_diffusion.families.dit import DiTFamily
     from clip_benchmark_diffusion.families.flux import FluxFamily
     from clip_benchmark_diffusion.families.pixart import PixArtAlphaFamily, PixArtSigmaFamily
     from clip_benchmark_diffusion.families.sana import SanaFamily
@@ -17,5 +18,5 @@ def register_families(register: Callable[..., None]) -> None:
     from clip_benchmark_diffusion.families.stable_diffusion import StableDiffusionFamily
 
     for family in (StableDiffusionFamily(), SDXLFamily(), SD3Family(), FluxFamily(), PixArtAlphaFamily(),
-                   PixArtSigmaFamily(), SanaFamily(), IFFamily()):
+                   PixArtSigmaFamily(), SanaFamily(), IFFamily(), DiTFamily()):
         register(family)
