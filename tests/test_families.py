@@ -310,3 +310,10 @@ def test_dit_maps_clip_benchmarks_imagenet_names_by_position():
     assert torch.equal(dit.encode_classes(full, names)["class_labels"], torch.arange(1000))
     with pytest.raises(UserError, match="1000 of 1000 class names"):                  # out of order: by name only
         dit.encode_classes(full, names[::-1])
+
+
+def test_more_samples_than_training_timesteps_is_refused_before_loading(tiny_folders, digits_wds, tmp_path):
+    opts = quick_options(tmp_path, strategy="full", n_samples=[1001])
+    proc = clip_benchmark_eval("--model", f"diffusion_sd2@{opts}", "--pretrained", str(tiny_folders["stable_diffusion"]),
+                               "--dataset", "wds/digits", "--dataset_root", str(digits_wds), cwd=tmp_path)
+    assert_clean_failure(proc, "only 1000 training timesteps", cwd=tmp_path)
