@@ -1,0 +1,216 @@
+"""The life of one planned run of ``clip_benchmark eval``: plan and check, run, write the result.
+
+The patches (``integration/clip_benchmark.py``) hand every run clip_benchmark plans to
+:func:`plan_run` before the first one computes, then each plan to :func:`execute`. A run writes
+into a hidden partial file beside its result and moves it into place when complete. What a run
+learns while it computes (the diffusion model it loaded, the logits to dump) lives in its
+:class:`RunState`, reached through :func:`current_run`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextvars import ContextVar
+from copy import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.predictions import write_predictions
+
+MODEL_TYPE = "diffusion"
+# Tasks a diffusion model cannot serve exactly, and why (one line each).
+UNSUPPORTED_TASKS = {
+    "zeroshot_retrieval": "retrieval scores every text against every image in independent batches, "
+                          "which a joint image-text score cannot serve exactly",
+    "linear_probe": "a linear probe needs image features, and a diffusion classifier has none",
+    "captioning": "captioning needs a text generator",
+}
+LOAD_CLFS_ERROR = ("--load_clfs is not supported by diffusion models: a saved text classifier "
+                   "holds no prompts to denoise with; drop --load_clfs")
+SAVE_CLF_ERROR = ("--save_clf is not supported by diffusion models: their classifier is a one-hot "
+                  "placeholder, not text features; drop --save_clf")
+
+
+def unsupported_task_error(task: str) -> UserError:
+    return UserError(f"task {task} is not supported by diffusion models: {UNSUPPORTED_TASKS[task]}; "
+                     "use zeroshot_classification")
+
+
+def stderr_line(text: str) -> None:
+    """Print one line to stderr in a single write: under torchrun the ranks share stderr, and
+    print() writes the text and its newline separately, so another rank's output can land between."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run of the command (a model x dataset x language), checked before any run computes."""
+
+    args: Any                 # clip_benchmark's namespace for this run (its own copy)
+    task: str                 # the task, ``auto`` resolved
+    output: Path              # the result file
+    ours: bool                # a diffusion model
+    store_path: Path | None   # its score store; None when off or not ours
+
+    @property
+    def partial(self) -> Path:
+        """Where clip_benchmark writes the result before it is complete."""
+        return self.output.with_name(f".{self.output.name}.{os.getpid()}.partial")
+
+
+@dataclass
+class RunState:
+    """What the run in progress has learnt: filled in by the patches while it computes."""
+
+    plan: RunPlan
+    model: Any = None                       # the diffusion classifier, once loaded
+    predictions: tuple[Any, Any] | None = None  # (logits, target) when asked to dump them
+
+
+_state: ContextVar[RunState | None] = ContextVar("clip_benchmark_diffusion_run", default=None)
+
+
+def current_run() -> RunState | None:
+    """The state of the run being executed, or None outside :func:`execute`."""
+    return _state.get()
+
+
+def task_of(args: Any) -> str:
+    from clip_benchmark.datasets.builder import get_dataset_default_task
+
+    return args.task if args.task != "auto" else get_dataset_default_task(dataset_name(args))
+
+
+def dataset_name(args: Any) -> str:
+    """The dataset name without clip_benchmark's ``wds/`` prefix, as its ``run`` computes it."""
+    return args.dataset.replace("wds/", "", 1) if args.dataset.startswith("wds/") else args.dataset
+
+
+def is_ours(args: Any) -> bool:
+    from clip_benchmark_diffusion.registry import is_diffusion_model
+
+    return is_diffusion_model(args.model) or args.model_type == MODEL_TYPE
+
+
+def _rank() -> int:
+    from clip_benchmark_diffusion.distributed import world_from_env
+
+    return world_from_env().rank
+
+
+def plan_run(args: Any) -> RunPlan:
+    """Every check that needs no model weights and no images, then the run's plan."""
+    from clip_benchmark_diffusion.store import default_store_path
+
+    task = task_of(args)
+    ours = is_ours(args)
+    if ours:
+        validate_run(args)
+    output = Path(output_path(args, task))
+    return RunPlan(args=args, task=task, output=output, ours=ours,
+                   store_path=default_store_path(str(output)) if ours else None)
+
+
+def validate_run(args: Any) -> None:
+    """The checks of a diffusion run that need no model weights and no images: UserError before compute."""
+    from clip_benchmark_diffusion.registry import parse_model_spec
+    from clip_benchmark_diffusion.store import ScoreStore, default_store_path
+    from clip_benchmark_diffusion.weights import resolve_weights
+
+    if not is_ours(args):
+        return
+    spec = parse_model_spec(args.model)
+    resolve_weights(spec.recipe.resolve_weights(args.pretrained))
+    task = task_of(args)
+    if task in UNSUPPORTED_TASKS:
+        raise unsupported_task_error(task)
+    if args.load_clfs:
+        raise UserError(LOAD_CLFS_ERROR)
+    if args.save_clf:
+        raise UserError(SAVE_CLF_ERROR)
+    if args.distributed:
+        raise UserError("--distributed splits whole runs, not images; for diffusion models start the same command "
+                        "under torchrun (or srun) without --distributed and the images are split across ranks")
+    store_path = default_store_path(output_path(args, task))
+    if store_path is not None:
+        ScoreStore(store_path).close()  # an unreadable store is a user error now, not after the compute
+
+
+def _slug(text: str) -> str:
+    return text.strip("/").replace("/", "_") if not os.path.isfile(text) else os.path.basename(text)
+
+
+def output_path(args: Any, task: str) -> str:
+    """clip_benchmark's output name, with ``/`` in model and weights names made file-safe."""
+    dataset = dataset_name(args)
+    return args.output.format(model=_slug(args.model), pretrained=_slug(args.pretrained),
+                              pretrained_full_path=args.pretrained.replace("/", "_"), task=task,
+                              dataset=dataset.replace("/", "_"), language=args.language)
+
+
+def execute(original_run: Callable[[Any], Any], plan: RunPlan) -> Any:
+    """Run clip_benchmark's ``run`` into the partial file, add our fields, then move it in place."""
+    args, final, tmp = plan.args, plan.output, plan.partial
+    if args.skip_existing and final.exists():
+        if args.verbose:
+            print(f"Skip {final}, exists already.")
+        return None
+    # stock clip_benchmark opens --output only after the compute: a missing folder would lose the run
+    final.parent.mkdir(parents=True, exist_ok=True)
+    patched = copy(args)
+    patched.output, patched.skip_existing = str(tmp), False
+    state = RunState(plan)
+    token = _state.set(state)
+    try:
+        try:
+            result = original_run(patched)
+        except Exception as exc:
+            _translate_data_errors(exc)
+            raise
+        if tmp.exists():
+            _finish(state, tmp, final)
+        return result
+    finally:
+        tmp.unlink(missing_ok=True)
+        _state.reset(token)
+
+
+def _finish(state: RunState, tmp: Path, final: Path) -> None:
+    """Add our fields to clip_benchmark's result and move it (and the predictions) into place."""
+    dump = json.loads(tmp.read_text())
+    model = state.model
+    if model is not None:
+        stderr_line(model.store_report())
+        dump["metrics"].update(model.cost_summary())
+        dump["diffusion_classifier"] = model.result_metadata(model_type=state.plan.args.model_type)
+    if _rank() == 0:  # every rank computed the same metrics; one writes them
+        tmp.write_text(json.dumps(dump))
+        os.replace(tmp, final)
+        if state.predictions is not None:
+            _write_predictions(final, state.predictions, model)
+        if state.plan.args.verbose:
+            print(f"Wrote {final}")
+
+
+def _write_predictions(final: Path, predictions: tuple[Any, Any], model: Any) -> None:
+    """``<output stem>.predictions.jsonl``: per image the label, the top-5 classes and (ours) the calls."""
+    logits, target = predictions
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices.tolist()
+    calls = model.record.calls if model is not None else [None] * len(top)
+    write_predictions(final, target.tolist(), top, calls)
+
+
+def _translate_data_errors(exc: BaseException) -> None:
+    """Raise a one-line UserError for dataset problems a user can fix (found while reading images)."""
+    from PIL import Image
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, Image.DecompressionBombError):
+            raise UserError(f"an image in the dataset is too large to decode safely ({seen}); downscale it, "
+                            "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the data") from None
+        seen = seen.__cause__ or seen.__context__
