@@ -51,7 +51,26 @@ class ScoreStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
         self._check_file()
+        if self.path.exists():
+            self._open()
+        # else: created by the first put, so a run that stops before its first image leaves no file
+
+    @classmethod
+    def check(cls, path: str | Path) -> None:
+        """Refuse, before any compute, a store that cannot be used: foreign, damaged or unwritable.
+
+        Creates nothing: a missing store only needs a folder it can be created in.
+        """
+        path = Path(path).expanduser()
+        if not path.exists():
+            _check_creatable(path)
+            return
+        with cls(path) as store:
+            store._verify()
+
+    def _open(self) -> None:
         try:
             self._conn = _retry(self._connect, self.path)
             _retry(self._prepare, self.path)
@@ -67,6 +86,8 @@ class ScoreStore:
         """The decoded payloads of those ``keys`` that are present."""
         unique = list(dict.fromkeys(keys))
         found: dict[str, dict] = {}
+        if self._conn is None and not self.path.exists():
+            return found
         for start in range(0, len(unique), _IN_CHUNK):
             part = unique[start : start + _IN_CHUNK]
             sql = f"SELECT key, payload FROM scores WHERE key IN ({','.join('?' * len(part))})"
@@ -81,9 +102,12 @@ class ScoreStore:
                                         (key, text, time.time())), self.path)
 
     def __len__(self) -> int:
+        if self._conn is None and not self.path.exists():
+            return 0
         return _retry(lambda: self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0], self.path)
 
     def close(self) -> None:
+        self._closed = True
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -101,14 +125,20 @@ class ScoreStore:
     @property
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise RuntimeError(f"{self!r} is closed")
+            if self._closed:
+                raise RuntimeError(f"{self!r} is closed")
+            self._check_file(create=True)
+            self._open()
+        assert self._conn is not None
         return self._conn
 
-    def _check_file(self) -> None:
+    def _check_file(self, create: bool = False) -> None:
         """Refuse, before SQLite touches it, a file that cannot be one of our stores."""
         if self.path.is_dir():
             raise self._error("is a directory")
         if not self.path.exists():
+            if not create:
+                return  # nothing to read yet; the folder is made when the first entry is written
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -157,12 +187,44 @@ class ScoreStore:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
 
+    def _verify(self) -> None:
+        """SQLite's quick_check: a file damaged past its first page is found now, not at the first batch."""
+        try:
+            problems = [r[0] for r in _retry(lambda: self._db.execute("PRAGMA quick_check").fetchall(), self.path)]
+        except sqlite3.DatabaseError as exc:
+            raise self._error(f"is damaged ({' '.join(str(exc).split())})") from None
+        if problems != ["ok"]:
+            raise self._error(f"is damaged ({problems[0]})")
+
     def _tables(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
     def _error(self, what: str) -> UserError:
         return UserError(f"score store {self.path} {what}; move the file away, or set {STORE_ENV} "
                          f"to another path (or to 'off' to disable the store)")
+
+
+def _check_creatable(path: Path) -> None:
+    """``path`` can be created later: its nearest existing ancestor is a writable folder."""
+    ancestor = next((p for p in path.parents if p.exists()), Path("."))
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        why = "a file" if not ancestor.is_dir() else "not writable"
+        raise UserError(f"score store {path} cannot be created: {ancestor} is {why}; set {STORE_ENV} "
+                        f"to another path (or to 'off' to disable the store)")
+
+
+def _runtime_error(exc: sqlite3.DatabaseError, path: Path) -> UserError | None:
+    """A one-line error for a store that breaks mid-run (disk full, damage), or None if not one of those."""
+    text = " ".join(str(exc).split())
+    lowered = text.lower()
+    if "full" in lowered or "no space" in lowered:
+        return UserError(f"score store {path} could not be written ({text}); free disk space (or set {STORE_ENV} "
+                         "to a path on another disk) and rerun the same command: every image finished so far "
+                         "is kept in the store and is not scored again")
+    if "malformed" in lowered or "not a database" in lowered or "corrupt" in lowered:
+        return UserError(f"score store {path} is damaged ({text}); move it away (or set {STORE_ENV} to another "
+                         "path or 'off') and rerun: the images it held are scored again")
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -185,9 +247,12 @@ def _retry(fn: Callable[[], _T], path: Path) -> _T:
     while True:
         try:
             return fn()
-        except sqlite3.OperationalError as exc:
-            if not _is_lock_error(exc):
-                raise
+        except sqlite3.DatabaseError as exc:
+            if not isinstance(exc, sqlite3.OperationalError) or not _is_lock_error(exc):
+                error = _runtime_error(exc, path)
+                if error is None:
+                    raise
+                raise error from None
             if time.monotonic() > deadline:
                 raise UserError(f"score store {path} stayed locked for over {LOCK_DEADLINE_S:.0f} s "
                                 f"({_one_line(exc)}); is it on a network file system without locking? "

@@ -13,7 +13,8 @@ from importlib import metadata
 from typing import Any
 
 from clip_benchmark_diffusion._watched import WATCHED
-from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.errors import Interrupted, UserError
+from clip_benchmark_diffusion.integration.checks import check_labels, check_prompts
 from clip_benchmark_diffusion.integration.lifecycle import (LOAD_CLFS_ERROR, MODEL_TYPE, UNSUPPORTED_TASKS, current_run,
                                                              execute, output_path, plan_run, stderr_line,
                                                              unsupported_task_error, validate_run)
@@ -21,7 +22,7 @@ from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV
 
 SUPPORTED = ((1, 6), (1, 7))  # [min, max) of clip_benchmark's (major, minor)
 MARK = "_clip_benchmark_diffusion_patched"
-__all__ = ["on_import", "ensure_installed", "version_ok", "check_templates", "output_path", "validate_run"]
+__all__ = ["on_import", "ensure_installed", "version_ok", "check_prompts", "output_path", "validate_run"]
 
 
 _version_ok: bool | None = None
@@ -122,14 +123,16 @@ def _patch_metric(task: str, module: Any) -> None:
 
     @functools.wraps(original)
     def evaluate(model, dataloader, *args, **kwargs):
+        if task_name == "zeroshot_classification":  # any model: also datasets the plan could not read
+            call = signature.bind_partial(model, dataloader, *args, **kwargs).arguments
+            check_prompts(call.get("classnames"), call.get("templates"), "the class list",
+                          diffusion=_is_diffusion(model))
         if _is_diffusion(model):
             if task_name in UNSUPPORTED_TASKS:
                 raise unsupported_task_error(task_name)
             call = signature.bind_partial(model, dataloader, *args, **kwargs).arguments
             if call.get("load_clfs"):
                 raise UserError(LOAD_CLFS_ERROR)
-            if task_name == "zeroshot_classification":
-                check_templates(call.get("classnames"), call.get("templates"))
             model.begin_task(task_name, expected_images=_dataset_size(dataloader))
             if task_name == "image_caption_selection":
                 dataloader = _AnnouncedBatches(dataloader, model)
@@ -145,29 +148,13 @@ def _patch_run_classification(module: Any) -> None:
     @functools.wraps(original)
     def run_classification(model, classifier, dataloader, device, amp=True):
         logits, target = original(model, classifier, dataloader, device, amp=amp)
+        check_labels(target, classifier.shape[1])
         state = current_run()
         if state is not None and os.environ.get(PREDICTIONS_ENV):
             state.predictions = (logits, target)
         return logits, target
 
     module.run_classification = run_classification
-
-
-def check_templates(classnames: Any, templates: Any) -> None:
-    """Prompts that cannot tell classes apart are a user error, caught before any image is scored."""
-    if isinstance(templates, dict):
-        empty = [c for c in classnames if not templates.get(c)]
-        if empty:
-            raise UserError(f"the per-class prompt file gives no prompts for {', '.join(map(repr, empty[:3]))}"
-                            f"{' and more' if len(empty) > 3 else ''}; add prompts for every class")
-        return
-    if not templates:
-        raise UserError("the template list is empty (an empty zeroshot_classification_templates.txt or "
-                        "--custom_template_file entry?); add templates such as 'a photo of a {c}.'")
-    missing = [t for t in templates if "{c}" not in t]
-    if missing:
-        raise UserError(f"template {missing[0]!r} has no {{c}} placeholder, so every class would get the same "
-                        "prompt; write templates like 'a photo of a {c}.'")
 
 
 class _AnnouncedBatches:
@@ -220,6 +207,9 @@ def _patch_cli(cli: Any) -> None:
             return original_main(*a, **kw)
         except UserError as exc:
             stderr_line(str(exc))
-            return 2
+            return exc.exit_code
+        except KeyboardInterrupt:  # outside a run (planning, imports): nothing to keep
+            stderr_line("clip_benchmark_diffusion: interrupted")
+            return Interrupted.exit_code
 
     cli.run, cli.main_eval, cli.main = run, main_eval, main

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.errors import Interrupted, UserError
+from clip_benchmark_diffusion.partial_files import partial_path, remove_stale_partials
 from clip_benchmark_diffusion.predictions import write_predictions
 
 MODEL_TYPE = "diffusion"
@@ -59,7 +60,7 @@ class RunPlan:
     @property
     def partial(self) -> Path:
         """Where clip_benchmark writes the result before it is complete."""
-        return self.output.with_name(f".{self.output.name}.{os.getpid()}.partial")
+        return partial_path(self.output)
 
 
 @dataclass
@@ -104,21 +105,24 @@ def _rank() -> int:
 
 def plan_run(args: Any) -> RunPlan:
     """Every check that needs no model weights and no images, then the run's plan."""
-    from clip_benchmark_diffusion.store import default_store_path
+    from clip_benchmark_diffusion.integration.checks import check_run
+    from clip_benchmark_diffusion.store import ScoreStore, default_store_path
 
-    task = task_of(args)
     ours = is_ours(args)
     if ours:
         validate_run(args)
-    output = Path(output_path(args, task))
-    return RunPlan(args=args, task=task, output=output, ours=ours,
-                   store_path=default_store_path(str(output)) if ours else None)
+    task = task_of(args)
+    output = output_path(args, task)
+    check_run(args, task, dataset_name(args), diffusion=ours)
+    store_path = default_store_path(str(output)) if ours else None
+    if store_path is not None:
+        ScoreStore.check(store_path)  # creates nothing: a refused run leaves no empty store behind
+    return RunPlan(args=args, task=task, output=output, ours=ours, store_path=store_path)
 
 
 def validate_run(args: Any) -> None:
-    """The checks of a diffusion run that need no model weights and no images: UserError before compute."""
+    """The model checks of a diffusion run: recipe, weights, task and flags; UserError before compute."""
     from clip_benchmark_diffusion.registry import parse_model_spec
-    from clip_benchmark_diffusion.store import ScoreStore, default_store_path
     from clip_benchmark_diffusion.weights import resolve_weights
 
     if not is_ours(args):
@@ -135,21 +139,20 @@ def validate_run(args: Any) -> None:
     if args.distributed:
         raise UserError("--distributed splits whole runs, not images; for diffusion models start the same command "
                         "under torchrun (or srun) without --distributed and the images are split across ranks")
-    store_path = default_store_path(output_path(args, task))
-    if store_path is not None:
-        ScoreStore(store_path).close()  # an unreadable store is a user error now, not after the compute
 
 
 def _slug(text: str) -> str:
     return text.strip("/").replace("/", "_") if not os.path.isfile(text) else os.path.basename(text)
 
 
-def output_path(args: Any, task: str) -> str:
-    """clip_benchmark's output name, with ``/`` in model and weights names made file-safe."""
+def output_path(args: Any, task: str) -> Path:
+    """clip_benchmark's output name, with ``/`` in model and weights names made file-safe; checked writable."""
+    from clip_benchmark_diffusion.integration.checks import format_output
+
     dataset = dataset_name(args)
-    return args.output.format(model=_slug(args.model), pretrained=_slug(args.pretrained),
-                              pretrained_full_path=args.pretrained.replace("/", "_"), task=task,
-                              dataset=dataset.replace("/", "_"), language=args.language)
+    return format_output(args.output, dict(model=_slug(args.model), pretrained=_slug(args.pretrained),
+                                           pretrained_full_path=args.pretrained.replace("/", "_"), task=task,
+                                           dataset=dataset.replace("/", "_"), language=args.language))
 
 
 def execute(original_run: Callable[[Any], Any], plan: RunPlan) -> Any:
@@ -161,6 +164,7 @@ def execute(original_run: Callable[[Any], Any], plan: RunPlan) -> Any:
         return None
     # stock clip_benchmark opens --output only after the compute: a missing folder would lose the run
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(final)
     patched = copy(args)
     patched.output, patched.skip_existing = str(tmp), False
     state = RunState(plan)
@@ -168,11 +172,15 @@ def execute(original_run: Callable[[Any], Any], plan: RunPlan) -> Any:
     try:
         try:
             result = original_run(patched)
-        except Exception as exc:
-            _translate_data_errors(exc)
+            if tmp.exists():
+                _finish(state, tmp, final)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted{_kept(plan)}") from None
+        except UserError:
             raise
-        if tmp.exists():
-            _finish(state, tmp, final)
+        except Exception as exc:
+            _translate_errors(exc, plan)
+            raise
         return result
     finally:
         tmp.unlink(missing_ok=True)
@@ -204,13 +212,40 @@ def _write_predictions(final: Path, predictions: tuple[Any, Any], model: Any) ->
     write_predictions(final, target.tolist(), top, calls)
 
 
-def _translate_data_errors(exc: BaseException) -> None:
-    """Raise a one-line UserError for dataset problems a user can fix (found while reading images)."""
+def _kept(plan: RunPlan) -> str:
+    """What survives a run stopped mid-way, and how to go on."""
+    if plan.store_path is None:
+        return "; no result file was written" if not plan.ours else \
+            "; the score store is off, so the images scored so far are lost"
+    return (f"; every image finished so far is kept in the score store {plan.store_path}: "
+            "run the same command again to resume")
+
+
+def _translate_errors(exc: BaseException, plan: RunPlan) -> None:
+    """Raise a one-line UserError for problems found mid-run that a user can fix (data, disk)."""
+    import errno
+    import tarfile
+
     from PIL import Image
 
     seen: BaseException | None = exc
     while seen is not None:
+        text = " ".join(str(seen).split())
         if isinstance(seen, Image.DecompressionBombError):
             raise UserError(f"an image in the dataset is too large to decode safely ({seen}); downscale it, "
                             "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the data") from None
+        if isinstance(seen, (Image.UnidentifiedImageError, SyntaxError)) or "image file is truncated" in text:
+            raise UserError(f"an image in {plan.args.dataset} cannot be decoded ({text}); remove or restore "
+                            f"it{_kept(plan)}") from None
+        if isinstance(seen, tarfile.TarError):
+            raise UserError(f"a shard of {plan.args.dataset} cannot be read ({seen.args[0]}; {seen.args[-1]}); "
+                            f"restore it{_kept(plan)}") from None
+        if isinstance(seen, ValueError) and "fewer shards than workers" in text:
+            raise UserError(f"a dataloader worker of {plan.args.dataset} got no shard; use fewer --num_workers "
+                            "than the dataset has shards") from None
+        if isinstance(seen, ValueError) and text.startswith("Unsupported dataset"):
+            raise UserError(f"clip_benchmark does not know the dataset {plan.args.dataset!r}; see its "
+                            "dataset list, or give a local webdataset folder as wds/NAME") from None
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            raise UserError(f"no space left on device ({text}); free disk space{_kept(plan)}") from None
         seen = seen.__cause__ or seen.__context__
