@@ -7,38 +7,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from cli_helpers import assert_clean_failure, clip_benchmark_eval, quick_options
-from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
-
-
-class _InProcess:
-    """``clip_benchmark eval ...`` through the patched ``cli.main``, captured like a subprocess."""
-
-    def __init__(self, capsys, monkeypatch) -> None:
-        self.capsys, self.monkeypatch = capsys, monkeypatch
-
-    def __call__(self, *args: str, cwd, env=None) -> subprocess.CompletedProcess:
-        ensure_installed()
-        import clip_benchmark.cli as cli
-
-        self.monkeypatch.chdir(cwd)
-        for key, value in (env or {}).items():
-            self.monkeypatch.setenv(key, value)
-        self.monkeypatch.setattr(sys, "argv", ["clip_benchmark", "eval", "--num_workers", "0", *args])
-        self.capsys.readouterr()
-        code = cli.main()
-        out, err = self.capsys.readouterr()
-        return subprocess.CompletedProcess(args, code or 0, out, err)
-
-
-@pytest.fixture
-def inproc(capsys, monkeypatch):
-    return _InProcess(capsys, monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from clip_benchmark_diffusion.errors import UserError
-from clip_benchmark_diffusion.integration.shards import check_shards
+from clip_benchmark_diffusion.integration.shards import check_shards, read_nshards
 
 OUTPUT_FIELDS = ("dataset", "model", "pretrained", "pretrained_full_path", "task", "language")
 
@@ -104,10 +104,13 @@ def check_wds(args: Any, root: str, task: str, diffusion: bool) -> None:
 
 def _classes_and_templates(args: Any, root: str, task: str) -> tuple[list[str], Any]:
     """clip_benchmark's own reading of the folder and the custom files (no images opened)."""
-    nshards = Path(root) / args.split / "nshards.txt"
-    if not nshards.is_file():
-        raise UserError(f"{nshards} does not exist: {args.dataset} has no {args.split!r} split there; "
+    split = Path(root) / args.split
+    if not split.is_dir():
+        raise UserError(f"{split} does not exist: {args.dataset} has no {args.split!r} split there; "
                         f"write the dataset with clip_benchmark's webdataset converter")
+    read_nshards(split)
+    if not args.custom_classname_file and not (Path(root) / "classnames.txt").is_file():
+        raise UserError(f"{root}/classnames.txt does not exist; write one class name per line")
     from clip_benchmark.datasets.builder import build_dataset
 
     try:

@@ -21,6 +21,19 @@ _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 
 def check_shards(split_dir: Path, classes: list[str] | None, labelled: bool) -> int:
     """The number of shards of ``split_dir`` (``nshards.txt``), after checking every shard."""
+    nshards = read_nshards(split_dir)
+    missing = [i for i in range(nshards) if not (split_dir / f"{i}.tar").is_file()]
+    if missing:
+        raise UserError(f"{split_dir / 'nshards.txt'} says {nshards} shards but {split_dir}/{missing[0]}.tar does "
+                        f"not exist ({nshards - len(missing)} of {nshards} present); fix nshards.txt or restore "
+                        "the shards")
+    for i in range(nshards):
+        _check_shard(split_dir / f"{i}.tar", classes, labelled)
+    return nshards
+
+
+def read_nshards(split_dir: Path) -> int:
+    """``nshards.txt`` of a split: a positive integer."""
     nshards_file = split_dir / "nshards.txt"
     if not nshards_file.is_file():
         raise UserError(f"{nshards_file} does not exist (an empty or missing {split_dir.name}/ folder?); "
@@ -28,14 +41,7 @@ def check_shards(split_dir: Path, classes: list[str] | None, labelled: bool) -> 
     text = nshards_file.read_text().strip()
     if not text.isdigit() or int(text) < 1:
         raise UserError(f"{nshards_file} should hold the number of shards (1 or more), not {text!r}")
-    nshards = int(text)
-    missing = [i for i in range(nshards) if not (split_dir / f"{i}.tar").is_file()]
-    if missing:
-        raise UserError(f"{nshards_file} says {nshards} shards but {split_dir}/{missing[0]}.tar does not exist "
-                        f"({nshards - len(missing)} of {nshards} present); fix nshards.txt or restore the shards")
-    for i in range(nshards):
-        _check_shard(split_dir / f"{i}.tar", classes, labelled)
-    return nshards
+    return int(text)
 
 
 def _check_shard(path: Path, classes: list[str] | None, labelled: bool) -> None:
@@ -57,12 +63,16 @@ def _check_shard(path: Path, classes: list[str] | None, labelled: bool) -> None:
                 raise UserError(f"shard {path} holds no samples; restore it or rewrite the dataset")
             for key, parts in samples.items():
                 _check_sample(tar, path, key, parts, classes, labelled)
+    except tarfile.ReadError as exc:
+        if "unexpected end" in str(exc):  # a member header promises more data than the file holds
+            raise _truncated(path, "a member") from None
+        raise UserError(f"shard {path} is not a readable tar file ({exc}); restore it or rewrite the dataset") from None
     except tarfile.TarError as exc:
         raise UserError(f"shard {path} is not a readable tar file ({exc}); restore it or rewrite the dataset") from None
 
 
 def _truncated(path: Path, member: str) -> UserError:
-    return UserError(f"shard {path} is truncated (it ends inside or right after {member}, without the tar "
+    return UserError(f"shard {path} is truncated (it ends inside or after {member}, without the tar "
                      "end marker), so the images after the cut would be silently missing; restore the full shard")
 
 
