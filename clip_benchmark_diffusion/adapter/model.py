@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from clip_benchmark_diffusion.adapter.caption_selection import CAPTION_SELECTION, RANK_BASE, CaptionSelectionMixin
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.progress import Progress, progress_bar
 from clip_benchmark_diffusion.pipeline import Components
 from clip_benchmark_diffusion.registry import ModelSpec
 from clip_benchmark_diffusion import distributed as dist_util
@@ -81,7 +81,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self.record = RunRecord()
         self._groups: list[torch.Tensor] = []
         self._text_cache: dict[int, torch.Tensor] = {}
-        self._bar: tqdm | None = None
+        self._bar: Progress | None = None
         self._model_fingerprint: str | None = None
         self.set_options(spec.options)  # the engine, and no candidate table or run key yet
 
@@ -102,7 +102,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self._structure: tuple[int, int, int] | None = None
         self.pair_errors: list[torch.Tensor] = []
         self.record = RunRecord()
-        self._bar = tqdm(total=expected_images, desc="diffusion scoring", unit="img", leave=False)
+        self._bar = progress_bar(expected_images, "diffusion scoring")
 
     def encode_text(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """One call = one class: every prompt of it gets the class's one-hot row."""

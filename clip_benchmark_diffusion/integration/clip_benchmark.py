@@ -182,7 +182,14 @@ def _dataset_size(dataloader: Any) -> int | None:
 
 # -- cli: every planned run checked before the first computes (lifecycle.py does the rest) --------
 def _patch_cli(cli: Any) -> None:
+    import warnings
+
     import clip_benchmark.models as models
+
+    # clip_benchmark builds every webdataset without shardshuffle=, and webdataset warns about it
+    # on each run; the call is clip_benchmark's (it never shuffles an evaluation), not the user's.
+    warnings.filterwarnings("ignore", message=r"WebDataset\(shardshuffle=\.\.\.\) is None", category=UserWarning,
+                            module=r"webdataset\.")
 
     cli.load_clip = models.load_clip
     original_run, original_main_eval, original_main = cli.run, cli.main_eval, cli.main
