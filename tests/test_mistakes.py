@@ -84,8 +84,9 @@ class Mistake:
         (self.tmp / "opts.json").write_bytes(raw)
         self.first = f"diffusion_sd2@{self.tmp / 'opts.json'},{self.model}"
 
-    def cupl(self, prompts: dict) -> None:
-        (self.tmp / "cupl.json").write_text(json.dumps({"digits": prompts}))
+    def cupl(self, prompts: dict, dataset: str = "digits") -> None:
+        """A per-class prompt file (``--custom_template_file``) with ``prompts`` for ``dataset``."""
+        (self.tmp / "cupl.json").write_text(json.dumps({dataset: prompts}))
         self.extra += ["--custom_template_file", str(self.tmp / "cupl.json")]
 
     def damaged_store(self) -> None:
@@ -167,6 +168,13 @@ CASES: list[tuple[str, Callable[[Mistake], object], str]] = [
      "nothere' of wds/nothere does not exist"),
     ("missing diffusion weights folder as the second run", lambda m: m.others.append(f"diffusion_sd2,{m.tmp}/nope"),
      "does not exist"),
+    ("--custom_template_file that does not exist", lambda m: m.extra.extend(["--custom_template_file", "no.json"]),
+     "--custom_template_file no.json does not exist"),
+    ("--custom_template_file that is not JSON", lambda m: (m.write("t.json", "{c}"),
+                                                           m.extra.extend(["--custom_template_file", str(m.wds / "t.json")])),
+     "is not a UTF-8 JSON file"),
+    ("prompt file without the dataset", lambda m: m.cupl({c: [c] for c in DIGITS}, dataset="other"),
+     "cannot be read: Templates not specified"),
     # output and store
     ("--output with an unknown {key}", lambda m: m.extra.extend(["--output", "{datset}.json"]), "names {datset}"),
     ("--output with a lone brace", lambda m: m.extra.extend(["--output", "res{.json"]), "not a valid name template"),
@@ -263,6 +271,11 @@ def test_a_run_stopped_mid_way_is_one_line_and_keeps_finished_images(fault, need
     resumed = inproc(*case.args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "3 of 10 images from the score store" in resumed.stderr
+    [result] = tmp_path.glob("digits_*.json")
+    first = json.loads(result.read_text())
+    again = inproc(*case.args, cwd=tmp_path)                 # a finished run again: free, the same numbers
+    assert "10 of 10 images from the score store" in again.stderr and "; 0 denoiser calls run" in again.stderr
+    assert json.loads(result.read_text()) == first
 
 
 def test_stale_partial_files_of_dead_processes_are_removed(tiny_sd, small_wds, tmp_path, inproc):

@@ -23,11 +23,29 @@ def check_run(args: Any, task: str, dataset_name: str, diffusion: bool) -> None:
         raise UserError(f"--batch_size {args.batch_size}: give at least 1 image per batch")
     if args.num_workers < 0:
         raise UserError(f"--num_workers {args.num_workers}: give 0 (load in the main process) or more")
+    for flag, path in (("--custom_template_file", args.custom_template_file),
+                       ("--custom_classname_file", args.custom_classname_file)):
+        if path:
+            check_json_file(flag, path)
     if args.model_type == "open_clip" and not args.model.startswith("diffusion_"):
         check_open_clip(args.model, args.pretrained)
     if args.dataset.startswith("wds/"):
         root = args.dataset_root.format(dataset=dataset_name, dataset_cleaned=dataset_name.replace("/", "-"))
         check_wds(args, root, task, diffusion)
+
+
+def check_json_file(flag: str, path: str) -> None:
+    """A custom prompt or class-name file: an existing UTF-8 JSON object (clip_benchmark reads it later)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path} does not exist") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{flag} {path} is not a UTF-8 JSON file ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{flag} {path} must hold a JSON object keyed by dataset name, not {type(data).__name__}")
 
 
 def format_output(template: str, fields: Mapping[str, str]) -> Path:

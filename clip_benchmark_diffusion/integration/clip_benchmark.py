@@ -1,7 +1,8 @@
 """Every patch of clip_benchmark lives here, behind one version guard.
 
-clip_benchmark has no plugin API (DESIGN.md §2). The start-up hook calls :func:`on_import` right
-after each watched module executes; each ``_patch_*`` below changes one thing and has a test.
+clip_benchmark has no plugin API, so its functions are wrapped in place. The start-up hook calls
+:func:`on_import` right after each watched module executes; each ``_patch_*`` below changes one
+thing and has a test.
 What happens to each run (checks, output file, result fields) is in ``integration/lifecycle.py``.
 """
 from __future__ import annotations
