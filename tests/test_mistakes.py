@@ -175,6 +175,14 @@ CASES: list[tuple[str, Callable[[Mistake], object], str]] = [
      "is not a UTF-8 JSON file"),
     ("prompt file without the dataset", lambda m: m.cupl({c: [c] for c in DIGITS}, dataset="other"),
      "cannot be read: Templates not specified"),
+    ("--pretrained_model without a comma", lambda m: m.others.append("ViT-B-32"),
+     "--pretrained_model 'ViT-B-32' should be MODEL,PRETRAINED"),
+    ("--pretrained_model file with no models", lambda m: ((m.tmp / "models.txt").write_text(""),
+                                                          setattr(m, "first", str(m.tmp / "models.txt"))),
+     "the command plans no run"),
+    ("two runs writing one result file", lambda m: (m.others.append(f"diffusion_sd2@fast,{m.model}"),
+                                                    m.extra.extend(["--output", "digits.json"])),
+     "would both write digits.json"),
     # output and store
     ("--output with an unknown {key}", lambda m: m.extra.extend(["--output", "{datset}.json"]), "names {datset}"),
     ("--output with a lone brace", lambda m: m.extra.extend(["--output", "res{.json"]), "not a valid name template"),
@@ -293,3 +301,11 @@ def test_stale_partial_files_of_dead_processes_are_removed(tiny_sd, small_wds, t
     proc = inproc(*case.args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "r.json").is_file() and not stale.exists() and live.exists() and other_host.exists()
+
+
+def test_a_dataset_clip_benchmark_does_not_know_is_one_line(tiny_sd, small_wds, tmp_path, inproc):
+    """Only clip_benchmark's builder knows its dataset names: found when the run builds it, before compute."""
+    case = Mistake(tiny_sd, small_wds, tmp_path)
+    case.dataset = "nosuchset"
+    assert_clean_failure(inproc(*case.args, cwd=tmp_path), "does not know the dataset 'nosuchset'", cwd=tmp_path)
+    assert not list(tmp_path.rglob("*.sqlite"))

@@ -34,6 +34,32 @@ def check_run(args: Any, task: str, dataset_name: str, diffusion: bool) -> None:
         check_wds(args, root, task, diffusion)
 
 
+def check_model_list(pretrained_model: Any) -> None:
+    """``--pretrained_model`` entries clip_benchmark can split: ``MODEL,PRETRAINED``, a collection or a file."""
+    from clip_benchmark.model_collection import model_collection
+
+    entries = pretrained_model if isinstance(pretrained_model, list) else [pretrained_model] if pretrained_model else []
+    for entry in entries:
+        if os.path.isfile(entry) or entry in model_collection:
+            continue
+        if entry.count(",") != 1:
+            raise UserError(f"--pretrained_model {entry!r} should be MODEL,PRETRAINED (e.g. diffusion_tiny,default "
+                            "or ViT-B-32,openai), a model collection name or a file of such lines")
+
+
+def check_plans(outputs: list[Path], names: list[str]) -> None:
+    """A command plans at least one run, and no two runs write the same result file."""
+    if not outputs:
+        raise UserError("the command plans no run (an empty --pretrained_model file or --dataset list?)")
+    first: dict[Path, int] = {}
+    for i, path in enumerate(outputs):
+        key = Path(os.path.abspath(path))
+        if key in first:
+            raise UserError(f"runs {names[first[key]]} and {names[i]} would both write {path}, the second "
+                            "overwriting the first; put {model}, {pretrained} and {dataset} in --output")
+        first[key] = i
+
+
 def check_json_file(flag: str, path: str) -> None:
     """A custom prompt or class-name file: an existing UTF-8 JSON object (clip_benchmark reads it later)."""
     import json

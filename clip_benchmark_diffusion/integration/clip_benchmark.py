@@ -15,7 +15,7 @@ from typing import Any
 
 from clip_benchmark_diffusion._watched import WATCHED
 from clip_benchmark_diffusion.errors import Interrupted, UserError
-from clip_benchmark_diffusion.integration.checks import check_labels, check_prompts
+from clip_benchmark_diffusion.integration.checks import check_labels, check_model_list, check_plans, check_prompts
 from clip_benchmark_diffusion.integration.lifecycle import (LOAD_CLFS_ERROR, MODEL_TYPE, UNSUPPORTED_TASKS, current_run,
                                                              execute, output_path, plan_run, stderr_line,
                                                              unsupported_task_error, validate_run)
@@ -199,6 +199,7 @@ def _patch_cli(cli: Any) -> None:
         return execute(original_run, plan_run(args))  # direct callers of cli.run get validation too
 
     def main_eval(base: Any) -> None:
+        check_model_list(base.pretrained_model)
         planned: list[Any] = []
         cli.run = planned.append  # reuse clip_benchmark's own expansion of models x datasets x languages
         try:
@@ -206,6 +207,8 @@ def _patch_cli(cli: Any) -> None:
         finally:
             cli.run = run
         plans = [plan_run(args) for args in planned]
+        check_plans([p.output for p in plans], [f"{p.args.model},{p.args.pretrained} on {p.args.dataset}"
+                                                 for p in plans])
         for plan in plans:
             execute(original_run, plan)
 
