@@ -26,13 +26,14 @@ def remove_stale_partials(final: Path) -> list[Path]:
     removed = []
     for name in glob.glob(glob.escape(str(final.parent / prefix)) + "*" + SUFFIX):
         pid = name[len(str(final.parent / prefix)) : -len(SUFFIX)]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             Path(name).unlink(missing_ok=True)
             removed.append(Path(name))
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:

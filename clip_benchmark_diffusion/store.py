@@ -101,6 +101,10 @@ class ScoreStore:
         _retry(lambda: self._db.execute("INSERT OR REPLACE INTO scores(key, payload, created) VALUES (?, ?, ?)",
                                         (key, text, time.time())), self.path)
 
+    def create(self) -> None:
+        """Create the file now if it does not exist (it is otherwise created by the first put)."""
+        self._db
+
     def __len__(self) -> int:
         if self._conn is None and not self.path.exists():
             return 0
