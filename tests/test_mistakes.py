@@ -309,3 +309,9 @@ def test_a_dataset_clip_benchmark_does_not_know_is_one_line(tiny_sd, small_wds, 
     case.dataset = "nosuchset"
     assert_clean_failure(inproc(*case.args, cwd=tmp_path), "does not know the dataset 'nosuchset'", cwd=tmp_path)
     assert not list(tmp_path.rglob("*.sqlite"))
+
+
+def test_open_clip_weights_not_in_the_offline_cache_are_one_line(small_wds, tmp_path, inproc):
+    proc = inproc("--pretrained_model", "RN50,openai", "--dataset", "wds/digits", "--dataset_root", str(small_wds),
+                  "--output", "digits_{model}.json", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert_clean_failure(proc, "open_clip could not fetch the weights 'openai' of RN50", cwd=tmp_path)

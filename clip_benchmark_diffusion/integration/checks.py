@@ -27,7 +27,7 @@ def check_run(args: Any, task: str, dataset_name: str, diffusion: bool) -> None:
                        ("--custom_classname_file", args.custom_classname_file)):
         if path:
             check_json_file(flag, path)
-    if args.model_type == "open_clip" and not args.model.startswith("diffusion_"):
+    if args.model_type == "open_clip" and not diffusion:
         check_open_clip(args.model, args.pretrained)
     if args.dataset.startswith("wds/"):
         root = args.dataset_root.format(dataset=dataset_name, dataset_cleaned=dataset_name.replace("/", "-"))
@@ -116,7 +116,7 @@ def check_open_clip(model: str, pretrained: str) -> None:
         close = difflib.get_close_matches(model, open_clip.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; open_clip.list_models() lists them"
         raise UserError(f"unknown open_clip model {model!r}{hint}")
-    if not pretrained or is_pretrained_cfg(model, pretrained) or os.path.exists(pretrained):
+    if not pretrained or is_pretrained_cfg(model, pretrained) or os.path.isfile(pretrained):
         return
     tags = list_pretrained_tags_by_model(model)
     raise UserError(f"--pretrained {pretrained!r} is neither an open_clip weights tag of {model} "

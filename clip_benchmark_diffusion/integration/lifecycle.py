@@ -246,6 +246,9 @@ def _translate_errors(exc: BaseException, plan: RunPlan) -> None:
         if isinstance(seen, ValueError) and text.startswith("Unsupported dataset"):
             raise UserError(f"clip_benchmark does not know the dataset {plan.args.dataset!r}; see its "
                             "dataset list, or give a local webdataset folder as wds/NAME") from None
+        if isinstance(seen, RuntimeError) and text.startswith("Failed to download weights for tag"):
+            raise UserError(f"open_clip could not fetch the weights {plan.args.pretrained!r} of {plan.args.model} "
+                            f"({text[:200]}); connect to the network once, or give a local weights file") from None
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
             raise UserError(f"no space left on device ({text}); free disk space{_kept(plan)}") from None
         seen = seen.__cause__ or seen.__context__
