@@ -163,6 +163,8 @@ def env_overrides(base: ScoringOptions, environ: Mapping[str, str] = os.environ)
         return base
     changes: dict[str, Any] = {}
     for item in raw.split(","):
+        if not item.strip():
+            continue  # a trailing or doubled comma
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"{OPTIONS_ENV} must look like 'batch_size=32,dtype=float16', got {item!r}")

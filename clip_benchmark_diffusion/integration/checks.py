@@ -29,8 +29,12 @@ def check_run(args: Any, task: str, dataset_name: str, diffusion: bool) -> None:
             check_json_file(flag, path)
     if args.model_type == "open_clip" and not diffusion:
         check_open_clip(args.model, args.pretrained)
-    if args.dataset.startswith("wds/"):
+    try:  # clip_benchmark fills these two fields only
         root = args.dataset_root.format(dataset=dataset_name, dataset_cleaned=dataset_name.replace("/", "-"))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"--dataset_root {args.dataset_root!r} is not a valid template ({exc!r}); clip_benchmark "
+                        "fills only {dataset} and {dataset_cleaned}") from None
+    if args.dataset.startswith("wds/"):
         check_wds(args, root, task, diffusion)
 
 
@@ -128,6 +132,9 @@ def check_wds(args: Any, root: str, task: str, diffusion: bool) -> None:
     if "://" in root:
         return  # remote shards are read by webdataset itself
     folder = Path(root)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--dataset_root {root} of {args.dataset} is a file; give the folder that holds "
+                        f"{args.split}/nshards.txt")
     if not folder.is_dir():
         hint = " (the default; pass --dataset_root)" if root == "root" else ""
         raise UserError(f"dataset folder {root!r}{hint} of {args.dataset} does not exist; give the folder that "

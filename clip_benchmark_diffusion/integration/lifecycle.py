@@ -113,6 +113,8 @@ def plan_run(args: Any) -> RunPlan:
         validate_run(args)
     task = task_of(args)
     output = output_path(args, task)
+    if args.skip_existing and output.exists():  # will be skipped: its data need not be there any more
+        return RunPlan(args=args, task=task, output=output, ours=ours, store_path=None)
     check_run(args, task, dataset_name(args), diffusion=ours)
     store_path = default_store_path(str(output)) if ours else None
     if store_path is not None:
