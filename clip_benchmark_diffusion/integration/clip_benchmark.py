@@ -134,7 +134,11 @@ def _patch_metric(task: str, module: Any) -> None:
             call = signature.bind_partial(model, dataloader, *args, **kwargs).arguments
             if call.get("load_clfs"):
                 raise UserError(LOAD_CLFS_ERROR)
-            model.begin_task(task_name, expected_images=_dataset_size(dataloader))
+            if task_name == "zeroshot_classification":
+                model.begin_task(task_name, expected_images=_dataset_size(dataloader),
+                                 classnames=call.get("classnames"), templates=call.get("templates"))
+            else:
+                model.begin_task(task_name, expected_images=_dataset_size(dataloader))
             if task_name == "image_caption_selection":
                 dataloader = _AnnouncedBatches(dataloader, model)
         return original(model, dataloader, *args, **kwargs)

@@ -125,12 +125,11 @@ def plan_run(args: Any) -> RunPlan:
 def validate_run(args: Any) -> None:
     """The model checks of a diffusion run: recipe, weights, task and flags; UserError before compute."""
     from clip_benchmark_diffusion.registry import parse_model_spec
-    from clip_benchmark_diffusion.weights import resolve_weights
 
     if not is_ours(args):
         return
     spec = parse_model_spec(args.model)
-    resolve_weights(spec.recipe.resolve_weights(args.pretrained))
+    spec.resolve_source(args.pretrained, args.model_cache_dir)
     task = task_of(args)
     if task in UNSUPPORTED_TASKS:
         raise unsupported_task_error(task)
