@@ -37,6 +37,8 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT)",
     "CREATE TABLE IF NOT EXISTS scores(key TEXT PRIMARY KEY, payload TEXT NOT NULL, created REAL NOT NULL)",
 )
+# Per-image work of images not decided yet (``ScoringEngine`` checkpoints), so a kill loses seconds.
+_PARTIALS = "CREATE TABLE IF NOT EXISTS partials(key TEXT PRIMARY KEY, data BLOB NOT NULL, created REAL NOT NULL)"
 _T = TypeVar("_T")
 
 
@@ -96,10 +98,28 @@ class ScoreStore:
         return found
 
     def put(self, key: str, payload: dict) -> None:
-        """Insert or replace one entry in its own transaction (committed on return)."""
+        """Insert or replace one entry in its own transaction (committed on return); drops its partial."""
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         _retry(lambda: self._db.execute("INSERT OR REPLACE INTO scores(key, payload, created) VALUES (?, ?, ?)",
                                         (key, text, time.time())), self.path)
+        _retry(lambda: self._db.execute("DELETE FROM partials WHERE key = ?", (key,)), self.path)
+
+    def put_partial(self, key: str, data: bytes) -> None:
+        """Keep the partial work of an image not decided yet (replaced by each newer one)."""
+        _retry(lambda: self._db.execute("INSERT OR REPLACE INTO partials(key, data, created) VALUES (?, ?, ?)",
+                                        (key, data, time.time())), self.path)
+
+    def get_partials(self, keys: list[str]) -> dict[str, bytes]:
+        """The partial work stored for those ``keys`` that have some."""
+        if self._conn is None and not self.path.exists():
+            return {}
+        found: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), _IN_CHUNK):
+            part = unique[start : start + _IN_CHUNK]
+            sql = f"SELECT key, data FROM partials WHERE key IN ({','.join('?' * len(part))})"
+            found.update(_retry(lambda: self._db.execute(sql, part).fetchall(), self.path))
+        return found
 
     def create(self) -> None:
         """Create the file now if it does not exist (it is otherwise created by the first put)."""
@@ -185,6 +205,8 @@ class ScoreStore:
             raise self._error(f"has {found}, this version of clip_benchmark_diffusion needs {SCHEMA_VERSION}")
         if "scores" not in tables:
             raise self._error("has no scores table")
+        if "partials" not in tables:  # added after schema 1 was released: created on first open
+            _retry(lambda: self._db.execute(_PARTIALS), self.path)
         # A no-op on stores we created; WAL lets readers and one writer work at the same time, and
         # NORMAL is still durable against a crash of the process (only an OS crash may lose the
         # last commits, never corrupt the file).

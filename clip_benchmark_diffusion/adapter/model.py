@@ -26,6 +26,7 @@ from clip_benchmark_diffusion.adapter.caption_selection import CAPTION_SELECTION
 from clip_benchmark_diffusion.adapter.conditioning import mean_rows, stack_rows
 from clip_benchmark_diffusion.adapter.prompt_checks import check_prompt_lengths
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
+from clip_benchmark_diffusion.checkpoints import StoreCheckpoints
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.families.model import LoadedModel
 from clip_benchmark_diffusion.options import ScoringOptions
@@ -182,7 +183,8 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
 
             seeds = [image_seed(digests[i], self.options.seed) for i in todo]
             before = self.engine.stats.denoiser_calls
-            self.engine.score(self._latents(images[todo]), seeds, cands, on_done=done)
+            saved = StoreCheckpoints(self.store, [keys[i] for i in todo]) if self.store is not None else None
+            self.engine.score(self._latents(images[todo]), seeds, cands, on_done=done, checkpoints=saved)
             self.record.scored_calls += self.engine.stats.denoiser_calls - before
         return out
 
