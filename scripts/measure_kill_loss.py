@@ -7,6 +7,7 @@ counter file (one ``write`` per forward, so it survives the kill); after each ki
 which calls it kept (the ``calls`` of the images that process added). Lost = run - kept.
 
     python scripts/measure_kill_loss.py --images 60 --batch-size 20 --kills 6
+    python scripts/measure_kill_loss.py --images 60 --batch-size 20 --kills 6 --checkpoint-s inf   # no checkpoints
 
 Prints one line per kill and a summary; the figures are the numbers to compare before and after
 a change to what is persisted.
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 COUNTER_ENV = "MEASURE_KILL_LOSS_COUNTER"
+CHECKPOINT_ENV = "MEASURE_KILL_LOSS_CHECKPOINT_S"
 # Runs the stock command with every UNet forward counted into the counter file.
 CHILD = f"""
 import os, sys
@@ -37,6 +39,9 @@ def counted(self, sample, *a, **k):
     os.write(fd, f"{{sample.shape[0]}}\\n".encode())
     return out
 diffusers.UNet2DConditionModel.forward = counted
+if os.environ.get({CHECKPOINT_ENV!r}):  # e.g. inf: the engine never checkpoints (the behaviour before)
+    from clip_benchmark_diffusion.scoring.engine import ScoringEngine
+    ScoringEngine.checkpoint_s = float(os.environ[{CHECKPOINT_ENV!r}])
 from clip_benchmark.cli import main
 sys.argv = ["clip_benchmark", *sys.argv[1:]]
 sys.exit(main())
@@ -70,12 +75,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=20, help="dataloader batch size")
     p.add_argument("--kills", type=int, default=6, help="stop killing after this many kills")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-s", default="", help="seconds between the engine's checkpoints; inf: none")
     args = p.parse_args()
     from clip_benchmark_diffusion.demo.run import subset_dataset
 
     work = Path(tempfile.mkdtemp(prefix="kill_loss_"))
     data = subset_dataset(args.images, work / "data")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", CHECKPOINT_ENV: args.checkpoint_s}
     rng = random.Random(args.seed)
 
     counter = work / "clean.count"
