@@ -4,7 +4,11 @@ One clean run (store off) gives the calls a full evaluation needs. Then the same
 started with a fresh store and SIGKILLed at a random moment after its first denoiser call, again
 and again, until a run finishes. Every UNet forward of every process appends its batch size to a
 counter file (one ``write`` per forward, so it survives the kill); after each kill the store says
-which calls it kept (the ``calls`` of the images that process added). Lost = run - kept.
+which images it finished. What the kills lost in all is what all attempts ran beyond one clean
+run (the computation is deterministic, so a resumed run repeats exactly the lost work); per kill
+it is that excess over the number of kills. Without checkpoints the per-kill loss is also
+``ran - kept`` of each killed process (kept = calls of the images it stored); with checkpoints part
+of the work is kept in the store's partials, so that difference undercounts what was kept.
 
     python scripts/measure_kill_loss.py --images 60 --batch-size 20 --kills 6
     python scripts/measure_kill_loss.py --images 60 --batch-size 20 --kills 6 --checkpoint-s inf   # no checkpoints
@@ -116,17 +120,17 @@ def main() -> None:
         total_run += ran
         if killed:
             losses.append(ran - kept)
-            print(f"kill {len(losses)}: ran {ran} calls, kept {kept} ({len(after) - len(before)} images), "
-                  f"lost {ran - kept}")
+            print(f"kill {len(losses)}: ran {ran} calls, finished {len(after) - len(before)} images "
+                  f"({kept} calls)")
         else:
             print(f"final run: ran {ran} calls, kept {kept} ({len(after) - len(before)} images), exit {proc.returncode}")
             break
     if losses:
-        mean = sum(losses) / len(losses)
+        mean = (total_run - clean_calls) / len(losses)
         per_batch = clean_calls / max(args.images / args.batch_size, 1)
-        print(f"lost per SIGKILL: mean {mean:.0f} denoiser calls ({100 * mean / clean_calls:.1f}% of a clean run, "
-              f"{mean / per_batch:.2f} dataloader batches of work), max {max(losses)}, over {len(losses)} kills; "
-              f"all attempts ran {total_run} calls = {total_run / clean_calls:.2f}x a clean run")
+        print(f"all attempts ran {total_run} calls = {total_run / clean_calls:.3f}x a clean run; lost per SIGKILL: "
+              f"{mean:.0f} denoiser calls ({100 * mean / clean_calls:.1f}% of a clean run, {mean / per_batch:.2f} "
+              f"dataloader batches of work) over {len(losses)} kills")
 
 
 if __name__ == "__main__":
