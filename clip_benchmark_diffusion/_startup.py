@@ -2,20 +2,12 @@
 
 It installs a ``sys.meta_path`` finder that waits for clip_benchmark's modules to be imported and
 then hands each to the integration module. Nothing else is imported here, so ``python -c pass``
-pays only for this file. Set CLIP_BENCHMARK_DIFFUSION_DISABLE=1 to turn it off.
+pays only for this file and the list of watched module names. Set CLIP_BENCHMARK_DIFFUSION_DISABLE=1 to turn it off.
 """
 import os
 import sys
 
-_WATCHED = frozenset((
-    "clip_benchmark.models",
-    "clip_benchmark.metrics.zeroshot_classification",
-    "clip_benchmark.metrics.zeroshot_retrieval",
-    "clip_benchmark.metrics.image_caption_selection",
-    "clip_benchmark.metrics.linear_probe",
-    "clip_benchmark.metrics.captioning",
-    "clip_benchmark.cli",
-))
+from clip_benchmark_diffusion._watched import WATCHED
 
 
 class _PatchingLoader:
@@ -39,7 +31,7 @@ class _PatchingLoader:
 
 class _Finder:
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in _WATCHED:
+        if fullname not in WATCHED:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(str(exc), file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
-"""The one exception type for user mistakes: printed as one line, never a traceback."""
+"""The exception types for user mistakes: printed as one line, never a traceback."""
 from __future__ import annotations
 
 
 class UserError(Exception):
     """A mistake the user can fix; the message says what failed and what to do."""
 
+    exit_code = 2
+
     def __str__(self) -> str:
         return f"clip_benchmark_diffusion: {self.args[0]}"
+
+
+class Interrupted(UserError):
+    """Ctrl-C: one line on what was kept, and the shell's exit code for SIGINT."""
+
+    exit_code = 130

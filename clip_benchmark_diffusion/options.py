@@ -85,8 +85,15 @@ class ScoringOptions:
                 raise UserError(f"staged n_samples must increase, got {list(self.n_samples)}")
         if self.strategy == "ttest" and not 1 < self.min_samples <= self.max_samples:
             raise UserError("ttest needs 1 < min_samples <= max_samples")
+        if self.strategy == "staged":
+            if any(k <= 0 for k in self.to_keep) or list(self.to_keep) != sorted(self.to_keep, reverse=True):
+                raise UserError(f"staged to_keep must be positive and not increase, got {list(self.to_keep)}")
+        if not 0 < self.p_value < 1:  # also false for NaN
+            raise UserError(f"scoring option p_value={self.p_value!r} must lie strictly between 0 and 1 (e.g. 0.002)")
         if self.batch_size <= 0 or self.max_classes <= 0:
             raise UserError("batch_size and max_classes must be positive")
+        if self.lookahead < 0:
+            raise UserError(f"scoring option lookahead={self.lookahead} must be 0 or more")
         if self.resolution < 0 or self.max_sequence_length < 0:
             raise UserError("resolution and max_sequence_length must be 0 (the model's default) or positive")
 
@@ -142,12 +149,17 @@ def parse_option_source(source: str, base: ScoringOptions) -> ScoringOptions:
             raise UserError(f"scoring options file {source!r} does not exist; "
                             f"give a JSON file or a preset ({', '.join(PRESETS)})")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"scoring options file {source!r} is not UTF-8 text; save it as UTF-8 JSON") from None
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"scoring options file {source!r} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise UserError(f"scoring options file {source!r} must hold a JSON object")
         data = data.get("scoring", data)
+        if not isinstance(data, dict):
+            raise UserError(f"the 'scoring' entry of {source!r} must be a JSON object of options, "
+                            f"not {type(data).__name__}")
         return base.replace(**{k: v for k, v in data.items() if not k.startswith("_")})
     raise UserError(f"unknown scoring preset {source!r}; presets: {', '.join(PRESETS)} "
                     "(or give a path to a JSON options file)")
@@ -160,6 +172,8 @@ def env_overrides(base: ScoringOptions, environ: Mapping[str, str] = os.environ)
         return base
     changes: dict[str, Any] = {}
     for item in raw.split(","):
+        if not item.strip():
+            continue  # a trailing or doubled comma
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"{OPTIONS_ENV} must look like 'batch_size=32,dtype=float16', got {item!r}")
@@ -173,13 +187,32 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _coerce(key: str, value: Any, current: Any) -> Any:
-    """Turn JSON or ``key=value`` text into the field's type."""
+    """Turn JSON or ``key=value`` text into the field's type; refuse what would change meaning."""
     try:
         if isinstance(current, tuple):
             items = value.replace("+", " ").split() if isinstance(value, str) else list(value)
-            return tuple(int(v) for v in items)
+            return tuple(_integer(v) for v in items)
         if isinstance(current, bool):
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-        return type(current)(value)
+        if isinstance(current, int):
+            return _integer(value)
+        if isinstance(current, float):
+            if isinstance(value, bool):  # JSON true is not 1.0
+                raise TypeError
+            return float(value)
+        if not isinstance(value, str):  # str(5) would be a valid-looking choice name
+            raise TypeError
+        return value
     except (TypeError, ValueError):
         raise UserError(f"scoring option {key}={value!r} should be like {current!r}") from None
+
+
+def _integer(value: Any) -> int:
+    """An int from an int, integral float or digits; ``true`` and ``3.5`` are mistakes, not 1 and 3."""
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError
+        return int(value)
+    return int(value)

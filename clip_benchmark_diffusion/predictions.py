@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.partial_files import partial_path, remove_stale_partials
 
 if TYPE_CHECKING:  # scipy is imported only when a comparison is made, not on every evaluation
     from clip_benchmark_diffusion.compare import Accuracy, PairedComparison
@@ -47,7 +48,8 @@ def write_predictions(result: Path, target: list[int], top5: list[list[int]],
                       denoiser_calls: list[int | None]) -> Path:
     """Write the predictions file of ``result`` atomically (a reader never sees half of it)."""
     path = predictions_path(result)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    remove_stale_partials(path)
+    tmp = partial_path(path)
     tmp.write_text("".join(json.dumps({"target": t, "top5": p, "denoiser_calls": c}) + "\n"
                            for t, p, c in zip(target, top5, denoiser_calls)))
     os.replace(tmp, path)

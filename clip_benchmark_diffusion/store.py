@@ -37,6 +37,8 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT)",
     "CREATE TABLE IF NOT EXISTS scores(key TEXT PRIMARY KEY, payload TEXT NOT NULL, created REAL NOT NULL)",
 )
+# Per-image work of images not decided yet (``ScoringEngine`` checkpoints), so a kill loses seconds.
+_PARTIALS = "CREATE TABLE IF NOT EXISTS partials(key TEXT PRIMARY KEY, data BLOB NOT NULL, created REAL NOT NULL)"
 _T = TypeVar("_T")
 
 
@@ -51,7 +53,26 @@ class ScoreStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
         self._check_file()
+        if self.path.exists():
+            self._open()
+        # else: created by the first put, so a run that stops before its first image leaves no file
+
+    @classmethod
+    def check(cls, path: str | Path) -> None:
+        """Refuse, before any compute, a store that cannot be used: foreign, damaged or unwritable.
+
+        Creates nothing: a missing store only needs a folder it can be created in.
+        """
+        path = Path(path).expanduser()
+        if not path.exists():
+            _check_creatable(path)
+            return
+        with cls(path) as store:
+            store._verify()
+
+    def _open(self) -> None:
         try:
             self._conn = _retry(self._connect, self.path)
             _retry(self._prepare, self.path)
@@ -67,6 +88,8 @@ class ScoreStore:
         """The decoded payloads of those ``keys`` that are present."""
         unique = list(dict.fromkeys(keys))
         found: dict[str, dict] = {}
+        if self._conn is None and not self.path.exists():
+            return found
         for start in range(0, len(unique), _IN_CHUNK):
             part = unique[start : start + _IN_CHUNK]
             sql = f"SELECT key, payload FROM scores WHERE key IN ({','.join('?' * len(part))})"
@@ -75,15 +98,40 @@ class ScoreStore:
         return found
 
     def put(self, key: str, payload: dict) -> None:
-        """Insert or replace one entry in its own transaction (committed on return)."""
+        """Insert or replace one entry in its own transaction (committed on return); drops its partial."""
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         _retry(lambda: self._db.execute("INSERT OR REPLACE INTO scores(key, payload, created) VALUES (?, ?, ?)",
                                         (key, text, time.time())), self.path)
+        _retry(lambda: self._db.execute("DELETE FROM partials WHERE key = ?", (key,)), self.path)
+
+    def put_partial(self, key: str, data: bytes) -> None:
+        """Keep the partial work of an image not decided yet (replaced by each newer one)."""
+        _retry(lambda: self._db.execute("INSERT OR REPLACE INTO partials(key, data, created) VALUES (?, ?, ?)",
+                                        (key, data, time.time())), self.path)
+
+    def get_partials(self, keys: list[str]) -> dict[str, bytes]:
+        """The partial work stored for those ``keys`` that have some."""
+        if self._conn is None and not self.path.exists():
+            return {}
+        found: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), _IN_CHUNK):
+            part = unique[start : start + _IN_CHUNK]
+            sql = f"SELECT key, data FROM partials WHERE key IN ({','.join('?' * len(part))})"
+            found.update(_retry(lambda: self._db.execute(sql, part).fetchall(), self.path))
+        return found
+
+    def create(self) -> None:
+        """Create the file now if it does not exist (it is otherwise created by the first put)."""
+        self._db
 
     def __len__(self) -> int:
+        if self._conn is None and not self.path.exists():
+            return 0
         return _retry(lambda: self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0], self.path)
 
     def close(self) -> None:
+        self._closed = True
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -101,14 +149,20 @@ class ScoreStore:
     @property
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise RuntimeError(f"{self!r} is closed")
+            if self._closed:
+                raise RuntimeError(f"{self!r} is closed")
+            self._check_file(create=True)
+            self._open()
+        assert self._conn is not None
         return self._conn
 
-    def _check_file(self) -> None:
+    def _check_file(self, create: bool = False) -> None:
         """Refuse, before SQLite touches it, a file that cannot be one of our stores."""
         if self.path.is_dir():
             raise self._error("is a directory")
         if not self.path.exists():
+            if not create:
+                return  # nothing to read yet; the folder is made when the first entry is written
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -151,11 +205,22 @@ class ScoreStore:
             raise self._error(f"has {found}, this version of clip_benchmark_diffusion needs {SCHEMA_VERSION}")
         if "scores" not in tables:
             raise self._error("has no scores table")
+        if "partials" not in tables:  # added after schema 1 was released: created on first open
+            _retry(lambda: self._db.execute(_PARTIALS), self.path)
         # A no-op on stores we created; WAL lets readers and one writer work at the same time, and
         # NORMAL is still durable against a crash of the process (only an OS crash may lose the
         # last commits, never corrupt the file).
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
+
+    def _verify(self) -> None:
+        """SQLite's quick_check: a file damaged past its first page is found now, not at the first batch."""
+        try:
+            problems = [r[0] for r in _retry(lambda: self._db.execute("PRAGMA quick_check").fetchall(), self.path)]
+        except sqlite3.DatabaseError as exc:
+            raise self._error(f"is damaged ({' '.join(str(exc).split())})") from None
+        if problems != ["ok"]:
+            raise self._error(f"is damaged ({problems[0]})")
 
     def _tables(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -163,6 +228,29 @@ class ScoreStore:
     def _error(self, what: str) -> UserError:
         return UserError(f"score store {self.path} {what}; move the file away, or set {STORE_ENV} "
                          f"to another path (or to 'off' to disable the store)")
+
+
+def _check_creatable(path: Path) -> None:
+    """``path`` can be created later: its nearest existing ancestor is a writable folder."""
+    ancestor = next((p for p in path.parents if p.exists()), Path("."))
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        why = "a file" if not ancestor.is_dir() else "not writable"
+        raise UserError(f"score store {path} cannot be created: {ancestor} is {why}; set {STORE_ENV} "
+                        f"to another path (or to 'off' to disable the store)")
+
+
+def _runtime_error(exc: sqlite3.DatabaseError, path: Path) -> UserError | None:
+    """A one-line error for a store that breaks mid-run (disk full, damage), or None if not one of those."""
+    text = " ".join(str(exc).split())
+    lowered = text.lower()
+    if "full" in lowered or "no space" in lowered:
+        return UserError(f"score store {path} could not be written ({text}); free disk space (or set {STORE_ENV} "
+                         "to a path on another disk) and rerun the same command: every image finished so far "
+                         "is kept in the store and is not scored again")
+    if "malformed" in lowered or "not a database" in lowered or "corrupt" in lowered:
+        return UserError(f"score store {path} is damaged ({text}); move it away (or set {STORE_ENV} to another "
+                         "path or 'off') and rerun: the images it held are scored again")
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -185,9 +273,12 @@ def _retry(fn: Callable[[], _T], path: Path) -> _T:
     while True:
         try:
             return fn()
-        except sqlite3.OperationalError as exc:
-            if not _is_lock_error(exc):
-                raise
+        except sqlite3.DatabaseError as exc:
+            if not isinstance(exc, sqlite3.OperationalError) or not _is_lock_error(exc):
+                error = _runtime_error(exc, path)
+                if error is None:
+                    raise
+                raise error from None
             if time.monotonic() > deadline:
                 raise UserError(f"score store {path} stayed locked for over {LOCK_DEADLINE_S:.0f} s "
                                 f"({_one_line(exc)}); is it on a network file system without locking? "

@@ -66,3 +66,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class InProcessEval:
+    """``clip_benchmark eval ...`` through the patched ``cli.main`` in this process, captured like a
+    subprocess: what the console script runs, without a new interpreter (the ``inproc`` fixture)."""
+
+    def __init__(self, capsys, monkeypatch) -> None:
+        self.capsys, self.monkeypatch = capsys, monkeypatch
+
+    def __call__(self, *args: str, cwd, env=None) -> subprocess.CompletedProcess:
+        from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
+
+        ensure_installed()
+        import clip_benchmark.cli as cli
+
+        self.monkeypatch.chdir(cwd)
+        for key, value in (env or {}).items():
+            self.monkeypatch.setenv(key, value)
+        self.monkeypatch.setattr(sys, "argv", ["clip_benchmark", "eval", "--num_workers", "0", *args])
+        self.capsys.readouterr()
+        code = cli.main()
+        out, err = self.capsys.readouterr()
+        return subprocess.CompletedProcess(args, code or 0, out, err)

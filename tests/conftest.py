@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
+from cli_helpers import InProcessEval  # noqa: E402
 from tiny_models import save_tiny_sd  # noqa: E402
 from wds_data import write_digits_wds  # noqa: E402
 
@@ -31,3 +32,9 @@ def tiny_sd(tmp_path_factory) -> Path:
 def digits_wds(tmp_path_factory) -> Path:
     """20 real scikit-learn digits (2 per class) as a clip_benchmark webdataset folder."""
     return write_digits_wds(tmp_path_factory.mktemp("wds") / "digits", per_class=2)
+
+
+@pytest.fixture
+def inproc(capsys, monkeypatch) -> InProcessEval:
+    """Run ``clip_benchmark eval ...`` in this process (see :class:`cli_helpers.InProcessEval`)."""
+    return InProcessEval(capsys, monkeypatch)

@@ -14,13 +14,25 @@ pytestmark = pytest.mark.skipif(not (DIFFUSION_TINY_DIR / "model_index.json").is
                                 reason="demo weights not built (scripts/train_*_tiny.py)")
 
 IMAGES = 40  # the first 40 shipped test images: 4 per class
+QUICK_IMAGES = 10  # one per class: the whole command in the default suite, without pinned figures
 # Measured on these 40 images with the default settings (seeded, deterministic on CPU); one image
 # of slack for floating-point differences between machines.
 PINNED = {"diffusion": 0.875, "clip": 0.9}
 
 
+def test_demo_command_runs_end_to_end_on_ten_images(tmp_path):
+    """Every output of the demo (results, CSV, figure, the printed comparison) on 10 images."""
+    _check_demo(tmp_path, QUICK_IMAGES, pinned=False)
+
+
+@pytest.mark.slow
 def test_demo_command_end_to_end(tmp_path):
-    proc = console("clip_benchmark_diffusion", "demo", "--images", str(IMAGES), "--out", str(tmp_path), cwd=tmp_path)
+    """The same on 40 images, with both models' top-1 pinned."""
+    _check_demo(tmp_path, IMAGES, pinned=True)
+
+
+def _check_demo(tmp_path, images: int, pinned: bool) -> None:
+    proc = console("clip_benchmark_diffusion", "demo", "--images", str(images), "--out", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {}
     for path in (tmp_path / "results").glob("fashion_mnist_*.json"):
@@ -30,8 +42,9 @@ def test_demo_command_end_to_end(tmp_path):
     assert results["clip"]["model"] == "ViT-Tiny-4-28"                     # open_clip's own loader, by name
     for kind, data in results.items():
         acc1 = data["metrics"]["acc1"]
-        assert acc1 >= 0.7, (kind, acc1)                                   # chance is 0.1
-        assert abs(acc1 - PINNED[kind]) <= 1 / IMAGES + 1e-9, (kind, acc1)
+        assert acc1 >= (0.7 if pinned else 0.5), (kind, acc1)              # chance is 0.1
+        if pinned:
+            assert abs(acc1 - PINNED[kind]) <= 1 / images + 1e-9, (kind, acc1)
     diff = results["diffusion"]
     assert diff["diffusion_classifier"]["scoring"]["template_ensemble"] == "embedding_mean"
     assert 10 * 10 <= diff["metrics"]["denoiser_calls_per_image"] <= 10 * 50
@@ -44,6 +57,6 @@ def test_demo_command_end_to_end(tmp_path):
     compared = console("clip_benchmark_diffusion", "compare", *map(str, paths), cwd=tmp_path)
     assert compared.returncode == 0, compared.stderr
     assert compared.stdout in proc.stdout
-    n_right = {k: round(results[k]["metrics"]["acc1"] * IMAGES) for k in results}
-    assert f"diffusion_tiny: top-1 {100 * n_right['diffusion'] / IMAGES:.2f}% (95% CI" in compared.stdout
-    assert f"{n_right['clip']}/{IMAGES})" in compared.stdout and "exact McNemar p = " in compared.stdout
+    n_right = {k: round(results[k]["metrics"]["acc1"] * images) for k in results}
+    assert f"diffusion_tiny: top-1 {100 * n_right['diffusion'] / images:.2f}% (95% CI" in compared.stdout
+    assert f"{n_right['clip']}/{images})" in compared.stdout and "exact McNemar p = " in compared.stdout

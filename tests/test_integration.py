@@ -58,7 +58,7 @@ def test_output_name_is_file_safe():
     args = SimpleNamespace(output="{dataset}_{pretrained}_{model}_{language}_{task}.json", dataset="wds/digits",
                            model="diffusion_sd2@configs/x.json", pretrained="stabilityai/stable-diffusion-2-base",
                            language="en")
-    assert integ.output_path(args, "zeroshot_classification") == \
+    assert str(integ.output_path(args, "zeroshot_classification")) == \
         "digits_stabilityai_stable-diffusion-2-base_diffusion_sd2@configs_x.json_en_zeroshot_classification.json"
 
 

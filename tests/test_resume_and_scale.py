@@ -1,4 +1,8 @@
-"""No lost work and scale-out: SIGKILL + resume, free re-runs, torchrun across 2 processes."""
+"""No lost work and scale-out: SIGKILL + resume, free re-runs, torchrun across 2 processes.
+
+All slow (several console runs each). The default suite keeps one fast path per feature: resume
+after a stop mid-run in tests/test_mistakes.py (in-process), torchrun in tests/test_distributed.py.
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +13,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from cli_helpers import BIN, clip_benchmark_eval, free_port, quick_options, subprocess_env
 
@@ -35,6 +41,7 @@ def _rows(db: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_computes_only_what_is_missing(tiny_sd, digits_wds, tmp_path):
     opts = quick_options(tmp_path, strategy="full", n_samples=[12], batch_size=16)
     run_dir, ref_dir = tmp_path / "run", tmp_path / "ref"
@@ -59,7 +66,9 @@ def test_sigkill_then_resume_computes_only_what_is_missing(tiny_sd, digits_wds, 
     report = resumed.stderr.strip().splitlines()[-1]
     assert f"{stored} of 20 images from the score store" in report
     per_image = 10 * 2 * 12
-    assert f"; {(20 - stored) * per_image} denoiser calls run" in report
+    # only what neither the stored images nor the checkpoints of the images in flight hold
+    ran = int(re.search(r"; (\d+) denoiser calls run", report).group(1))
+    assert 0 < ran <= (20 - stored) * per_image
 
     again = clip_benchmark_eval(*_args(opts, tiny_sd, digits_wds, out), cwd=run_dir)
     assert "20 of 20 images from the score store" in again.stderr and "; 0 denoiser calls run" in again.stderr
@@ -74,6 +83,7 @@ def test_sigkill_then_resume_computes_only_what_is_missing(tiny_sd, digits_wds, 
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+@pytest.mark.slow
 def test_second_run_is_free_and_writes_the_same_json(tiny_sd, digits_wds, tmp_path):
     opts = quick_options(tmp_path)
     out = tmp_path / "r.json"
@@ -85,6 +95,7 @@ def test_second_run_is_free_and_writes_the_same_json(tiny_sd, digits_wds, tmp_pa
     assert out.read_text() == text
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tiny_sd, digits_wds, tmp_path):
     opts = quick_options(tmp_path, strategy="ttest", min_samples=3, max_samples=10, p_value=0.2)
     one = clip_benchmark_eval(*_args(opts, tiny_sd, digits_wds, tmp_path / "one.json"), cwd=tmp_path,

@@ -1,44 +1,16 @@
 """Every refusal and bad input: one line on stderr, no traceback, no result file, before compute.
 
-A few run the real console script in a subprocess; the rest call the same patched
+One runs the real console script in a subprocess; the rest call the same patched
 ``clip_benchmark.cli.main`` in-process, which is what the console script runs, to keep the suite fast.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from cli_helpers import assert_clean_failure, clip_benchmark_eval, quick_options
-from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
-
-
-class _InProcess:
-    """``clip_benchmark eval ...`` through the patched ``cli.main``, captured like a subprocess."""
-
-    def __init__(self, capsys, monkeypatch) -> None:
-        self.capsys, self.monkeypatch = capsys, monkeypatch
-
-    def __call__(self, *args: str, cwd, env=None) -> subprocess.CompletedProcess:
-        ensure_installed()
-        import clip_benchmark.cli as cli
-
-        self.monkeypatch.chdir(cwd)
-        for key, value in (env or {}).items():
-            self.monkeypatch.setenv(key, value)
-        self.monkeypatch.setattr(sys, "argv", ["clip_benchmark", "eval", "--num_workers", "0", *args])
-        self.capsys.readouterr()
-        code = cli.main()
-        out, err = self.capsys.readouterr()
-        return subprocess.CompletedProcess(args, code or 0, out, err)
-
-
-@pytest.fixture
-def inproc(capsys, monkeypatch):
-    return _InProcess(capsys, monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +74,7 @@ def test_unknown_weights_tag(digits_wds, tmp_path, inproc):
 
 @pytest.mark.parametrize("task", ["zeroshot_retrieval", "linear_probe", "captioning"])
 def test_unsupported_tasks_stop_before_compute(tiny_sd, digits_wds, tmp_path, task, inproc):
-    runner = clip_benchmark_eval if task == "zeroshot_retrieval" else inproc
-    assert_clean_failure(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path, "--task", task, runner=runner),
+    assert_clean_failure(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path, "--task", task, runner=inproc),
                    f"task {task} is not supported by diffusion models", cwd=tmp_path)
 
 
@@ -112,9 +83,10 @@ def test_load_clfs_is_refused(tiny_sd, digits_wds, tmp_path, inproc):
                    "--load_clfs is not supported", cwd=tmp_path)
 
 
-def test_more_classes_than_slots(tiny_sd, digits_wds, tmp_path):
+def test_more_classes_than_slots(tiny_sd, digits_wds, tmp_path, inproc):
     opts = quick_options(tmp_path, max_classes=5)
-    assert_clean_failure(_eval(f"diffusion_sd2@{opts}", tiny_sd, digits_wds, tmp_path), "more than 5 classes", cwd=tmp_path)
+    assert_clean_failure(_eval(f"diffusion_sd2@{opts}", tiny_sd, digits_wds, tmp_path, runner=inproc),
+                         "more than 5 classes", cwd=tmp_path)
 
 
 def test_bad_scoring_options(tiny_sd, digits_wds, tmp_path, inproc):
@@ -128,9 +100,9 @@ def test_bad_scoring_options(tiny_sd, digits_wds, tmp_path, inproc):
                          cwd=tmp_path)
 
 
-def test_a_bad_second_model_stops_the_command_before_the_first_runs(tiny_sd, digits_wds, tmp_path):
-    proc = clip_benchmark_eval("--pretrained_model", f"diffusion_sd2,{tiny_sd}", "diffusion_sd5,x",
-                               "--dataset", "wds/digits", "--dataset_root", str(digits_wds), cwd=tmp_path)
+def test_a_bad_second_model_stops_the_command_before_the_first_runs(tiny_sd, digits_wds, tmp_path, inproc):
+    proc = inproc("--pretrained_model", f"diffusion_sd2,{tiny_sd}", "diffusion_sd5,x",
+                  "--dataset", "wds/digits", "--dataset_root", str(digits_wds), cwd=tmp_path)
     assert_clean_failure(proc, "unknown diffusion model 'diffusion_sd5'", cwd=tmp_path)
     assert "Running" not in proc.stdout
 

@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from clip_benchmark_diffusion.adapter.caption_selection import CAPTION_SELECTION, RANK_BASE, CaptionSelectionMixin
 from clip_benchmark_diffusion.adapter.conditioning import mean_rows, stack_rows
 from clip_benchmark_diffusion.adapter.prompt_checks import check_prompt_lengths
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
+from clip_benchmark_diffusion.checkpoints import StoreCheckpoints
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.families.model import LoadedModel
 from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.progress import Progress, progress_bar
 from clip_benchmark_diffusion.registry import ModelSpec
 from clip_benchmark_diffusion import distributed as dist_util
 from clip_benchmark_diffusion.scoring.engine import Candidates, Conditioning, ImageResult, Levels, ScoringEngine
@@ -80,7 +81,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self._groups: list[torch.Tensor] = []
         self._classnames: list[str] | None = None
         self._text_cache: dict[int, Conditioning] = {}
-        self._bar: tqdm | None = None
+        self._bar: Progress | None = None
         self._model_fingerprint: str | None = None
         self.set_options(spec.options)  # the engine, and no candidate table or run key yet
 
@@ -115,7 +116,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self._structure: tuple[int, int, int] | None = None
         self.pair_errors: list[torch.Tensor] = []
         self.record = RunRecord()
-        self._bar = tqdm(total=expected_images, desc="diffusion scoring", unit="img", leave=False)
+        self._bar = progress_bar(expected_images, "diffusion scoring")
 
     def encode_text(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """One call = one class: every prompt of it gets the class's one-hot row."""
@@ -182,7 +183,8 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
 
             seeds = [image_seed(digests[i], self.options.seed) for i in todo]
             before = self.engine.stats.denoiser_calls
-            self.engine.score(self._latents(images[todo]), seeds, cands, on_done=done)
+            saved = StoreCheckpoints(self.store, [keys[i] for i in todo]) if self.store is not None else None
+            self.engine.score(self._latents(images[todo]), seeds, cands, on_done=done, checkpoints=saved)
             self.record.scored_calls += self.engine.stats.denoiser_calls - before
         return out
 

@@ -1,51 +1,32 @@
 """Every patch of clip_benchmark lives here, behind one version guard.
 
-clip_benchmark has no plugin API (DESIGN.md §2). The start-up hook calls :func:`on_import` right
-after each watched module executes; each ``_patch_*`` below changes one thing and has a test.
+clip_benchmark has no plugin API, so its functions are wrapped in place. The start-up hook calls
+:func:`on_import` right after each watched module executes; each ``_patch_*`` below changes one
+thing and has a test.
+What happens to each run (checks, output file, result fields) is in ``integration/lifecycle.py``.
 """
 from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
-import sys
 from importlib import metadata
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from clip_benchmark_diffusion._startup import _WATCHED
-from clip_benchmark_diffusion.errors import UserError
-from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV, write_predictions
+from clip_benchmark_diffusion._watched import WATCHED
+from clip_benchmark_diffusion.errors import Interrupted, UserError
+from clip_benchmark_diffusion.integration.checks import check_labels, check_model_list, check_plans, check_prompts
+from clip_benchmark_diffusion.integration.lifecycle import (LOAD_CLFS_ERROR, MODEL_TYPE, UNSUPPORTED_TASKS, current_run,
+                                                             execute, output_path, plan_run, stderr_line,
+                                                             unsupported_task_error, validate_run)
+from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV
 
 SUPPORTED = ((1, 6), (1, 7))  # [min, max) of clip_benchmark's (major, minor)
-MODEL_TYPE = "diffusion"
 MARK = "_clip_benchmark_diffusion_patched"
-# The watched modules, in import order (cli last: it imports the others).
-WATCHED = tuple(sorted(_WATCHED, key=lambda n: (n == "clip_benchmark.cli", n)))
-# Tasks a diffusion model cannot serve exactly, and why (one line each).
-UNSUPPORTED_TASKS = {
-    "zeroshot_retrieval": "retrieval scores every text against every image in independent batches, "
-                          "which a joint image-text score cannot serve exactly",
-    "linear_probe": "a linear probe needs image features, and a diffusion classifier has none",
-    "captioning": "captioning needs a text generator",
-}
-
-
-def unsupported_task_error(task: str) -> UserError:
-    return UserError(f"task {task} is not supported by diffusion models: {UNSUPPORTED_TASKS[task]}; "
-                     "use zeroshot_classification")
-
-
-def _stderr_line(text: str) -> None:
-    """Print one line to stderr in a single write: under torchrun the ranks share stderr, and
-    print() writes the text and its newline separately, so another rank's output can land between."""
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
+__all__ = ["on_import", "ensure_installed", "version_ok", "check_prompts", "output_path", "validate_run"]
 
 
 _version_ok: bool | None = None
-_current: dict[str, Any] = {}  # the diffusion model of the run in progress
 
 
 def version_ok() -> bool:
@@ -59,7 +40,7 @@ def version_ok() -> bool:
         parts = tuple(int(p) for p in (version.split(".") + ["0", "0"])[:2] if p.isdigit())
         _version_ok = len(parts) == 2 and SUPPORTED[0] <= parts < SUPPORTED[1]
         if not _version_ok:
-            _stderr_line(f"clip_benchmark_diffusion: clip_benchmark {version} is not supported (needs "
+            stderr_line(f"clip_benchmark_diffusion: clip_benchmark {version} is not supported (needs "
                          f"{'.'.join(map(str, SUPPORTED[0]))}.x); diffusion models are not registered")
     return _version_ok
 
@@ -90,11 +71,13 @@ def _load_diffusion(model_name: str, pretrained: str, cache_dir: str | None = No
     from clip_benchmark_diffusion.adapter.loader import load_diffusion_classifier
 
     model, transform, tokenizer = load_diffusion_classifier(model_name, pretrained, cache_dir, device)
-    if _current.get("store_path") is not None:
-        from clip_benchmark_diffusion.store import ScoreStore
+    state = current_run()
+    if state is not None:
+        if state.plan.store_path is not None:
+            from clip_benchmark_diffusion.store import ScoreStore
 
-        model.attach_store(ScoreStore(_current["store_path"]))
-    _current["model"] = model
+            model.attach_store(ScoreStore(state.plan.store_path))
+        state.model = model
     return model, transform, tokenizer
 
 
@@ -141,6 +124,10 @@ def _patch_metric(task: str, module: Any) -> None:
 
     @functools.wraps(original)
     def evaluate(model, dataloader, *args, **kwargs):
+        if task_name == "zeroshot_classification":  # any model: also datasets the plan could not read
+            call = signature.bind_partial(model, dataloader, *args, **kwargs).arguments
+            check_prompts(call.get("classnames"), call.get("templates"), "the class list",
+                          diffusion=_is_diffusion(model))
         if _is_diffusion(model):
             if task_name in UNSUPPORTED_TASKS:
                 raise unsupported_task_error(task_name)
@@ -148,7 +135,6 @@ def _patch_metric(task: str, module: Any) -> None:
             if call.get("load_clfs"):
                 raise UserError(LOAD_CLFS_ERROR)
             if task_name == "zeroshot_classification":
-                check_templates(call.get("classnames"), call.get("templates"))
                 model.begin_task(task_name, expected_images=_dataset_size(dataloader),
                                  classnames=call.get("classnames"), templates=call.get("templates"))
             else:
@@ -167,42 +153,13 @@ def _patch_run_classification(module: Any) -> None:
     @functools.wraps(original)
     def run_classification(model, classifier, dataloader, device, amp=True):
         logits, target = original(model, classifier, dataloader, device, amp=amp)
-        if os.environ.get(PREDICTIONS_ENV):
-            _current["predictions"] = (logits, target)
+        check_labels(target, classifier.shape[1])
+        state = current_run()
+        if state is not None and os.environ.get(PREDICTIONS_ENV):
+            state.predictions = (logits, target)
         return logits, target
 
     module.run_classification = run_classification
-
-
-def _write_predictions(final: str, model: Any) -> None:
-    """``<output stem>.predictions.jsonl``: per image the label, the top-5 classes and (ours) the calls."""
-    logits, target = _current.pop("predictions")
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices.tolist()
-    calls = model.record.calls if model is not None else [None] * len(top)
-    write_predictions(Path(final), target.tolist(), top, calls)
-
-
-def check_templates(classnames: Any, templates: Any) -> None:
-    """Prompts that cannot tell classes apart are a user error, caught before any image is scored."""
-    if isinstance(templates, dict):
-        empty = [c for c in classnames if not templates.get(c)]
-        if empty:
-            raise UserError(f"the per-class prompt file gives no prompts for {', '.join(map(repr, empty[:3]))}"
-                            f"{' and more' if len(empty) > 3 else ''}; add prompts for every class")
-        return
-    if not templates:
-        raise UserError("the template list is empty (an empty zeroshot_classification_templates.txt or "
-                        "--custom_template_file entry?); add templates such as 'a photo of a {c}.'")
-    missing = [t for t in templates if "{c}" not in t]
-    if missing:
-        raise UserError(f"template {missing[0]!r} has no {{c}} placeholder, so every class would get the same "
-                        "prompt; write templates like 'a photo of a {c}.'")
-
-
-LOAD_CLFS_ERROR = ("--load_clfs is not supported by diffusion models: a saved text classifier "
-                   "holds no prompts to denoise with; drop --load_clfs")
-SAVE_CLF_ERROR = ("--save_clf is not supported by diffusion models: their classifier is a one-hot "
-                  "placeholder, not text features; drop --save_clf")
 
 
 class _AnnouncedBatches:
@@ -228,152 +185,46 @@ def _dataset_size(dataloader: Any) -> int | None:
         return None
 
 
-# -- cli: validation before compute, safe output names, results with cost --------------------------
+# -- cli: every planned run checked before the first computes (lifecycle.py does the rest) --------
 def _patch_cli(cli: Any) -> None:
+    import warnings
+
     import clip_benchmark.models as models
+
+    # clip_benchmark builds every webdataset without shardshuffle=, and webdataset warns about it
+    # on each run; the call is clip_benchmark's (it never shuffles an evaluation), not the user's.
+    warnings.filterwarnings("ignore", message=r"WebDataset\(shardshuffle=\.\.\.\) is None", category=UserWarning,
+                            module=r"webdataset\.")
 
     cli.load_clip = models.load_clip
     original_run, original_main_eval, original_main = cli.run, cli.main_eval, cli.main
 
     def run(args: Any) -> Any:
-        return _run_one(original_run, args)  # direct callers of cli.run get validation too
+        return execute(original_run, plan_run(args))  # direct callers of cli.run get validation too
 
     def main_eval(base: Any) -> None:
+        check_model_list(base.pretrained_model)
         planned: list[Any] = []
         cli.run = planned.append  # reuse clip_benchmark's own expansion of models x datasets x languages
         try:
             original_main_eval(base)
         finally:
             cli.run = run
-        for args in planned:
-            validate_run(args)
-        for args in planned:
-            _run_one(original_run, args, validated=True)
+        plans = [plan_run(args) for args in planned]
+        check_plans([p.output for p in plans], [f"{p.args.model},{p.args.pretrained} on {p.args.dataset}"
+                                                 for p in plans])
+        for plan in plans:
+            execute(original_run, plan)
 
     @functools.wraps(original_main)
     def main(*a: Any, **kw: Any) -> Any:
         try:
             return original_main(*a, **kw)
         except UserError as exc:
-            _stderr_line(str(exc))
-            return 2
+            stderr_line(str(exc))
+            return exc.exit_code
+        except KeyboardInterrupt:  # outside a run (planning, imports): nothing to keep
+            stderr_line("clip_benchmark_diffusion: interrupted")
+            return Interrupted.exit_code
 
     cli.run, cli.main_eval, cli.main = run, main_eval, main
-
-
-def _task_of(args: Any) -> str:
-    from clip_benchmark.datasets.builder import get_dataset_default_task
-
-    return args.task if args.task != "auto" else get_dataset_default_task(_dataset_name(args))
-
-
-def _dataset_name(args: Any) -> str:
-    """The dataset name without clip_benchmark's ``wds/`` prefix, as its ``run`` computes it."""
-    return args.dataset.replace("wds/", "", 1) if args.dataset.startswith("wds/") else args.dataset
-
-
-def _is_ours(args: Any) -> bool:
-    from clip_benchmark_diffusion.registry import is_diffusion_model
-
-    return is_diffusion_model(args.model) or args.model_type == MODEL_TYPE
-
-
-def _rank() -> int:
-    from clip_benchmark_diffusion.distributed import world_from_env
-
-    return world_from_env().rank
-
-
-def validate_run(args: Any) -> None:
-    """Every check that needs no model weights and no images: raise UserError before compute."""
-    from clip_benchmark_diffusion.registry import parse_model_spec
-    from clip_benchmark_diffusion.store import ScoreStore, default_store_path
-    if not _is_ours(args):
-        return
-    spec = parse_model_spec(args.model)
-    spec.resolve_source(args.pretrained, args.model_cache_dir)
-    task = _task_of(args)
-    if task in UNSUPPORTED_TASKS:
-        raise unsupported_task_error(task)
-    if args.load_clfs:
-        raise UserError(LOAD_CLFS_ERROR)
-    if args.save_clf:
-        raise UserError(SAVE_CLF_ERROR)
-    if args.distributed:
-        raise UserError("--distributed splits whole runs, not images; for diffusion models start the same command "
-                        "under torchrun (or srun) without --distributed and the images are split across ranks")
-    store_path = default_store_path(output_path(args, task))
-    if store_path is not None:
-        ScoreStore(store_path).close()  # an unreadable store is a user error now, not after the compute
-
-
-def _slug(text: str) -> str:
-    return text.strip("/").replace("/", "_") if not os.path.isfile(text) else os.path.basename(text)
-
-
-def output_path(args: Any, task: str) -> str:
-    """clip_benchmark's output name, with ``/`` in model and weights names made file-safe."""
-    dataset = _dataset_name(args)
-    return args.output.format(model=_slug(args.model), pretrained=_slug(args.pretrained),
-                              pretrained_full_path=args.pretrained.replace("/", "_"), task=task,
-                              dataset=dataset.replace("/", "_"), language=args.language)
-
-
-def _run_one(original_run: Callable[[Any], Any], args: Any, validated: bool = False) -> Any:
-    """Run clip_benchmark's ``run`` into a temporary file, add our fields, then move it in place."""
-    from copy import copy
-
-    if not validated:
-        validate_run(args)
-    final = output_path(args, _task_of(args))
-    if args.skip_existing and os.path.exists(final):
-        if args.verbose:
-            print(f"Skip {final}, exists already.")
-        return None
-    # stock clip_benchmark opens --output only after the compute: a missing folder would lose the run
-    Path(final).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(final).with_name(f".{Path(final).name}.{os.getpid()}.partial")
-    patched = copy(args)
-    patched.output, patched.skip_existing = str(tmp), False
-    _current.clear()
-    ours = _is_ours(args)
-    if ours:
-        from clip_benchmark_diffusion.store import default_store_path
-
-        _current["store_path"] = default_store_path(final)
-    try:
-        try:
-            result = original_run(patched)
-        except Exception as exc:
-            _translate_data_errors(exc)
-            raise
-        if tmp.exists():
-            dump = json.loads(tmp.read_text())
-            model = _current.get("model")
-            if model is not None:
-                _stderr_line(model.store_report())
-                dump["metrics"].update(model.cost_summary())
-                dump["diffusion_classifier"] = model.result_metadata(model_type=args.model_type)
-            if _rank() == 0:  # every rank computed the same metrics; one writes them
-                tmp.write_text(json.dumps(dump))
-                os.replace(tmp, final)
-                if "predictions" in _current:
-                    _write_predictions(final, model)
-                if args.verbose:
-                    print(f"Wrote {final}")
-        return result
-    finally:
-        tmp.unlink(missing_ok=True)
-        _current.clear()
-
-
-def _translate_data_errors(exc: BaseException) -> None:
-    """Raise a one-line UserError for dataset problems a user can fix (found while reading images)."""
-    from PIL import Image
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, Image.DecompressionBombError):
-            raise UserError(f"an image in the dataset is too large to decode safely ({seen}); downscale it, "
-                            "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the data") from None
-        seen = seen.__cause__ or seen.__context__

@@ -101,7 +101,22 @@ class _ImageState:
     calls: int = 0
 
 
+class Checkpoints(Protocol):
+    """Per-image partial work that outlives the process (the adapter keeps it in the score store)."""
+
+    def load(self, i: int) -> tuple[torch.Tensor, int] | None:
+        """Image i's saved (G, M, N) errors (NaN where not computed) and denoiser calls, if any."""
+
+    def save(self, i: int, cerr: torch.Tensor, calls: int) -> None:
+        """Keep image i's errors so far."""
+
+
+CHECKPOINT_S = 5.0  # at most this much compute is lost when the process is killed
+
+
 class ScoringEngine:
+    checkpoint_s = CHECKPOINT_S
+
     def __init__(self, denoiser: Denoiser, grid: NoiseGrid, objective: str, options: ScoringOptions,
                  device: torch.device | str, progress: Callable[[dict], None] | None = None) -> None:
         """``grid`` holds at least ``options.max_sample_count`` noise levels in sample order;
@@ -120,11 +135,14 @@ class ScoringEngine:
 
     def score(self, latents: torch.Tensor, seeds: list[int], cands: Candidates,
               on_done: Callable[[int, ImageResult], None] | None = None,
-              allowed: torch.Tensor | None = None) -> list[ImageResult]:
+              allowed: torch.Tensor | None = None, checkpoints: Checkpoints | None = None) -> list[ImageResult]:
         """Score ``latents`` (B, C, H, W) against ``cands``; ``seeds`` from the image contents.
 
         ``on_done(i, result)`` is called as soon as image i is decided (to persist it at once).
         ``allowed`` (B, G) limits each image to some candidates (the others rank last, unscored).
+        ``checkpoints`` saves each undecided image's errors every ``checkpoint_s`` seconds and
+        restores them at the start: a restored image replays the same decisions (strategies read
+        samples in order) without recomputing what was saved.
         """
         start = time.perf_counter()
         calls_before = self.stats.denoiser_calls
@@ -141,11 +159,24 @@ class ScoringEngine:
         if allowed is not None:
             for st, row in zip(states, allowed.cpu()):
                 st.strategy.alive &= row
+        if checkpoints is not None:
+            for i, st in enumerate(states):
+                saved = checkpoints.load(i)
+                if saved is not None and saved[0].shape == st.cerr.shape:
+                    st.cerr, st.calls = saved[0].clone(), saved[1]
+        last_save, dirty = time.perf_counter(), set()
         while active := [i for i, s in enumerate(states) if not s.strategy.done]:
             items = self._collect(states, active, valid, 0)            # (Q, 4): image, class, member, sample
             items = torch.cat([items, self._fill(states, active, valid, len(items))])
-            for chunk in items.split(self.options.batch_size):
+            for chunk in items.split(self.options.batch_size) if len(items) else ():  # restored: may be none
                 self._run(states, chunk, cands)
+                if checkpoints is not None:
+                    dirty.update(chunk[:, 0].unique().tolist())
+                    if time.perf_counter() - last_save >= self.checkpoint_s:
+                        for i in sorted(dirty):
+                            checkpoints.save(i, states[i].cerr, states[i].calls)
+                        dirty.clear()
+                        last_save = time.perf_counter()
             for i in active:
                 st = states[i]
                 done_cls = ~st.cerr.isnan().any(1)                     # (G, N)
