@@ -1,7 +1,9 @@
-"""No lost work and scale-out: SIGKILL + resume, free re-runs, torchrun across 2 processes.
+"""No lost work and scale-out: SIGKILL + resume, free re-runs, torchrun across 2 processes, two
+commands sharing one store.
 
-All slow (several console runs each). The default suite keeps one fast path per feature: resume
-after a stop mid-run in tests/test_mistakes.py (in-process), torchrun in tests/test_distributed.py.
+The first three are slow (several console runs each); the default suite keeps one fast path per
+feature: resume after a stop mid-run in tests/test_mistakes.py (in-process), torchrun in
+tests/test_distributed.py, and the shared-store split here.
 """
 from __future__ import annotations
 
@@ -116,3 +118,25 @@ def test_torchrun_two_processes_match_one(tiny_sd, digits_wds, tmp_path):
     calls = {int(rank): int(n) for n, rank in reports}
     assert set(calls) == {0, 1} and all(c > 0 for c in calls.values())
     assert sum(calls.values()) == round(a["metrics"]["denoiser_calls_per_image"] * 20)
+
+
+def test_two_identical_commands_on_one_store_split_the_images(tiny_sd, digits_wds, tmp_path):
+    """Started together on one store, two commands score each image once between them and write the
+    same result; together they run exactly the denoiser calls of one clean run."""
+    opts = quick_options(tmp_path)
+    clean = clip_benchmark_eval(*_args(opts, tiny_sd, digits_wds, tmp_path / "clean.json"), cwd=tmp_path,
+                                env={"CLIP_BENCHMARK_DIFFUSION_STORE": "off"})
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    store = {"CLIP_BENCHMARK_DIFFUSION_STORE": str(tmp_path / "shared.sqlite")}
+    procs = [subprocess.Popen([str(BIN / "clip_benchmark"), "eval", "--num_workers", "0",
+                               *_args(opts, tiny_sd, digits_wds, tmp_path / f"run{i}.json")], cwd=tmp_path,
+                              env=subprocess_env(store), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    calls = [int(re.search(r"(\d+) denoiser calls run", e).group(1)) for e in errs]
+    reference = json.loads((tmp_path / "clean.json").read_text())["metrics"]
+    assert sum(calls) == round(reference["denoiser_calls_per_image"] * 20)          # no image scored twice
+    for i in range(2):
+        assert _without_timing(json.loads((tmp_path / f"run{i}.json").read_text()))["metrics"] == \
+            _without_timing(json.loads((tmp_path / "clean.json").read_text()))["metrics"]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from clip_benchmark_diffusion.claims import Claims, score_shared
 from clip_benchmark_diffusion.adapter.caption_selection import CAPTION_SELECTION, RANK_BASE, CaptionSelectionMixin
 from clip_benchmark_diffusion.adapter.conditioning import mean_rows, stack_rows
 from clip_benchmark_diffusion.adapter.prompt_checks import check_prompt_lengths
@@ -49,6 +50,7 @@ class RunRecord:
     calls: list[int] = field(default_factory=list)
     results: list[ImageResult] = field(default_factory=list)
     reused: int = 0          # images whose result came from the score store
+    scored_images: int = 0   # images this process scored itself
     scored_calls: int = 0    # denoiser calls this process actually ran
 
     def add(self, results: list[ImageResult]) -> None:
@@ -71,6 +73,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         dist_util.init_process_group_if_needed(self.world, self.device_)
         self.claimer = dist_util.WorkClaimer() if self.world.is_distributed else None
         self.store: ScoreStore | None = None
+        self._claims: Claims | None = None
         # A plain attribute, not a submodule: clip_benchmark must not move the offloaded text encoders.
         self.__dict__["model"] = loaded.place(self.device_)
         self.dtype = loaded.dtype
@@ -151,10 +154,13 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             images = images.to(self.device_, torch.float32)
             digests = [image_digest(img) for img in images]
             keys = [image_key(self._key(), d) for d in digests]
-            chunk = max(1, len(images) // (4 * self.world.world_size))
-            payloads = dist_util.score_batch_distributed(
-                next(_BATCH_IDS), len(images), lambda idx: self._score_subset(images, idx, digests, keys, cands),
-                self.world, self.claimer, chunk)
+            score = lambda idx: self._score_subset(images, idx, digests, keys, cands)  # noqa: E731
+            if self.store is not None and not self.world.is_distributed:
+                payloads = self._score_shared(keys, score)
+            else:
+                chunk = max(1, len(images) // (4 * self.world.world_size))
+                payloads = dist_util.score_batch_distributed(next(_BATCH_IDS), len(images), score, self.world,
+                                                             self.claimer, chunk)
         results = [ImageResult.from_payload(payloads[i]) for i in range(len(images))]
         self.record.add(results)
         if self._bar is not None:
@@ -167,6 +173,16 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
     def attach_store(self, store: ScoreStore | None) -> None:
         """Persist every image's result in ``store`` and reuse what it already holds."""
         self.store = store
+        self._claims = Claims(store.path) if store is not None else None
+
+    def _score_shared(self, keys: list[str], score) -> dict[int, dict]:
+        """One process on a store: lease the missing images first, so that identical commands sharing
+        the store split them (torchrun ranks split batches among themselves instead)."""
+        scored, reused = self.record.scored_images, self.record.reused
+        payloads = score_shared(keys, self.store, self._claims, score)
+        # images read back here were stored earlier or by another process sharing the store
+        self.record.reused = reused + len(keys) - (self.record.scored_images - scored)
+        return payloads
 
     def _score_subset(self, images: torch.Tensor, idx: list[int], digests: list[str], keys: list[str],
                       cands: Candidates) -> dict[int, dict]:
@@ -175,6 +191,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         out = {i: cached[keys[i]] for i in idx if keys[i] in cached}
         todo = [i for i in idx if i not in out]
         self.record.reused += len(out)
+        self.record.scored_images += len(todo)
         if todo:
             def done(j: int, result: ImageResult) -> None:
                 out[todo[j]] = result.to_payload()
@@ -272,7 +289,9 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         }
 
     def store_report(self) -> str:
-        """One line on what the score store saved in this process."""
+        """One line on what the score store saved in this process (the run is over: leave the store's owners)."""
+        if self._claims is not None:
+            self._claims.leave()
         where = f" ({self.store.path})" if self.store is not None else " (store off)"
         return (f"clip_benchmark_diffusion: {self.record.reused} of {len(self.record.results)} images from the score "
                 f"store{where}; {self.record.scored_calls} denoiser calls run on rank {self.world.rank}")
