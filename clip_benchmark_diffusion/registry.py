@@ -90,9 +90,16 @@ class ModelSpec:
 
     def resolve_source(self, pretrained: str | None, cache_dir: str | None = None) -> "WeightsSource":
         """``--pretrained`` (tag, Hub id, folder or clip_benchmark's default) as checked weights."""
-        from clip_benchmark_diffusion.weights import resolve_weights
+        from clip_benchmark_diffusion.weights import resolve_weights, training_timesteps
 
-        return resolve_weights(self.recipe.resolve_weights(pretrained), self.family, cache_dir)
+        source = resolve_weights(self.recipe.resolve_weights(pretrained), self.family, cache_dir)
+        if self.family.time == "vp":
+            steps = training_timesteps(source, cache_dir)
+            if steps is not None and self.options.max_sample_count > steps:
+                raise UserError(f"the scoring options ask for {self.options.max_sample_count} samples per class, but "
+                                f"the model has only {steps} training timesteps; lower n_samples / max_samples "
+                                f"to at most {steps}")
+        return source
 
 
 class _Registry:

@@ -55,6 +55,21 @@ def resolve_weights(value: str, family: "Family", cache_dir: str | None = None) 
     return _checked(WeightsSource(location=value, local=False), _hub_index(value, cache_dir), family)
 
 
+def training_timesteps(source: WeightsSource, cache_dir: str | None = None) -> int | None:
+    """``num_train_timesteps`` from the scheduler config (None when it cannot be read cheaply)."""
+    try:
+        if source.local:
+            config = Path(source.location) / "scheduler" / "scheduler_config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            config = Path(hf_hub_download(source.location, "scheduler/scheduler_config.json", cache_dir=cache_dir))
+        value = json.loads(config.read_text(encoding="utf-8")).get("num_train_timesteps", 1000)
+        return int(value)
+    except Exception:  # noqa: BLE001 - a best-effort early check; loading reports a broken scheduler
+        return None
+
+
 def _local_index(path: Path) -> dict:
     index_file = path / "model_index.json"
     if not path.is_dir() or not index_file.is_file():

@@ -128,3 +128,10 @@ def test_pinned_scores(name, tiny_folders, digits_wds, tmp_path):
     errors = torch.stack([r.outcome.mean_error for r in model.record.results])      # (2 images, 3 classes)
     # Dropping the VAE scaling factor moves these by 0.7% (SD) and 7.5% (SD3): far beyond the tolerance.
     assert torch.allclose(errors, torch.tensor(expected), rtol=2e-5, atol=0), errors.tolist()
+
+
+def test_more_samples_than_training_timesteps_is_refused_before_loading(tiny_folders, digits_wds, tmp_path):
+    opts = quick_options(tmp_path, strategy="full", n_samples=[1001])
+    proc = clip_benchmark_eval("--model", f"diffusion_sd2@{opts}", "--pretrained", str(tiny_folders["stable_diffusion"]),
+                               "--dataset", "wds/digits", "--dataset_root", str(digits_wds), cwd=tmp_path)
+    assert_clean_failure(proc, "only 1000 training timesteps", cwd=tmp_path)

@@ -111,12 +111,27 @@ def sd3_pipeline(variant: str = "sd3"):
         tokenizer_3=word_tokenizer())
 
 
+def sd3_pixel_pipeline():
+    """The format of the shipped diffusion_tiny_flow: SD3 without a VAE (1-channel pixels) and without T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=1, out_channels=1, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+        vae=None, text_encoder=clip_text(16, projection=16), tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_text(16, projection=16), tokenizer_2=clip_tokenizer(), text_encoder_3=None,
+        tokenizer_3=None)
+
+
 # name -> (recipe, pipeline builder); the helpers that add families add one line each.
 TINY_FAMILIES: dict[str, tuple[str, Callable[[], object]]] = {
     "stable_diffusion": ("diffusion_sd2", sd_pipeline),
     "sdxl": ("diffusion_sdxl", sdxl_pipeline),
     "sd3": ("diffusion_sd3", sd3_pipeline),
     "sd35_medium": ("diffusion_sd35_medium", lambda: sd3_pipeline("sd35_medium")),
+    "sd3_pixels": ("diffusion_sd3", sd3_pixel_pipeline),
 }
 
 
