@@ -57,7 +57,12 @@ def load_pair_checks(n_classification: int, n_probe_scenes: int) -> PairChecks:
     """The first ``n_classification`` classification scenes (whole rounds of 100) and
     ``n_probe_scenes`` probe scenes of the validation hold-out."""
     per_class = max(1, math.ceil(n_classification / N_PAIR_CLASSES))
-    sets = validation_eval_sets(per_class, n_probe_scenes)
+    try:
+        sets = validation_eval_sets(per_class, n_probe_scenes)
+    except ValueError as exc:  # the hold-out has 100 images per garment, each used once
+        raise SystemExit(f"clip_benchmark_diffusion: --eval-images {n_classification} with --eval-probe-scenes "
+                         f"{n_probe_scenes} needs more validation images than the hold-out has ({exc}); "
+                         "e.g. --eval-images 200 --eval-probe-scenes 200") from None
     cls = sets.classification
     n = min(n_classification, len(cls))
     captions = {p: [(it.caption, it.negative_caption) for it in items] for p, items in sets.items.items()}
