@@ -23,6 +23,14 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.compositional:
+        from clip_benchmark_diffusion.demo.compositional import DEFAULT_CLIP, DEFAULT_DIFFUSION
+        from clip_benchmark_diffusion.demo.compositional import main as compositional_main
+
+        return compositional_main(out=args.out if args.out != "runs/demo" else "runs/compositional",
+                                  images=args.images, items=args.items, batch_size=args.batch_size,
+                                  diffusion=args.diffusion_model or DEFAULT_DIFFUSION,
+                                  clip=args.clip_model or DEFAULT_CLIP)
     from clip_benchmark_diffusion.demo.run import main as demo_main
 
     return demo_main(images=args.images, out=args.out, batch_size=args.batch_size)
@@ -61,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=200, help="first N of the 1,000 shipped test images")
     p.add_argument("--out", default="runs/demo", help="folder for results, CSV and figure")
     p.add_argument("--batch-size", type=int, default=100, help="dataloader batch size")
+    p.add_argument("--compositional", action="store_true",
+                   help="issue 11: two-garment scenes, 100 ordered-pair classes and four caption-selection probes, "
+                        "diffusion vs CLIP trained on the same data (--images: first N of the 1,000 scenes)")
+    p.add_argument("--items", type=int, default=500, help="--compositional: first N of each probe's 500 items")
+    p.add_argument("--diffusion-model", help="--compositional: NAME,PRETRAINED of the diffusion model")
+    p.add_argument("--clip-model", help="--compositional: NAME,PRETRAINED of the CLIP model")
     p.set_defaults(func=_demo)
     p = sub.add_parser("compare", help="two results on the same images: 95%% intervals and a paired McNemar test")
     p.add_argument("first", help="result JSON of clip_benchmark eval, run with CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS=1")

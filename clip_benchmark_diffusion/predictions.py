@@ -2,7 +2,11 @@
 
 ``clip_benchmark eval`` with ``CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS=1`` writes, for any model
 (diffusion or CLIP), ``<result stem>.predictions.jsonl`` beside the result JSON: one line per image
-with the label, the top-5 classes and (diffusion models) the denoiser calls spent on it.
+with the label, the top-5 classes and (diffusion models) the denoiser calls spent on it. For
+image-caption selection (SugarCrepe, Winoground) a line is one instance: ``target`` 0 (the true
+caption comes first), ``top5`` the captions ranked for the instance's first image, and
+``correct``, clip_benchmark's own per-instance verdict (each image picks its caption and each
+caption its image), which is what its ``acc`` averages.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ class Run:
     target: list[int]
     top5: list[list[int]]
     denoiser_calls: list[int | None]
+    verdicts: list[bool] | None = None  # caption selection: clip_benchmark's per-instance verdict
+
 
     @property
     def model(self) -> str:
@@ -37,6 +43,8 @@ class Run:
 
     @property
     def correct(self) -> list[bool]:
+        if self.verdicts is not None:
+            return list(self.verdicts)
         return [row[0] == t for row, t in zip(self.top5, self.target)]
 
 
@@ -45,13 +53,16 @@ def predictions_path(result: Path) -> Path:
 
 
 def write_predictions(result: Path, target: list[int], top5: list[list[int]],
-                      denoiser_calls: list[int | None]) -> Path:
+                      denoiser_calls: list[int | None], correct: list[bool] | None = None) -> Path:
     """Write the predictions file of ``result`` atomically (a reader never sees half of it)."""
     path = predictions_path(result)
     remove_stale_partials(path)
     tmp = partial_path(path)
-    tmp.write_text("".join(json.dumps({"target": t, "top5": p, "denoiser_calls": c}) + "\n"
-                           for t, p, c in zip(target, top5, denoiser_calls)))
+    rows = [{"target": t, "top5": p, "denoiser_calls": c} for t, p, c in zip(target, top5, denoiser_calls)]
+    if correct is not None:
+        for row, ok in zip(rows, correct, strict=True):
+            row["correct"] = bool(ok)
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     os.replace(tmp, path)
     return path
 
@@ -65,8 +76,9 @@ def read_run(result: Path) -> Run:
         raise UserError(f"no per-image predictions {preds.name} beside {result}; rerun that evaluation with "
                         f"{PREDICTIONS_ENV}=1 (the score store makes a diffusion rerun free)")
     rows = [json.loads(line) for line in preds.read_text().splitlines() if line.strip()]
+    verdicts = [r["correct"] for r in rows] if rows and "correct" in rows[0] else None
     return Run(result, json.loads(result.read_text()), [r["target"] for r in rows], [r["top5"] for r in rows],
-               [r.get("denoiser_calls") for r in rows])
+               [r.get("denoiser_calls") for r in rows], verdicts)
 
 
 def compare_runs(a: Run, b: Run) -> tuple[Accuracy, Accuracy, PairedComparison]:

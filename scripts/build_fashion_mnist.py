@@ -30,6 +30,7 @@ from clip_benchmark_diffusion.demo.fashion_mnist import (
     DEBIAN_DIR,
     DEMO_PER_CLASS,
     DEMO_SEED,
+    MIT_NOTICE,
     VALIDATION_SEED,
     demo_test_indices,
     load_split,
@@ -44,23 +45,7 @@ Images and labels are from **Fashion-MNIST** by Zalando Research
 Machine Learning Algorithms*, arXiv:1708.07747), <https://github.com/zalandoresearch/fashion-mnist>,
 released under the MIT License:
 
-> The MIT License (MIT) Copyright © 2017 Zalando SE, https://tech.zalando.com
->
-> Permission is hereby granted, free of charge, to any person obtaining a copy of this software
-> and associated documentation files (the "Software"), to deal in the Software without
-> restriction, including without limitation the rights to use, copy, modify, merge, publish,
-> distribute, sublicense, and/or sell copies of the Software, and to permit persons to whom the
-> Software is furnished to do so, subject to the following conditions:
->
-> The above copyright notice and this permission notice shall be included in all copies or
-> substantial portions of the Software.
->
-> THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING
-> BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND
-> NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM,
-> DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
-> OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
-
+{notice}
 ## Provenance
 
 - Source files: Debian package `dataset-fashion-mnist`,
@@ -102,6 +87,7 @@ def write_wds_folder(
 def _license(what: str, selection: str, indices_block: str, split: str = "test") -> str:
     return _LICENSE.format(
         what=what,
+        notice=MIT_NOTICE,
         debian=DEBIAN_DIR,
         prefix={"test": "t10k", "train": "train"}[split],
         split=split,

@@ -13,8 +13,14 @@ class, L2 error on epsilon, class = lowest mean error. The validation images are
 no test image steers a run; ``--val-per-class 0`` trains on all 60,000 and checks on the first
 images of the shipped test subset instead (how the first shipped weights were made).
 
+``--data pairs`` trains the same kind of model on the two-garment scenes of issue 11 (RGB 28x56,
+captions naming both garments, their colours and their order; see ``demo/pairs.py``): 3 channels,
+``sample_size (28, 56)``, 32 tokens. Its checks, on scenes made from the same validation hold-out,
+report top-1 over the 100 ordered pairs and the accuracy of each caption-selection probe.
+
 Usage:
     python scripts/train_diffusion_tiny.py --steps 7000 --minutes 60 --eval-every 1000  # the shipped run
+    python scripts/train_diffusion_tiny.py --data pairs --out DIR ...                   # issue 11
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from clip_benchmark_diffusion.demo import DIFFUSION_TINY_DIR  # noqa: E402
+from clip_benchmark_diffusion.demo import DIFFUSION_PAIRS_DIR, DIFFUSION_TINY_DIR  # noqa: E402
 from clip_benchmark_diffusion.demo.captions import (  # noqa: E402
     CLASSNAMES,
     EVAL_TEMPLATES,
@@ -42,6 +48,16 @@ from clip_benchmark_diffusion.demo.captions import (  # noqa: E402
     captions_for,
 )
 from clip_benchmark_diffusion.demo.fashion_mnist import to_unit_range  # noqa: E402
+from clip_benchmark_diffusion.demo.pairs import EVAL_WRAPPERS, PAIR_CLASSNAMES  # noqa: E402
+from clip_benchmark_diffusion.demo.pairs_data import scenes_to_unit_range  # noqa: E402
+from clip_benchmark_diffusion.demo.pairs_training import (  # noqa: E402
+    PAIRS_CONTEXT_LENGTH,
+    PairBatches,
+    PairChecks,
+    check_summary,
+    format_summary,
+    load_pair_checks,
+)
 from clip_benchmark_diffusion.demo.training import load_training_data, parse_config, run_training  # noqa: E402
 from clip_benchmark_diffusion.scoring.timesteps import uniform_grid  # noqa: E402
 from clip_benchmark_diffusion.tokenizers import clip_bpe_tokenizer  # noqa: E402
@@ -68,15 +84,25 @@ class TrainConfig:
     eval_images: int = 200  # first N validation images (a class-balanced prefix)
     eval_timesteps: int = 10  # uniform grid for the periodic check
     final_eval_timesteps: int = 20  # 0 disables the final, slower evaluation
+    data: str = "fashion_mnist"  # or "pairs": the two-garment scenes of issue 11
+    base_channels: int = 16  # UNet widths (c, 2c, 4c)
+    eval_probe_scenes: int = 200  # pairs: validation probe scenes per check (one item per probe each)
 
 
-def build_components(seed: int):
+DATA_SHAPES = {  # data -> (channels, UNet sample_size, context length)
+    "fashion_mnist": (1, 28, CONTEXT_LENGTH),
+    "pairs": (3, (28, 56), PAIRS_CONTEXT_LENGTH),
+}
+
+
+def build_components(seed: int, data: str = "fashion_mnist", base_channels: int = 16):
     """Fresh, seeded (tokenizer, text_encoder, unet, scheduler) with the demo architecture."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    channels, sample_size, context_length = DATA_SHAPES[data]
     torch.manual_seed(seed)
-    tokenizer = clip_bpe_tokenizer(CONTEXT_LENGTH)
+    tokenizer = clip_bpe_tokenizer(context_length)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -85,17 +111,17 @@ def build_components(seed: int):
             projection_dim=64,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=CONTEXT_LENGTH,
+            max_position_embeddings=context_length,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=28,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32, 64),  # 28x28 -> 14x14 -> 7x7
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(base_channels, 2 * base_channels, 4 * base_channels),  # 28x28 -> 14x14 -> 7x7
         # Attention over 28x28 or 14x14 tokens is what makes CPU forwards slow: only at 7x7.
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
@@ -192,19 +218,68 @@ def save_pipeline(out_dir: Path, tokenizer, text_encoder, unet, scheduler) -> No
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def denoising_loss(
-    unet, text_encoder, scheduler, caption_table: torch.Tensor,
-    x_train: torch.Tensor, y_train: torch.Tensor, batch_size: int, gen: torch.Generator,
-) -> torch.Tensor:
-    """The DDPM epsilon loss on one random batch, each image with a random training caption."""
-    idx = torch.randint(len(x_train), (batch_size,), generator=gen)
-    x0, y = x_train[idx], y_train[idx]
-    template = torch.randint(caption_table.shape[1], (batch_size,), generator=gen)
+def denoising_loss(unet, text_encoder, scheduler, x0: torch.Tensor, ids: torch.Tensor,
+                   gen: torch.Generator) -> torch.Tensor:
+    """The DDPM epsilon loss on one batch of images ``x0`` with caption token ids ``ids``."""
     noise = torch.randn(x0.shape, generator=gen)
-    t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-    cond = text_encoder(caption_table[y, template]).last_hidden_state  # (B, L, 64)
+    t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+    cond = text_encoder(ids).last_hidden_state  # (B, L, 64)
     pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
     return F.mse_loss(pred, noise)
+
+
+def fashion_batches(tokenizer, config: TrainConfig, gen: torch.Generator):
+    """Fashion-MNIST: (check images, check labels, check name, batch function) for :func:`train`."""
+    data = load_training_data(config.train_limit, config.val_per_class, config.eval_images)
+    x_train, y_train = to_unit_range(data.train_images), torch.from_numpy(data.train_labels)
+    train_ids = caption_ids(tokenizer, TRAIN_TEMPLATES)  # (C, P, L)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(x_train), (config.batch_size,), generator=gen)
+        template = torch.randint(train_ids.shape[1], (config.batch_size,), generator=gen)
+        return x_train[idx], train_ids[y_train[idx], template]
+
+    return to_unit_range(data.check_images), torch.from_numpy(data.check_labels), data.check_name, batch
+
+
+def pairs_batches(tokenizer, config: TrainConfig):
+    """Two-garment scenes: a fresh batch of scenes and training captions per step."""
+    source = PairBatches(config.seed, config.train_limit)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, captions = source.sample(config.batch_size)
+        ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        return scenes_to_unit_range(pixels), ids
+
+    return batch
+
+
+@torch.no_grad()
+def evaluate_pairs(unet, text_encoder, tokenizer, scheduler, checks: PairChecks, n_timesteps: int,
+                   full: bool) -> dict:
+    """Top-1 over the 100 ordered pairs (held-out wrappers) and each probe's accuracy, as a
+    diffusion classifier: lower epsilon error = better match, same noise for every candidate."""
+    was_training = unet.training
+    unet.eval()
+    text_encoder.eval()
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        return text_encoder(ids).last_hidden_state
+
+    prompts = [w.format(c=name) for name in PAIR_CLASSNAMES for w in EVAL_WRAPPERS]
+    cond = encode(prompts).unflatten(0, (len(PAIR_CLASSNAMES), len(EVAL_WRAPPERS)))  # (100, 3, L, D)
+    x = scenes_to_unit_range(checks.pixels)
+    class_err = torch.cat([class_errors(unet, scheduler, part, cond, n_timesteps, round_robin=not full, chunk=250)
+                           for part in x.split(50)])
+    probe_x = scenes_to_unit_range(checks.probe_pixels)
+    cand_err = torch.stack([  # (M, 1 + probes): each scene against its own candidates only
+        class_errors(unet, scheduler, probe_x[m:m + 1], encode(checks.candidates(m))[:, None], n_timesteps,
+                     round_robin=False)[0]
+        for m in range(len(probe_x))])
+    unet.train(was_training)
+    text_encoder.train(was_training)
+    return check_summary(-class_err.numpy(), checks.labels, -cand_err.numpy())
 
 
 def train(config: TrainConfig, out_dir: Path) -> dict:
@@ -212,39 +287,48 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
+    if config.data not in DATA_SHAPES:
+        raise SystemExit(f"clip_benchmark_diffusion: --data must be one of {sorted(DATA_SHAPES)}, got {config.data!r}")
     torch.set_num_threads(config.threads)
-    tokenizer, text_encoder, unet, scheduler = build_components(config.seed)
+    tokenizer, text_encoder, unet, scheduler = build_components(config.seed, config.data, config.base_channels)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
     print(f"params: unet {n_unet:,}  text_encoder {n_text:,}", flush=True)
 
-    data = load_training_data(config.train_limit, config.val_per_class, config.eval_images)
-    x_train, y_train = to_unit_range(data.train_images), torch.from_numpy(data.train_labels)
-    x_eval, y_eval = to_unit_range(data.check_images), torch.from_numpy(data.check_labels)
-    train_ids = caption_ids(tokenizer, TRAIN_TEMPLATES)  # (C, P, L)
+    gen = torch.Generator().manual_seed(config.seed)
+    if config.data == "pairs":
+        if config.val_per_class != 100:
+            raise SystemExit("clip_benchmark_diffusion: --data pairs always holds out the 100-per-class validation split")
+        checks = load_pair_checks(config.eval_images, config.eval_probe_scenes)
+        next_batch = pairs_batches(tokenizer, config)
+    else:
+        x_eval, y_eval, check_name, next_batch = fashion_batches(tokenizer, config, gen)
 
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     ema = EMAModel(params, decay=config.ema_decay, foreach=True)
-    gen = torch.Generator().manual_seed(config.seed)
 
     def run_eval(step: int, n_timesteps: int, full: bool) -> dict:
         ema.store(params)
         ema.copy_to(params)
         t0 = time.time()
-        acc = evaluate(unet, text_encoder, tokenizer, scheduler, x_eval, y_eval, n_timesteps, full)
-        ema.restore(params)
         kind = "all templates x timesteps" if full else "templates round-robin"
-        print(f"eval step {step}: held-out {acc['heldout']:.3f}  train-template {acc['train_template']:.3f}"
-              f"  ({len(x_eval)} {data.check_name} images, {n_timesteps} timesteps, {kind},"
-              f" {time.time() - t0:.0f}s)", flush=True)
+        if config.data == "pairs":
+            acc = evaluate_pairs(unet, text_encoder, tokenizer, scheduler, checks, n_timesteps, full)
+            print(f"eval step {step}: {format_summary(acc)}  ({len(checks.labels)} validation scenes, "
+                  f"{len(checks.probe_pixels)} per probe, {n_timesteps} timesteps, {kind}, {time.time() - t0:.0f}s)",
+                  flush=True)
+        else:
+            acc = evaluate(unet, text_encoder, tokenizer, scheduler, x_eval, y_eval, n_timesteps, full)
+            print(f"eval step {step}: held-out {acc['heldout']:.3f}  train-template {acc['train_template']:.3f}"
+                  f"  ({len(x_eval)} {check_name} images, {n_timesteps} timesteps, {kind},"
+                  f" {time.time() - t0:.0f}s)", flush=True)
+        ema.restore(params)
         return {"step": step, "timesteps": n_timesteps, "full": full, **acc}
 
     def train_step() -> float:
-        loss = denoising_loss(
-            unet, text_encoder, scheduler, train_ids, x_train, y_train, config.batch_size, gen
-        )
+        loss = denoising_loss(unet, text_encoder, scheduler, *next_batch(), gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -266,7 +350,8 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
         "config": asdict(config), "steps_done": loop.steps_done, "train_minutes": round(loop.train_minutes, 2),
         "final_loss_mean_last_200": loop.mean_loss(200),
         "params": {"unet": n_unet, "text_encoder": n_text}, "curve": loop.curve, "final": final,
-        "eval_templates": list(EVAL_TEMPLATES), "train_eval_template": TRAIN_EVAL_TEMPLATE,
+        "eval_templates": list(EVAL_WRAPPERS if config.data == "pairs" else EVAL_TEMPLATES),
+        "train_eval_template": TRAIN_EVAL_TEMPLATE if config.data != "pairs" else None,
     }
     (out_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"saved EMA weights to {out_dir} after {loop.steps_done} steps, {loop.train_minutes:.1f} min of training",
@@ -275,8 +360,9 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return train(*parse_config(TrainConfig, DIFFUSION_TINY_DIR, "output diffusers folder",
-                               __doc__.splitlines()[0], argv))
+    config, out = parse_config(TrainConfig, None, "output diffusers folder (default: the shipped model of --data)",
+                               __doc__.splitlines()[0], argv)
+    return train(config, out or (DIFFUSION_PAIRS_DIR if config.data == "pairs" else DIFFUSION_TINY_DIR))
 
 
 if __name__ == "__main__":

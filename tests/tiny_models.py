@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 
-def tiny_components(prediction_type: str = "epsilon", seed: int = 0) -> dict:
+def tiny_components(prediction_type: str = "epsilon", seed: int = 0, context_length: int = 16) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -31,20 +31,20 @@ def tiny_components(prediction_type: str = "epsilon", seed: int = 0) -> dict:
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
-        vocab_size=49408, max_position_embeddings=16, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=49408, max_position_embeddings=context_length, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ))
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               num_train_timesteps=1000, prediction_type=prediction_type,
                               steps_offset=1, clip_sample=False)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_bpe_tokenizer(16),
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_bpe_tokenizer(context_length),
                 scheduler=scheduler)
 
 
-def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0, context_length: int = 16) -> Path:
     """Save a tiny SD pipeline with ``save_pretrained``; returns the folder."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(**tiny_components(prediction_type, seed), safety_checker=None,
+    pipe = StableDiffusionPipeline(**tiny_components(prediction_type, seed, context_length), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)

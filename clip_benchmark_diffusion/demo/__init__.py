@@ -17,12 +17,17 @@ CLIP_TINY_DIR = DEMO_DIR / "models" / "clip_tiny"
 CLIP_TINY_NAME = "ViT-Tiny-4-28"
 # open_clip's own weights file name (what its ``local-dir:`` schema looks for).
 CLIP_TINY_WEIGHTS = CLIP_TINY_DIR / "open_clip_model.safetensors"
+# Issue 11's pair, trained on the two-garment scenes by the same scripts with ``--data pairs``.
+DIFFUSION_PAIRS_DIR = DEMO_DIR / "models" / "diffusion_pairs"
+CLIP_PAIRS_DIR = DEMO_DIR / "models" / "clip_pairs"
+CLIP_PAIRS_NAME = "ViT-Tiny-4-28x56"
+CLIP_PAIRS_WEIGHTS = CLIP_PAIRS_DIR / "open_clip_model.safetensors"
 
 
 def register_open_clip_configs() -> None:
-    """Make the demo CLIP's architecture known to open_clip by name (cheap: one small JSON)."""
-    config = CLIP_TINY_DIR / f"{CLIP_TINY_NAME}.json"
-    if config.is_file():
-        import open_clip
+    """Make the demo CLIPs' architectures known to open_clip by name (cheap: one small JSON each)."""
+    for config in (CLIP_TINY_DIR / f"{CLIP_TINY_NAME}.json", CLIP_PAIRS_DIR / f"{CLIP_PAIRS_NAME}.json"):
+        if config.is_file():
+            import open_clip
 
-        open_clip.add_model_config(config)
+            open_clip.add_model_config(config)

@@ -40,16 +40,16 @@ class DemoPaths:
         return self.out / "results"
 
 
-def subset_dataset(images: int, dest: Path) -> Path:
-    """The first ``images`` samples of the shipped subset (already class-interleaved) as a wds folder."""
-    if images >= SHIPPED_IMAGES:
-        return DATASET_DIR
+def subset_dataset(images: int, dest: Path, source: Path = DATASET_DIR, shipped: int = SHIPPED_IMAGES) -> Path:
+    """The first ``images`` samples of a shipped wds folder (already class-interleaved) as a wds folder."""
+    if images >= shipped:
+        return source
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "test").mkdir(parents=True)
     for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
-        shutil.copy(DATASET_DIR / name, dest / name)
-    with tarfile.open(DATASET_DIR / "test" / "0.tar") as src, tarfile.open(dest / "test" / "0.tar", "w") as dst:
+        shutil.copy(source / name, dest / name)
+    with tarfile.open(source / "test" / "0.tar") as src, tarfile.open(dest / "test" / "0.tar", "w") as dst:
         keys: list[str] = []
         for member in src:
             key = member.name.rsplit(".", 1)[0]

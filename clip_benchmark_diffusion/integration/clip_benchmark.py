@@ -141,6 +141,10 @@ def _patch_metric(task: str, module: Any) -> None:
                 model.begin_task(task_name, expected_images=_dataset_size(dataloader))
             if task_name == "image_caption_selection":
                 dataloader = _AnnouncedBatches(dataloader, model)
+        if task_name == "image_caption_selection" and os.environ.get(PREDICTIONS_ENV):
+            from clip_benchmark_diffusion.integration.caption_records import evaluate_recording_instances
+
+            return evaluate_recording_instances(original, model, dataloader, *args, **kwargs)
         return original(model, dataloader, *args, **kwargs)
 
     module.evaluate = evaluate

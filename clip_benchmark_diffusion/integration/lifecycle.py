@@ -70,6 +70,8 @@ class RunState:
     plan: RunPlan
     model: Any = None                       # the diffusion classifier, once loaded
     predictions: tuple[Any, Any] | None = None  # (logits, target) when asked to dump them
+    # caption selection: (per-instance verdicts, top captions of the first image) when asked
+    caption_predictions: tuple[list[bool], list[list[int]]] | None = None
 
 
 _state: ContextVar[RunState | None] = ContextVar("clip_benchmark_diffusion_run", default=None)
@@ -201,6 +203,12 @@ def _finish(state: RunState, tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
         if state.predictions is not None:
             _write_predictions(final, state.predictions, model)
+        if state.caption_predictions is not None:
+            verdicts, rankings = state.caption_predictions
+            calls = model.record.calls if model is not None else []
+            if len(calls) != len(verdicts):  # Winoground: calls are per image, not per instance
+                calls = [None] * len(verdicts)
+            write_predictions(final, [0] * len(verdicts), rankings, calls, correct=verdicts)
         if state.plan.args.verbose:
             print(f"Wrote {final}")
 

@@ -1,0 +1,77 @@
+"""Where the two-garment scenes come from: which split, which source images, which seed.
+
+The evaluation sets are made by one procedure, :func:`eval_sets`, applied to the official *test*
+split (the shipped sets) or to the validation hold-out of the *train* split (the training
+scripts' progress checks), so a check measures the same thing as the final evaluation without
+seeing a test image. Training scenes are drawn afresh every step from the rest of the train split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from clip_benchmark_diffusion.demo import DEMO_DIR
+from clip_benchmark_diffusion.demo.fashion_mnist import VALIDATION_PER_CLASS, load_split, validation_indices
+from clip_benchmark_diffusion.demo.pairs import ProbeItem, Scenes, SourceImages, classification_scenes, probe_items, probe_scenes
+
+if TYPE_CHECKING:
+    import torch
+
+PAIRS_DATASET_DIR = DEMO_DIR / "fashion_pairs_100"
+PROBES_DIR = DEMO_DIR / "fashion_pairs_probes"
+# Shipped sizes: 10 scenes per ordered pair (1,000) and 500 probe scenes (one item per probe each).
+SHIPPED_PER_CLASS = 10
+SHIPPED_PROBE_SCENES = 500
+TEST_SEED = 0
+VALIDATION_SEED = 1
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """The classification scenes and probe scenes of one split, with the probe items."""
+
+    split: str
+    images: np.ndarray          # the whole split's grey images; scenes index into it
+    classification: Scenes
+    probes: Scenes
+    items: dict[str, list[ProbeItem]]
+
+
+def eval_sets(split: str, images: np.ndarray, labels: np.ndarray, pool: np.ndarray, seed: int,
+              per_class: int, n_probe_scenes: int) -> EvalSets:
+    """Classification scenes first, then probe scenes, from disjoint source images of ``pool``."""
+    rng = np.random.default_rng(seed)
+    sources = SourceImages(labels, pool, rng)
+    classification = classification_scenes(rng, sources, per_class)
+    probes = probe_scenes(rng, sources, n_probe_scenes)
+    return EvalSets(split, images, classification, probes, probe_items(probes, rng))
+
+
+def shipped_eval_sets(per_class: int = SHIPPED_PER_CLASS, n_probe_scenes: int = SHIPPED_PROBE_SCENES) -> EvalSets:
+    """The evaluation sets from the official test split (the shipped ones at the default sizes)."""
+    images, labels = load_split("test")
+    return eval_sets("test", images, labels, np.arange(len(labels)), TEST_SEED, per_class, n_probe_scenes)
+
+
+def validation_eval_sets(per_class: int, n_probe_scenes: int) -> EvalSets:
+    """The same kind of sets from the train split's validation hold-out (never trained on)."""
+    images, labels = load_split("train")
+    pool = np.sort(validation_indices(labels, VALIDATION_PER_CLASS))
+    return eval_sets("validation", images, labels, pool, VALIDATION_SEED, per_class, n_probe_scenes)
+
+
+def training_pool() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train-split images, labels, indices that training scenes may use): all but the hold-out."""
+    images, labels = load_split("train")
+    keep = np.ones(len(labels), dtype=bool)
+    keep[validation_indices(labels, VALIDATION_PER_CLASS)] = False
+    return images, labels, np.flatnonzero(keep)
+
+
+def scenes_to_unit_range(pixels: np.ndarray) -> "torch.Tensor":
+    """uint8 (N, 28, 56, 3) -> float32 (N, 3, 28, 56) in [-1, 1], the diffusion model's input."""
+    import torch
+
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()

@@ -1,0 +1,203 @@
+"""Write the two-garment evaluation sets (issue 11) in clip_benchmark's own formats.
+
+From the official Fashion-MNIST *test* split (Debian's dataset-fashion-mnist), seeded:
+
+- ``fashion_pairs_100/``: zero-shot classification, 100 classes = the ordered garment pairs
+  (``"a bag on the left and a sneaker on the right"``), ``--per-class`` scenes per class (default
+  10: 1,000 images), written by clip_benchmark's ``convert_dataset`` as a ``wds/`` folder;
+- ``fashion_pairs_probes/``: image-caption selection, clip_benchmark's ``sugar_crepe/<task>``
+  layout (``val2017/<file>.png`` + ``<task>.json``), one item per probe on each of
+  ``--probe-scenes`` scenes (default 500): swap_obj (position swap), swap_att (colour swap),
+  replace_obj and replace_att (controls).
+
+Positive captions and class-name templates use held-out wrappers (``EVAL_WRAPPERS``). The two sets
+use disjoint source images. Defaults rebuild the shipped folders byte for byte.
+
+Usage:
+    python scripts/build_fashion_pairs.py                                  # the shipped sets
+    python scripts/build_fashion_pairs.py --out /data/pairs --per-class 40 --probe-scenes 2000
+Then:
+    clip_benchmark eval --dataset wds/fashion_pairs_100 --dataset_root <out>/fashion_pairs_100 ...
+    clip_benchmark eval --dataset sugar_crepe/swap_att --dataset_root <out>/fashion_pairs_probes ...
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from clip_benchmark_diffusion.demo import DEMO_DIR
+from clip_benchmark_diffusion.demo.fashion_mnist import DEBIAN_DIR, MIT_NOTICE
+from clip_benchmark_diffusion.demo.pairs import (
+    COLOURS,
+    EVAL_WRAPPERS,
+    GARMENTS,
+    N_PAIR_CLASSES,
+    PAIR_CLASSNAMES,
+    PROBES,
+    RELATIONS,
+    compose,
+)
+from clip_benchmark_diffusion.demo.pairs_data import (
+    PAIRS_DATASET_DIR,
+    PROBES_DIR,
+    SHIPPED_PER_CLASS,
+    SHIPPED_PROBE_SCENES,
+    TEST_SEED,
+    EvalSets,
+    shipped_eval_sets,
+)
+from clip_benchmark_diffusion.errors import UserError
+
+# Each source image is used once: a garment class's 1,000 test images allow 50 scenes per pair
+# class (every pair class uses each garment once on one side: 20 uses per scene round).
+MAX_PER_CLASS = 50
+
+_LICENSE = """\
+# Fashion-MNIST two-garment scenes ({what})
+
+Built from **Fashion-MNIST** by Zalando Research (Han Xiao, Kashif Rasul, Roland Vollgraf,
+arXiv:1708.07747), <https://github.com/zalandoresearch/fashion-mnist>, released under the MIT License:
+
+{notice}
+## Provenance
+
+- Source: Debian package `dataset-fashion-mnist`, `{debian}/t10k-*-ubyte.gz` (the official test split).
+- Written by `scripts/build_fashion_pairs.py` of clip_benchmark_diffusion (seed {seed}): each scene
+  is two test images side by side (28x56 RGB PNG), each multiplied by a colour's channel mask
+  ({colours}), so the maximum over channels is the source image exactly. Scenes and captions:
+  `clip_benchmark_diffusion/demo/pairs.py`; which images: `pairs_data.py`. Each test image is used
+  at most once across the classification set and the probes.
+{body}"""
+
+
+class _ClassificationScenes:
+    """(PIL image, label) items with ``classes``/``templates``, the input of ``convert_dataset``."""
+
+    def __init__(self, sets: EvalSets) -> None:
+        self.pixels = compose(sets.images, sets.classification)
+        self.labels = sets.classification.pair_class
+        self.classes = list(PAIR_CLASSNAMES)
+        self.templates = list(EVAL_WRAPPERS)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return Image.fromarray(self.pixels[i]), int(self.labels[i])
+
+
+def _fix_tar_times(path: Path) -> None:
+    """Rewrite a tar with every member's mtime at 0: ``convert_dataset`` stamps the build time,
+    and a rebuild should give the same bytes (the shard is committed)."""
+    buffer = io.BytesIO()
+    with tarfile.open(path) as src, tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as dst:
+        for member in src:
+            data = src.extractfile(member).read() if member.isfile() else None
+            member.mtime = 0
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    path.write_bytes(buffer.getvalue())
+
+
+def write_classification(sets: EvalSets, out_dir: Path) -> int:
+    """The 100-class ``wds/`` folder, by clip_benchmark's own writer; returns the image count."""
+    from clip_benchmark.webdataset_builder import convert_dataset
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    dataset = _ClassificationScenes(sets)
+    convert_dataset(dataset, "test", str(out_dir), image_format="png", verbose=False)
+    for shard in sorted((out_dir / "test").glob("*.tar")):
+        _fix_tar_times(shard)
+    scenes = sets.classification
+    rows = [" ".join(f"{a}/{b}" for a, b in zip(scenes.left_index[r:r + 10], scenes.right_index[r:r + 10]))
+            for r in range(0, len(scenes), 10)]
+    body = (f"- Classification: {len(scenes)} scenes, {len(scenes) // N_PAIR_CLASSES} per ordered pair "
+            f"(label = 10 x left garment + right garment; garments in Fashion-MNIST label order: "
+            f"{', '.join(GARMENTS)}), in rounds of one scene per class (every 100-prefix is balanced), "
+            f"colours uniform and independent. Sample `s{{i:07d}}` is the i-th scene.\n"
+            f"- `zeroshot_classification_templates.txt` holds wrappers never seen in training.\n\n"
+            "## Test-split indices (left/right) of the scenes, in order\n\n```\n" + "\n".join(rows) + "\n```\n")
+    (out_dir / "LICENSE.md").write_text(_license("100-class zero-shot classification", body))
+    return len(scenes)
+
+
+def write_probes(sets: EvalSets, out_dir: Path) -> int:
+    """The ``sugar_crepe/<task>`` folder: one PNG per scene, one JSON per probe; returns the scene count."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    (out_dir / "val2017").mkdir(parents=True)
+    scenes = sets.probes
+    pixels = compose(sets.images, scenes)
+    names = [f"scene{i:05d}.png" for i in range(len(scenes))]
+    for name, image in zip(names, pixels):
+        Image.fromarray(image).save(out_dir / "val2017" / name, format="png")
+    for probe, items in sets.items.items():
+        ann = {
+            str(i): {
+                "filename": names[i], "caption": item.caption, "negative_caption": item.negative_caption,
+                # Not read by clip_benchmark: the structured descriptions, for checks and analyses.
+                "source": {"split": sets.split, "left": int(scenes.left_index[i]), "right": int(scenes.right_index[i])},
+                "positive": [list(side) for side in item.positive],
+                "negative": [list(side) for side in item.negative],
+                "relation": item.relation, "wrapper": item.wrapper,
+            }
+            for i, item in enumerate(items)
+        }
+        lines = ",\n".join(f"{json.dumps(key)}: {json.dumps(value)}" for key, value in ann.items())
+        (out_dir / f"{probe}.json").write_text("{\n" + lines + "\n}\n")  # one item per line
+    body = (f"- Probes: {len(scenes)} scenes, each with two different garments in two different colours; "
+            "one item per scene in each of " + ", ".join(f"`{p}.json` ({d})" for p, d in PROBES.items()) +
+            ". A scene's positive caption is the same in every probe; `positive`/`negative` give "
+            "[[left garment, left colour], [right garment, right colour]] (indices into the garment and "
+            f"colour lists: {', '.join(GARMENTS)}; {', '.join(COLOURS)}), `relation` indexes {list(RELATIONS)}, "
+            f"`wrapper` indexes the held-out wrappers {list(EVAL_WRAPPERS)}; `source` the test-split indices.\n")
+    (out_dir / "LICENSE.md").write_text(_license("image-caption selection probes", body))
+    return len(scenes)
+
+
+def _license(what: str, body: str) -> str:
+    return _LICENSE.format(what=what, notice=MIT_NOTICE, debian=DEBIAN_DIR, seed=TEST_SEED,
+                           colours=", ".join(COLOURS), body=body)
+
+
+def check_sizes(per_class: int, probe_scenes: int) -> None:
+    """Sizes that would reuse a test image are a user error, found before any work."""
+    if not 1 <= per_class <= MAX_PER_CLASS:
+        raise UserError(f"--per-class must be 1..{MAX_PER_CLASS} (each test image is used once), got {per_class}")
+    # Probe scenes take two different garments: about 2/10 of scenes use a given garment.
+    free = 1000 - 2 * N_PAIR_CLASSES // len(GARMENTS) * per_class
+    limit = int(free * len(GARMENTS) / 2 * 0.9)  # 10% margin for the random draw's spread
+    if not 1 <= probe_scenes <= limit:
+        raise UserError(f"--probe-scenes must be 1..{limit} with --per-class {per_class}, got {probe_scenes}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEMO_DIR,
+                        help="parent folder of fashion_pairs_100/ and fashion_pairs_probes/ (default: shipped)")
+    parser.add_argument("--per-class", type=int, default=SHIPPED_PER_CLASS, help="classification scenes per class")
+    parser.add_argument("--probe-scenes", type=int, default=SHIPPED_PROBE_SCENES, help="items per probe")
+    args = parser.parse_args(argv)
+    try:
+        check_sizes(args.per_class, args.probe_scenes)
+    except UserError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    sets = shipped_eval_sets(args.per_class, args.probe_scenes)
+    n_cls = write_classification(sets, args.out / PAIRS_DATASET_DIR.name)
+    n_probe = write_probes(sets, args.out / PROBES_DIR.name)
+    print(f"wrote {n_cls} classification scenes to {args.out / PAIRS_DATASET_DIR.name} and "
+          f"{n_probe} probe scenes x {len(PROBES)} probes to {args.out / PROBES_DIR.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""``clip_benchmark_diffusion demo --compositional`` (issue 11), PLUMBING ONLY: tiny random models.
+
+The real pair is not trained yet. The CLIP stand-in is a random open_clip model of the real
+shape (28x56 images, 32 tokens); the diffusion stand-in is the square tiny SD of the other tests
+(with 32 tokens),
+because the family layer does not yet take a non-square ``sample_size`` (its transform would
+centre-crop the scenes). What is checked is the wiring: two stock commands, per-item predictions
+for classification and caption selection, and a table whose figures are clip_benchmark's own.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from cli_helpers import console, quick_options
+from clip_benchmark_diffusion.demo.pairs import PROBES
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_32(tmp_path_factory):
+    """The tiny SD with a 32-token text side: the pair captions are longer than 16 tokens."""
+    from tiny_models import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_sd_32") / "model", context_length=32)
+
+
+@pytest.fixture(scope="module")
+def random_pairs_clip(tmp_path_factory):
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("random_pairs_clip")
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": [28, 56], "patch_size": 4, "width": 32, "head_width": 16, "layers": 1,
+                          "mlp_ratio": 2.0},
+           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder / "cfg.json")
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms("cfg")
+    local = {"model_cfg": cfg, "preprocess_cfg": dict(model.visual.preprocess_cfg)}
+    (folder / "open_clip_config.json").write_text(json.dumps(local))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def test_compositional_table_is_clip_benchmarks_own_figures(tiny_sd_32, random_pairs_clip, tmp_path):
+    opts = quick_options(tmp_path, strategy="full", n_samples=[1], resolution=16, batch_size=256)
+    proc = console("clip_benchmark_diffusion", "demo", "--compositional", "--images", "100", "--items", "12",
+                   "--batch-size", "50", "--out", str(tmp_path / "run"),
+                   "--diffusion-model", f"diffusion_sd2@{opts},{tiny_sd_32}",
+                   "--clip-model", f"local-dir:{random_pairs_clip},", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = tmp_path / "run" / "results"
+    table = {}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"(.+?)\s{2,}(\d+)\s+(\d+)\s+([\d.]+) \[.*?\]\s+([\d.]+) \[", line)
+        if m:
+            table[m.group(1).strip()] = (int(m.group(2)), float(m.group(4)), float(m.group(5)))
+    assert len(table) == 5, proc.stdout
+    assert (tmp_path / "run" / "compositional.png").stat().st_size > 0
+    for path in results.glob("*.json"):
+        result = json.loads(path.read_text())
+        rows = [json.loads(x) for x in path.with_suffix(".predictions.jsonl").read_text().splitlines()]
+        kind = 1 if "diffusion_classifier" in result else 2
+        if result["dataset"] == "wds/fashion_pairs_100":
+            n, value = 100, result["metrics"]["acc1"]
+            label = "100 ordered pairs (top-1)"
+        else:
+            probe = result["dataset"].split("/")[1]
+            assert probe in PROBES
+            n, value = 12, result["metrics"]["acc"]
+            assert all(set(r) >= {"target", "top5", "correct"} for r in rows)
+            assert sum(r["correct"] for r in rows) / n == pytest.approx(value)
+            label = next(k for k in table if k.startswith({"swap_obj": "position", "swap_att": "colour swap",
+                                                           "replace_obj": "replace garment",
+                                                           "replace_att": "replace colour"}[probe]))
+        assert len(rows) == n and table[label][0] == n
+        assert table[label][kind] == pytest.approx(100 * value, abs=0.051)
