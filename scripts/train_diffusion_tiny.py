@@ -34,12 +34,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from clip_benchmark_diffusion.demo import DIFFUSION_TINY_DIR  # noqa: E402
-from clip_benchmark_diffusion.demo.captions import (  # noqa: E402
-    CLASSNAMES,
-    EVAL_TEMPLATES,
-    TRAIN_EVAL_TEMPLATE,
-    TRAIN_TEMPLATES,
-    captions_for,
+from clip_benchmark_diffusion.demo.captions import EVAL_TEMPLATES, TRAIN_EVAL_TEMPLATE, TRAIN_TEMPLATES  # noqa: E402
+from clip_benchmark_diffusion.demo.classifier_check import (  # noqa: E402
+    caption_ids,
+    ema_weights,
+    eval_mode,
+    paired_class_errors,
+    template_accuracies,
 )
 from clip_benchmark_diffusion.demo.fashion_mnist import to_unit_range  # noqa: E402
 from clip_benchmark_diffusion.demo.training import load_training_data, parse_config, run_training  # noqa: E402
@@ -110,13 +111,6 @@ def build_components(seed: int):
     return tokenizer, text_encoder, unet, scheduler
 
 
-def caption_ids(tokenizer, templates: tuple[str, ...]) -> torch.Tensor:
-    """Token ids of every (class, template) caption: (C, P, L)."""
-    texts = [text for label in range(len(CLASSNAMES)) for text in captions_for(label, templates)]
-    ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids
-    return ids.view(len(CLASSNAMES), len(templates), -1)
-
-
 @torch.no_grad()
 def class_errors(
     unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, n_timesteps: int,
@@ -135,37 +129,25 @@ def class_errors(
     x_t = scheduler.add_noise(  # (B, K, 1, H, W); add_noise wants one timestep per leading row
         x0.repeat_interleave(K, 0), noise.flatten(0, 1), ts.repeat(B)
     ).view_as(noise)
-    if round_robin:
-        pairs = [(k, k % P) for k in range(K)]
-    else:
-        pairs = [(k, p) for k in range(K) for p in range(P)]
-    kk, pp = torch.tensor(pairs).T  # (J,), (J,)
-    bi, ci, ji = (g.reshape(-1) for g in torch.meshgrid(
-        torch.arange(B), torch.arange(C), torch.arange(len(pairs)), indexing="ij"))
-    err = torch.empty(len(bi))
-    for s in range(0, len(bi), chunk):
-        b, c, j = bi[s:s + chunk], ci[s:s + chunk], ji[s:s + chunk]
-        k = kk[j]
-        pred = unet(x_t[b, k], ts[k], encoder_hidden_states=cond[c, pp[j]]).sample
-        err[s:s + chunk] = (pred.float() - noise[b, k]).pow(2).mean(dim=(1, 2, 3))
-    return err.view(B, C, len(pairs)).mean(-1)
+
+    def row_errors(b, c, k, p):
+        pred = unet(x_t[b, k], ts[k], encoder_hidden_states=cond[c, p]).sample
+        return (pred.float() - noise[b, k]).pow(2).mean(dim=(1, 2, 3))
+
+    return paired_class_errors(B, C, K, P, round_robin, row_errors, chunk)
 
 
 @torch.no_grad()
 def evaluate(unet, text_encoder, tokenizer, scheduler, x0, labels, n_timesteps, full: bool) -> dict:
     """Top-1 accuracy with the held-out templates and with one training template."""
-    was_training = unet.training
-    unet.eval()
-    text_encoder.eval()
-    out = {}
-    for name, templates in (("heldout", EVAL_TEMPLATES), ("train_template", (TRAIN_EVAL_TEMPLATE,))):
+
+    def errors_for(templates):
         ids = caption_ids(tokenizer, templates)
         cond = text_encoder(ids.flatten(0, 1)).last_hidden_state.unflatten(0, ids.shape[:2])
-        errors = class_errors(unet, scheduler, x0, cond, n_timesteps, round_robin=not full)
-        out[name] = (errors.argmin(1) == labels).float().mean().item()
-    unet.train(was_training)
-    text_encoder.train(was_training)
-    return out
+        return class_errors(unet, scheduler, x0, cond, n_timesteps, round_robin=not full)
+
+    with eval_mode(unet, text_encoder):
+        return template_accuracies(errors_for, labels)
 
 
 def save_pipeline(out_dir: Path, tokenizer, text_encoder, unet, scheduler) -> None:
@@ -230,11 +212,9 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
     gen = torch.Generator().manual_seed(config.seed)
 
     def run_eval(step: int, n_timesteps: int, full: bool) -> dict:
-        ema.store(params)
-        ema.copy_to(params)
         t0 = time.time()
-        acc = evaluate(unet, text_encoder, tokenizer, scheduler, x_eval, y_eval, n_timesteps, full)
-        ema.restore(params)
+        with ema_weights(ema, params):
+            acc = evaluate(unet, text_encoder, tokenizer, scheduler, x_eval, y_eval, n_timesteps, full)
         kind = "all templates x timesteps" if full else "templates round-robin"
         print(f"eval step {step}: held-out {acc['heldout']:.3f}  train-template {acc['train_template']:.3f}"
               f"  ({len(x_eval)} {data.check_name} images, {n_timesteps} timesteps, {kind},"
