@@ -155,3 +155,97 @@ def test_shipped_diffusion_tiny_classifies() -> None:
     )
     # 20 balanced images, 3 timesteps: a coarse pin that any broken weight or scoring change trips.
     assert acc == {"heldout": pytest.approx(0.8), "train_template": pytest.approx(0.8)}
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    script = load_script("train_flow_tiny")
+    out = tmp_path_factory.mktemp("diffusion_tiny_flow")
+    summary = script.main([
+        "--out", str(out), "--steps", "3", "--train-limit", "128", "--batch-size", "8",
+        "--eval-every", "0", "--eval-images", "10", "--eval-levels", "2",
+        "--final-eval-levels", "1", "--log-every", "1", "--threads", "1",
+    ])
+    return script, out, summary
+
+
+def test_flow_folder_has_the_sd3_layout(flow_run) -> None:
+    script, out, summary = flow_run
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
+    assert index["text_encoder"] == index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert index["tokenizer"] == index["tokenizer_2"] == ["transformers", "CLIPTokenizer"]
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    assert index["vae"] == index["text_encoder_3"] == index["tokenizer_3"] == [None, None]
+    weights = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
+    assert weights == ["text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+                       "transformer/diffusion_pytorch_model.safetensors"]
+    assert summary["steps_done"] == 3
+    assert summary["max_sequence_length"] == script.MAX_SEQ == 1
+    assert summary["command"].startswith("python scripts/train_flow_tiny.py --out ")
+    assert summary["params"]["transformer"] == 3_475_728
+    # Seeded run on CPU: the first three losses are reproducible.
+    assert summary["final_loss_mean_last_200"] == pytest.approx(1.8641, abs=1e-3)
+
+
+def test_flow_folder_reloads_as_sd3_and_scores(flow_run) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    script, out, summary = flow_run
+    # Components marked null in model_index.json must be passed as None (diffusers' rule for SD3 without T5).
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, use_safetensors=True, vae=None,
+                                                    text_encoder_3=None, tokenizer_3=None)
+    tr = pipe.transformer.config
+    assert (tr.in_channels, tr.out_channels, tr.sample_size, tr.patch_size) == (1, 1, 28, 4)
+    assert tr.joint_attention_dim == 64 + 32 and tr.pooled_projection_dim == 64 + 32
+    assert tr.caption_projection_dim == tr.num_attention_heads * tr.attention_head_dim
+    assert pipe.scheduler.config.shift == 1.0 and pipe.scheduler.config.num_train_timesteps == 1000
+    assert pipe.tokenizer_max_length == 16
+
+    embeds, pooled = script.encode(pipe, ["a photo of a sneaker.", "bag"])
+    # 16 CLIP tokens, then MAX_SEQ zero tokens standing in for T5; features CLIP-1 | CLIP-2.
+    assert embeds.shape == (2, 16 + script.MAX_SEQ, 96) and pooled.shape == (2, 96)
+    assert embeds[:, 16:].abs().max() == 0
+    with torch.no_grad():
+        v = pipe.transformer(hidden_states=torch.zeros(2, 1, 28, 28), timestep=torch.tensor([500.0, 500.0]),
+                             encoder_hidden_states=embeds, pooled_projections=pooled).sample
+    assert v.shape == (2, 1, 28, 28)
+
+    # The saved weights are the ones the training-time check scored, on held-out train images.
+    from clip_benchmark_diffusion.demo.fashion_mnist import to_unit_range, train_validation_split
+
+    *_, val_images, val_labels = train_validation_split(100)
+    acc = script.evaluate(pipe, to_unit_range(val_images[:10]), torch.from_numpy(val_labels[:10]),
+                          n_levels=1, full=True)
+    assert acc == {k: summary["final"][k] for k in ("heldout", "train_template")}
+
+
+def test_flow_training_passes_gradients_through_encode_prompt() -> None:
+    script = load_script("train_flow_tiny")
+    pipe = script.build_pipeline(script.TrainConfig())
+    embeds, pooled = script.encode(pipe, ["a coat", "a dress"])
+    (embeds.square().sum() + pooled.square().sum()).backward()
+    script._check_text_gradients(pipe)  # raises when a text encoder got no gradient
+    assert pipe.text_encoder.text_model.embeddings.token_embedding.weight.grad.abs().sum() > 0
+    assert pipe.text_encoder_2.text_projection.weight.grad.abs().sum() > 0
+
+
+def test_flow_levels_follow_the_scheduler_shift() -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    script = load_script("train_flow_tiny")
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    u = torch.linspace(1.0, 0.001, 1000)  # the scheduler's unshifted sigmas
+    assert torch.allclose(script.shift_levels(u, 3.0), sched.sigmas.float(), atol=1e-5)
+    assert torch.allclose(script.level_grid(4, 1.0), torch.tensor([0.125, 0.375, 0.625, 0.875]))
+
+
+def test_flow_script_refuses_an_unknown_density(capsys, tmp_path) -> None:
+    script = load_script("train_flow_tiny")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--out", str(tmp_path / "x"), "--s-density", "beta"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("clip_benchmark_diffusion: --s-density must be one of")
+    assert not (tmp_path / "x").exists()

@@ -1,8 +1,9 @@
-"""The embedded demo: Fashion-MNIST data and two tiny models trained on it offline.
+"""The embedded demo: Fashion-MNIST data and three tiny models trained on it offline.
 
 ``fashion_mnist_1k/`` is a clip_benchmark webdataset folder (1,000 official test images);
-``models/diffusion_tiny/`` is a pixel-space text-to-image diffusion model in diffusers format and
-``models/clip_tiny/`` an open_clip model, both trained from scratch by ``scripts/train_*_tiny.py``
+``models/diffusion_tiny/`` is a pixel-space text-to-image diffusion model in diffusers format,
+``models/diffusion_tiny_flow/`` a pixel-space rectified-flow transformer in the SD3 format and
+``models/clip_tiny/`` an open_clip model, all trained from scratch by ``scripts/train_*_tiny.py``
 on the official train split with the captions in :mod:`clip_benchmark_diffusion.demo.captions`.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 DEMO_DIR = Path(__file__).resolve().parent
 DATASET_DIR = DEMO_DIR / "fashion_mnist_1k"
 DIFFUSION_TINY_DIR = DEMO_DIR / "models" / "diffusion_tiny"
+DIFFUSION_TINY_FLOW_DIR = DEMO_DIR / "models" / "diffusion_tiny_flow"
 CLIP_TINY_DIR = DEMO_DIR / "models" / "clip_tiny"
 CLIP_TINY_NAME = "ViT-Tiny-4-28"
 # open_clip's own weights file name (what its ``local-dir:`` schema looks for).
