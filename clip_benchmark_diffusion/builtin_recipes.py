@@ -44,12 +44,25 @@ def register_models(register: Callable[[Recipe], None]) -> None:
         family="stable_diffusion",
         default_weights="demo:diffusion_tiny",
         description="The embedded demo: a pixel-space diffusion model trained here on Fashion-MNIST",
+        prediction_type="epsilon",
         resolution=28,
         # From scripts/benchmark_strategies.py on this model: t-test elimination after 10 samples
         # and one conditioning per class (mean prompt embedding) keep full evaluation's accuracy
         # at a fraction of its calls.
         scoring={"strategy": "ttest", "min_samples": 10, "max_samples": 50, "template_ensemble": "embedding_mean",
                  "batch_size": 200},
+    ))
+    register(Recipe(
+        name="diffusion_tiny_flow",
+        family="sd3",
+        default_weights="demo:diffusion_tiny_flow",
+        description=("The embedded flow demo: an SD3-format rectified-flow transformer (pixel space, two CLIP "
+                     "text encoders, no T5) trained here on Fashion-MNIST"),
+        resolution=28,
+        # The scoring of diffusion_tiny, so the two demo models are compared on equal terms; without T5 the
+        # pipeline appends max_sequence_length zero tokens, and the model was trained with one.
+        scoring={"strategy": "ttest", "min_samples": 10, "max_samples": 50, "template_ensemble": "embedding_mean",
+                 "batch_size": 200, "max_sequence_length": 1},
     ))
     register(Recipe(
         name="diffusion_sdxl",

@@ -317,3 +317,26 @@ def test_more_samples_than_training_timesteps_is_refused_before_loading(tiny_fol
     proc = clip_benchmark_eval("--model", f"diffusion_sd2@{opts}", "--pretrained", str(tiny_folders["stable_diffusion"]),
                                "--dataset", "wds/digits", "--dataset_root", str(digits_wds), cwd=tmp_path)
     assert_clean_failure(proc, "only 1000 training timesteps", cwd=tmp_path)
+
+
+def test_a_non_square_model_sees_the_whole_image(tmp_path):
+    """A UNet with sample_size (h, w) (the two-garment scenes are 28 x 56) is fed the image resized to
+    exactly that shape, not centre-cropped to a square that would cut half of it off."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from PIL import Image
+
+    from tiny_models import tiny_components
+
+    torch.manual_seed(0)
+    parts = tiny_components()
+    parts["unet"] = UNet2DConditionModel(**{**parts["unet"].config, "sample_size": (8, 16)})
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "wide")
+    model, transform, _ = load(tmp_path / "wide", "diffusion_sd2", tmp_path, strategy="full", n_samples=[1])
+    image = transform(Image.new("RGB", (56, 28), "white"))
+    assert image.shape == (3, 16, 32)
+    assert model.result_metadata("open_clip")["resolution"] == (16, 32)
+    model.begin_task("zeroshot_classification")
+    for c in ("one", "two"):
+        model.encode_text(model.tokenizer([f"a photo of the number {c}."]))
+    assert model.encode_image(image[None]).shape[0] == 1

@@ -18,15 +18,17 @@ class ConvertMode:
         return f"ConvertMode({self.mode!r})"
 
 
-def image_transform(resolution: int, channels: int) -> transforms.Compose:
-    """Resize the short side, centre-crop to a square and scale to [-1, 1], as SD was trained."""
+def image_transform(resolution: int | tuple[int, int], channels: int) -> transforms.Compose:
+    """Resize the short side, centre-crop to a square and scale to [-1, 1], as SD was trained; a
+    (height, width) resolution resizes to exactly that size (a non-square model sees all of the image)."""
+    size = tuple(resolution) if isinstance(resolution, (list, tuple)) else resolution
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise ValueError(f"models with {channels} image channels are not supported (1 or 3)")
     return transforms.Compose([
         ConvertMode(mode),
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-        transforms.CenterCrop(resolution),
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.CenterCrop(size),
         transforms.ToTensor(),
         transforms.Normalize([0.5] * channels, [0.5] * channels),
     ])

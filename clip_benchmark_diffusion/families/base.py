@@ -62,9 +62,13 @@ class Family:
         blocks = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels
         return 2 ** (len(blocks) - 1)
 
-    def native_resolution(self, pipe: Any) -> int:
-        """The image side the model was trained at, as its pipeline computes the default size."""
-        return int(self.denoiser_module(pipe).config.sample_size) * self.vae_scale_factor(pipe)
+    def native_resolution(self, pipe: Any) -> int | tuple[int, int]:
+        """The image size the model was trained at, as its pipeline computes the default size: one side,
+        or (height, width) for a model with a non-square ``sample_size`` (the two-garment scenes)."""
+        size, factor = self.denoiser_module(pipe).config.sample_size, self.vae_scale_factor(pipe)
+        if isinstance(size, (list, tuple)):
+            return int(size[0]) * factor, int(size[1]) * factor
+        return int(size) * factor
 
     def image_channels(self, pipe: Any) -> int:
         vae = getattr(pipe, "vae", None)

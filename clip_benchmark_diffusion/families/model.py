@@ -53,7 +53,7 @@ class LoadedModel:
         return self
 
     # -- facts -------------------------------------------------------------------------------
-    def resolution(self, options: ScoringOptions) -> int:
+    def resolution(self, options: ScoringOptions) -> int | tuple[int, int]:
         return options.resolution or self.family.native_resolution(self.pipe)
 
     @property
