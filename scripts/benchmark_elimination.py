@@ -1,0 +1,229 @@
+"""Benchmark the elimination strategies against the Bayes limit, and on the shipped 10-class model.
+
+Synthetic world (exact): class g is x0 ~ N(mu_g, I) in D >= K dimensions with equidistant
+orthogonal means mu_g = delta e_g. The Bayes-optimal denoiser for class g is exact,
+eps_hat = sqrt(1 - a) (x_t - sqrt(a) mu_g) (tests/analytic_denoiser.py's "gaussian" oracle), and
+its expected error at every t is a^2 D + a (1 - a) |x0 - mu_g|^2, so the diffusion classifier with
+infinitely many samples *is* the Bayes classifier (nearest mean). Its accuracy is known in closed
+form, P(correct) = int phi(z) Phi(z + delta)^(K - 1) dz, and delta is solved for a chosen Bayes
+accuracy. Every strategy runs through the real scoring engine on the same images and the same
+(t, noise) pairs; calls are the engine's count.
+
+Shipped model: reads the JSON of scripts/benchmark_strategies.py (clip_benchmark's own zero-shot
+code on the shipped Fashion-MNIST images with held-out templates), which holds each image's result.
+
+    python scripts/benchmark_strategies.py --images 500 --out runs/bench_real     # shipped model
+    python scripts/benchmark_elimination.py --real runs/bench_real/benchmark.json --out docs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import integrate, optimize, stats
+
+from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.scoring.engine import Candidates, ImageResult, Schedule, ScoringEngine
+
+
+def bayes_accuracy(num_classes: int, delta: float) -> float:
+    """P(correct) of the Bayes classifier for K unit-variance Gaussians with means delta e_g."""
+    f = lambda z: stats.norm.pdf(z) * stats.norm.cdf(z + delta) ** (num_classes - 1)  # noqa: E731
+    return integrate.quad(f, -np.inf, np.inf, epsabs=1e-12)[0]
+
+
+def separation_for(num_classes: int, accuracy: float) -> float:
+    """The delta at which the Bayes accuracy with ``num_classes`` classes is ``accuracy``."""
+    return optimize.brentq(lambda d: bayes_accuracy(num_classes, d) - accuracy, 0.0, 20.0, xtol=1e-10)
+
+
+@dataclass(frozen=True)
+class World:
+    num_classes: int
+    dims: int
+    delta: float
+
+    @property
+    def means(self) -> torch.Tensor:
+        mu = torch.zeros(self.num_classes, 1, 1, self.dims)                 # (K, C, H, W) with C = H = 1
+        mu[torch.arange(self.num_classes), 0, 0, torch.arange(self.num_classes)] = self.delta
+        return mu
+
+    def images(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 1, 1, D) clean images and their (n,) labels, balanced over classes."""
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.arange(n) % self.num_classes
+        return self.means[labels] + torch.randn(n, 1, 1, self.dims, generator=g), labels
+
+
+def schedule() -> Schedule:
+    """DDPM's linear betas (1e-4 to 0.02 over 1,000 steps), as in tests/analytic_denoiser.py."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    return Schedule(alphas_cumprod=torch.cumprod(1 - betas, 0), prediction_type="epsilon")
+
+
+def score(world: World, options: ScoringOptions, x0: torch.Tensor, seeds: list[int]) -> list[ImageResult]:
+    """Run the scoring engine with the Bayes-optimal denoiser: the only code that calls it."""
+    sched = schedule()
+    abar = sched.alphas_cumprod.float()
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        a = abar[t][:, None, None, None]
+        return (1 - a).sqrt() * (x_t - a.sqrt() * cond.reshape(x_t.shape))
+
+    engine = ScoringEngine(denoise, sched, options, "cpu")
+    cands = Candidates(cond=world.means.reshape(world.num_classes, 1, -1),
+                       members=torch.arange(world.num_classes)[:, None])
+    return engine.score(x0, seeds, cands)
+
+
+def strategies(num_classes: int, n: int) -> dict[str, dict]:
+    """Every strategy with at most ``n`` samples per candidate.
+
+    staged: Li et al.'s shapes scaled to ``n`` samples: their small-dataset (n/10 then n samples,
+    keep 5 then 1) for K <= 10, their ImageNet one (n/20, n/10, n/2, n; keep K/2, K/20, K/100, 1).
+    """
+    if num_classes <= 10:
+        staged = dict(n_samples=[n // 10, n], to_keep=[5, 1])
+    else:
+        keep = [max(round(num_classes * f), 1) for f in (1 / 2, 1 / 20, 1 / 100)] + [1]
+        staged = dict(n_samples=[n // 20, n // 10, n // 2, n], to_keep=keep)
+    return {
+        "full": dict(strategy="full", n_samples=[n]),
+        "staged": dict(strategy="staged", **staged),
+        "ttest": dict(strategy="ttest", min_samples=20, max_samples=n, p_value=2e-3),
+        "anytime": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.05, survivors=1),
+        "anytime_s5": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.05, survivors=5),
+    }
+
+
+def run_world(world: World, images: int, n: int, names: list[str], chunk: int, seed: int) -> dict:
+    x0, labels = world.images(images, seed)
+    # Nearest mean = the largest of the first K coordinates (all means have the same norm).
+    bayes_rule = (x0.flatten(1)[:, : world.num_classes].argmax(1) == labels).float().mean()
+    out = {"classes": world.num_classes, "dims": world.dims, "delta": world.delta, "images": images,
+           "samples": n, "bayes_accuracy": bayes_accuracy(world.num_classes, world.delta),
+           "bayes_rule_on_these_images": float(bayes_rule), "rows": {}}
+    seeds = list(range(seed * 1_000_000, seed * 1_000_000 + images))
+    for name in names:
+        opts = ScoringOptions(batch_size=8192).replace(**strategies(world.num_classes, n)[name])
+        start = time.perf_counter()
+        res = [r for i in range(0, images, chunk) for r in score(world, opts, x0[i:i + chunk], seeds[i:i + chunk])]
+        out["rows"][name] = {
+            "per_image": {"target": labels.tolist(), "top1": [int(r.outcome.rank.argmin()) for r in res],
+                          "calls": [r.denoiser_calls for r in res],
+                          "confidence": [r.outcome.confidence for r in res],
+                          "target_rank": [int(r.outcome.rank[t]) for r, t in zip(res, labels.tolist())]},
+            "seconds": time.perf_counter() - start}
+        print(f"  K={world.num_classes} {name}: {out['rows'][name]['seconds']:.0f} s", flush=True)
+    return out
+
+
+def summarise(rows: dict) -> dict[str, dict]:
+    """Top-1, agreement with full, losses against full, calls; per strategy."""
+    full = rows["full"]["per_image"]
+    full_right = np.array(full["top1"]) == np.array(full["target"])
+    out = {}
+    for name, r in rows.items():
+        p = r["per_image"]
+        right = np.array(p["top1"]) == np.array(p["target"])
+        lost = int((full_right & ~right).sum())
+        n_full = int(full_right.sum())
+        out[name] = {"top1": right.mean(), "vs_full": right.mean() - full_right.mean(),
+                     "top5": (np.array(p["target_rank"]) < 5).mean(),
+                     "calls": float(np.mean(p["calls"])), "calls_max": int(np.max(p["calls"])),
+                     "lost": lost, "full_right": n_full,
+                     # Exact (Clopper-Pearson) 95% upper bound on the loss rate where full is right.
+                     "lost_upper": float(stats.beta.ppf(0.95, lost + 1, n_full - lost)) if n_full > lost else 1.0}
+    return out
+
+
+def table(worlds: list[dict], real: dict | None) -> str:
+    head = ("| task | strategy | top-1 % | vs full (pts) | vs Bayes (pts) | top-5 % | calls/img mean | max "
+            "| calls vs full | true class lost where full right (95% upper) |\n|" + "---|" * 10)
+    lines = [head]
+    blocks = [(f"synthetic K={w['classes']}, {w['images']} img, Bayes {100 * w['bayes_accuracy']:.1f}%",
+               w["rows"], w["bayes_accuracy"]) for w in worlds]
+    if real is not None:
+        blocks.append((f"diffusion_tiny, {real['images']} img, held-out templates", real["rows"], None))
+    for label, rows, bayes in blocks:
+        s = summarise(rows)
+        for name, r in s.items():
+            vs_bayes = f"{100 * (r['top1'] - bayes):+.1f}" if bayes is not None else "-"
+            lines.append(f"| {label} | {name} | {100 * r['top1']:.1f} | {100 * r['vs_full']:+.1f} | {vs_bayes} "
+                         f"| {100 * r['top5']:.1f} | {r['calls']:,.0f} | {r['calls_max']:,} "
+                         f"| {r['calls'] / s['full']['calls']:.3f} | {r['lost']}/{r['full_right']} "
+                         f"(≤ {100 * r['lost_upper']:.2g}%) |")
+    return "\n".join(lines)
+
+
+def plot(worlds: list[dict], real: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(f"synthetic, K = {w['classes']}", w["rows"], w["bayes_accuracy"]) for w in worlds]
+    if real is not None:
+        panels.append(("diffusion_tiny (Fashion-MNIST, K = 10)", real["rows"], None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (title, rows, bayes) in zip(axes[0], panels):
+        for name, r in summarise(rows).items():
+            ax.scatter(r["calls"], 100 * r["top1"], s=36)
+            ax.annotate(name, (r["calls"], 100 * r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if bayes is not None:
+            ax.axhline(100 * bayes, color="k", ls=":", lw=1, label="Bayes-optimal (closed form)")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("denoiser calls per image (mean)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-1 accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", default="10,100,1000", help="comma list of synthetic class counts")
+    p.add_argument("--images", default="1000,500,200", help="images per synthetic world, in the same order")
+    p.add_argument("--bayes", type=float, default=0.8, help="Bayes-optimal top-1 of every synthetic world")
+    p.add_argument("--samples", type=int, default=100, help="most samples per candidate, every strategy")
+    p.add_argument("--strategies", default="full,staged,ttest,anytime,anytime_s5")
+    p.add_argument("--chunk", type=int, default=50, help="images per engine call")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--real", help="benchmark.json of scripts/benchmark_strategies.py to add to the table")
+    p.add_argument("--out", default="runs/elimination", help="folder for the JSON, table and plot")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    worlds = []
+    for k, n in zip(map(int, args.classes.split(",")), map(int, args.images.split(","))):
+        world = World(k, max(k, 16), separation_for(k, args.bayes))
+        print(f"synthetic K={k}: delta={world.delta:.4f}, Bayes accuracy {bayes_accuracy(k, world.delta):.4f}, "
+              f"{n} images", flush=True)
+        worlds.append(run_world(world, n, args.samples, args.strategies.split(","), args.chunk, args.seed))
+        (out / "elimination_benchmark.json").write_text(json.dumps({"args": vars(args), "worlds": worlds}))
+    real = json.loads(Path(args.real).read_text()) if args.real else None
+    md = table(worlds, real)
+    (out / "elimination_benchmark_table.md").write_text(md + "\n")
+    plot(worlds, real, out / "elimination_benchmark.png")
+    print(md)
+    print(f"wrote {out / 'elimination_benchmark.json'}, {out / 'elimination_benchmark_table.md'}, "
+          f"{out / 'elimination_benchmark.png'}")
+
+
+if __name__ == "__main__":
+    main()
