@@ -2,7 +2,10 @@
 
 ``clip_benchmark eval`` with ``CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS=1`` writes, for any model
 (diffusion or CLIP), ``<result stem>.predictions.jsonl`` beside the result JSON: one line per image
-with the label, the top-5 classes and (diffusion models) the denoiser calls spent on it.
+with the label, the top-5 classes, the top-1 class's probability (``confidence``: CLIP's softmax at
+its own logit scale; for diffusion models the posterior probability that the top-1 class has the
+lowest expected error, ``scoring.strategies.best_probability``) and (diffusion models) the
+denoiser calls spent on it.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING
 from clip_benchmark_diffusion.errors import UserError
 
 if TYPE_CHECKING:  # scipy is imported only when a comparison is made, not on every evaluation
+    from clip_benchmark_diffusion.calibration import Reliability
     from clip_benchmark_diffusion.compare import Accuracy, PairedComparison
 
 PREDICTIONS_ENV = "CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS"
@@ -29,6 +33,7 @@ class Run:
     target: list[int]
     top5: list[list[int]]
     denoiser_calls: list[int | None]
+    confidence: list[float | None]   # None in files written before confidences existed
 
     @property
     def model(self) -> str:
@@ -44,12 +49,12 @@ def predictions_path(result: Path) -> Path:
 
 
 def write_predictions(result: Path, target: list[int], top5: list[list[int]],
-                      denoiser_calls: list[int | None]) -> Path:
+                      denoiser_calls: list[int | None], confidence: list[float | None]) -> Path:
     """Write the predictions file of ``result`` atomically (a reader never sees half of it)."""
     path = predictions_path(result)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text("".join(json.dumps({"target": t, "top5": p, "denoiser_calls": c}) + "\n"
-                           for t, p, c in zip(target, top5, denoiser_calls)))
+    tmp.write_text("".join(json.dumps({"target": t, "top5": p, "confidence": q, "denoiser_calls": c}) + "\n"
+                           for t, p, q, c in zip(target, top5, confidence, denoiser_calls)))
     os.replace(tmp, path)
     return path
 
@@ -64,7 +69,7 @@ def read_run(result: Path) -> Run:
                         f"{PREDICTIONS_ENV}=1 (the score store makes a diffusion rerun free)")
     rows = [json.loads(line) for line in preds.read_text().splitlines() if line.strip()]
     return Run(result, json.loads(result.read_text()), [r["target"] for r in rows], [r["top5"] for r in rows],
-               [r.get("denoiser_calls") for r in rows])
+               [r.get("denoiser_calls") for r in rows], [r.get("confidence") for r in rows])
 
 
 def compare_runs(a: Run, b: Run) -> tuple[Accuracy, Accuracy, PairedComparison]:
@@ -88,4 +93,16 @@ def comparison_lines(a: Run, b: Run) -> list[str]:
     lines.append(f"{label_a} - {label_b}: {100 * paired.difference:+.2f} points on the same {paired.total} images; "
                  f"{paired.a_only} right only by the first, {paired.b_only} only by the second; "
                  f"exact McNemar p = {paired.p_value:.3g}")
+    lines += [f"{label}: expected calibration error {100 * rel.ece:.2f} points (mean top-1 confidence "
+              f"{100 * sum(run.confidence) / len(run.confidence):.2f}%, {len(rel.count)} equal-width bins)"
+              for label, run in ((label_a, a), (label_b, b)) if (rel := calibration(run)) is not None]
     return lines
+
+
+def calibration(run: Run) -> Reliability | None:
+    """The run's reliability bins, or None when its predictions carry no confidences."""
+    from clip_benchmark_diffusion.calibration import reliability
+
+    if not run.confidence or any(c is None for c in run.confidence):
+        return None
+    return reliability(run.confidence, run.correct)

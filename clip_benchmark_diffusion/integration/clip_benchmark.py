@@ -165,18 +165,32 @@ def _patch_run_classification(module: Any) -> None:
     def run_classification(model, classifier, dataloader, device, amp=True):
         logits, target = original(model, classifier, dataloader, device, amp=amp)
         if os.environ.get(PREDICTIONS_ENV):
-            _current["predictions"] = (logits, target)
+            # clip_benchmark's logits are 100 * cosine; CLIP's own probabilities use its learned
+            # scale (100 for OpenAI's and most LAION models, 13.5 for the demo's clip_tiny).
+            import torch
+
+            scale = getattr(model, "logit_scale", None)
+            scale = float(scale.exp()) if isinstance(scale, torch.Tensor) else 100.0
+            _current["predictions"] = (logits, target, scale)
         return logits, target
 
     module.run_classification = run_classification
 
 
 def _write_predictions(final: str, model: Any) -> None:
-    """``<output stem>.predictions.jsonl``: per image the label, the top-5 classes and (ours) the calls."""
-    logits, target = _current.pop("predictions")
+    """``<output stem>.predictions.jsonl``: per image the label, the top-5 classes, the top-1
+    probability and (ours) the calls."""
+    import torch
+
+    logits, target, scale = _current.pop("predictions")
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices.tolist()
-    calls = model.record.calls if model is not None else [None] * len(top)
-    write_predictions(Path(final), target.tolist(), top, calls)
+    if model is not None:
+        calls = model.record.calls
+        confidence = [r.outcome.confidence for r in model.record.results]
+    else:
+        calls = [None] * len(top)
+        confidence = torch.softmax(logits.float() * (scale / 100.0), dim=1).max(1).values.tolist()
+    write_predictions(Path(final), target.tolist(), top, calls, confidence)
 
 
 def check_templates(classnames: Any, templates: Any) -> None:
