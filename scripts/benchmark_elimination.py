@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from scipy import integrate, optimize, stats
 
+from clip_benchmark_diffusion.calibration import reliability
 from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.predictions import read_run
 from clip_benchmark_diffusion.scoring.engine import Candidates, ImageResult, Schedule, ScoringEngine
 
 
@@ -136,6 +138,7 @@ def summarise(rows: dict) -> dict[str, dict]:
         lost = int((full_right & ~right).sum())
         n_full = int(full_right.sum())
         out[name] = {"top1": right.mean(), "vs_full": right.mean() - full_right.mean(),
+                     "ece": reliability(p["confidence"], right).ece,
                      "top5": (np.array(p["target_rank"]) < 5).mean(),
                      "calls": float(np.mean(p["calls"])), "calls_max": int(np.max(p["calls"])),
                      "lost": lost, "full_right": n_full,
@@ -146,7 +149,7 @@ def summarise(rows: dict) -> dict[str, dict]:
 
 def table(worlds: list[dict], real: dict | None) -> str:
     head = ("| task | strategy | top-1 % | vs full (pts) | vs Bayes (pts) | top-5 % | calls/img mean | max "
-            "| calls vs full | true class lost where full right (95% upper) |\n|" + "---|" * 10)
+            "| calls vs full | true class lost where full right (95% upper) | ECE (pts) |\n|" + "---|" * 11)
     lines = [head]
     blocks = [(f"synthetic K={w['classes']}, {w['images']} img, Bayes {100 * w['bayes_accuracy']:.1f}%",
                w["rows"], w["bayes_accuracy"]) for w in worlds]
@@ -159,8 +162,23 @@ def table(worlds: list[dict], real: dict | None) -> str:
             lines.append(f"| {label} | {name} | {100 * r['top1']:.1f} | {100 * r['vs_full']:+.1f} | {vs_bayes} "
                          f"| {100 * r['top5']:.1f} | {r['calls']:,.0f} | {r['calls_max']:,} "
                          f"| {r['calls'] / s['full']['calls']:.3f} | {r['lost']}/{r['full_right']} "
-                         f"(≤ {100 * r['lost_upper']:.2g}%) |")
+                         f"(≤ {100 * r['lost_upper']:.2g}%) | {100 * r['ece']:.1f} |")
+    if real is not None and real.get("clip") is not None:
+        c = real["clip"]
+        lines.append(f"| diffusion_tiny, {real['images']} img, held-out templates | CLIP {c['model']} (softmax) "
+                     f"| {100 * c['top1']:.1f} | - | - | {100 * c['top5']:.1f} | - | - | - | - | {100 * c['ece']:.1f} |")
     return "\n".join(lines)
+
+
+def clip_row(result: Path, real: dict) -> dict:
+    """The CLIP run's top-1, top-5 and ECE on the same images as the diffusion benchmark."""
+    run = read_run(result)
+    target = real["rows"]["full"]["per_image"]["target"]
+    if run.target != target:
+        raise SystemExit(f"{result} did not score the same images, in the same order, as the diffusion benchmark")
+    top5 = [t in row for row, t in zip(run.top5, run.target)]
+    return {"model": run.model, "top1": float(np.mean(run.correct)), "top5": float(np.mean(top5)),
+            "ece": reliability(run.confidence, run.correct).ece}
 
 
 def plot(worlds: list[dict], real: dict | None, path: Path) -> None:
@@ -199,7 +217,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--strategies", default="full,staged,ttest,anytime,anytime_s5")
     p.add_argument("--chunk", type=int, default=50, help="images per engine call")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--include", nargs="*", default=[],
+                   help="elimination_benchmark.json files of earlier runs whose worlds join the table (split long runs)")
     p.add_argument("--real", help="benchmark.json of scripts/benchmark_strategies.py to add to the table")
+    p.add_argument("--clip", help="a CLIP result JSON (with predictions) on the same images as --real, for its ECE")
     p.add_argument("--out", default="runs/elimination", help="folder for the JSON, table and plot")
     return p.parse_args()
 
@@ -209,14 +230,16 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    worlds = []
-    for k, n in zip(map(int, args.classes.split(",")), map(int, args.images.split(","))):
+    worlds = [w for path in args.include for w in json.loads(Path(path).read_text())["worlds"]]
+    for k, n in zip(map(int, filter(None, args.classes.split(","))), map(int, filter(None, args.images.split(",")))):
         world = World(k, max(k, 16), separation_for(k, args.bayes))
         print(f"synthetic K={k}: delta={world.delta:.4f}, Bayes accuracy {bayes_accuracy(k, world.delta):.4f}, "
               f"{n} images", flush=True)
         worlds.append(run_world(world, n, args.samples, args.strategies.split(","), args.chunk, args.seed))
         (out / "elimination_benchmark.json").write_text(json.dumps({"args": vars(args), "worlds": worlds}))
     real = json.loads(Path(args.real).read_text()) if args.real else None
+    if real is not None:
+        real["clip"] = clip_row(Path(args.clip), real) if args.clip else None
     md = table(worlds, real)
     (out / "elimination_benchmark_table.md").write_text(md + "\n")
     plot(worlds, real, out / "elimination_benchmark.png")
