@@ -67,3 +67,20 @@ def test_reliability_needs_confidences(tmp_path):
                    cwd=tmp_path)
     assert_clean_failure(proc, "neither predictions file holds per-image confidences")
     assert "expected calibration error" not in proc.stdout
+
+
+def test_image_results_carry_probabilities_through_the_store_payload():
+    import torch
+
+    from clip_benchmark_diffusion.scoring.engine import ImageResult
+    from clip_benchmark_diffusion.scoring.strategies import Outcome
+
+    outcome = Outcome(rank=torch.tensor([1, 0, 2]), mean_error=torch.tensor([0.2, 0.1, 0.9]),
+                      samples=torch.tensor([8, 8, 4]), prob=torch.tensor([0.25, 0.75, 0.0], dtype=torch.float64))
+    payload = json.loads(json.dumps(ImageResult(outcome, denoiser_calls=20, seed=3).to_payload()))
+    back = ImageResult.from_payload(payload)
+    assert back.outcome.confidence == 0.75 and torch.equal(back.outcome.prob, outcome.prob)
+    del payload["prob"]                                   # a payload stored before probabilities existed
+    old = ImageResult.from_payload(payload)
+    assert old.outcome.prob is None and old.outcome.confidence is None
+    assert torch.equal(old.outcome.rank, outcome.rank)
