@@ -71,6 +71,13 @@ class ScoringOptions:
     dtype: str = "auto"
     # Width of the embedding returned to clip_benchmark: the most classes one run can hold.
     max_classes: int = 1000
+    # Hybrid (ANCHORS.md C2): an open_clip architecture that ranks all classes first, so the
+    # diffusion model only scores its top shortlist_k ("" = pure diffusion, the leaderboard mode).
+    shortlist_model: str = ""
+    # hybrid: the shortlister's open_clip weights (a tag such as laion2b_s34b_b79k, or a file).
+    shortlist_pretrained: str = ""
+    # hybrid: classes passed on per image; top-1 can be right only if the true class is among them.
+    shortlist_k: int = 10
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
@@ -93,6 +100,9 @@ class ScoringOptions:
                 raise UserError(f"anytime needs 0 < alpha < 1 (the error level), got alpha={self.alpha}")
             if self.survivors < 1:
                 raise UserError(f"anytime needs survivors >= 1, got survivors={self.survivors}")
+        if self.shortlist_model and (not self.shortlist_pretrained or self.shortlist_k < 1):
+            raise UserError("a shortlist needs shortlist_pretrained (the open_clip weights) and shortlist_k >= 1, "
+                            f"got shortlist_pretrained={self.shortlist_pretrained!r}, shortlist_k={self.shortlist_k}")
         if self.batch_size <= 0 or self.max_classes <= 0:
             raise UserError("batch_size and max_classes must be positive")
 
@@ -135,7 +145,17 @@ class ScoringOptions:
         if self.strategy != "anytime":  # anytime-only fields: older runs' store keys stay valid
             data.pop("alpha")
             data.pop("survivors")
+        if not self.shortlist_model:  # pure diffusion: keys as before shortlists existed
+            for name in ("shortlist_model", "shortlist_pretrained", "shortlist_k"):
+                data.pop(name)
         return data
+
+    @property
+    def shortlist_label(self) -> str | None:
+        """How a hybrid names itself in results (None for pure diffusion)."""
+        if not self.shortlist_model:
+            return None
+        return f"hybrid:{self.shortlist_model}/{self.shortlist_pretrained}@top{self.shortlist_k}"
 
 
 # Per-strategy defaults of shared fields, applied when ``replace`` switches to the strategy.

@@ -49,3 +49,28 @@ def test_demo_clip_shortlists_the_shipped_images():
 def test_bad_shortlister_is_a_user_error():
     with pytest.raises(UserError, match="cannot load the shortlist model"):
         Shortlister(ShortlistSpec("ViT-B-32", "/nonexistent/weights.bin", 5))
+
+
+@pytest.mark.skipif(not (CLIP_TINY_DIR / "open_clip_model.safetensors").is_file(), reason="demo CLIP not built")
+def test_hybrid_through_the_stock_command(tmp_path):
+    import json
+
+    from cli_helpers import clip_benchmark_eval
+    from clip_benchmark_diffusion.demo.run import subset_dataset
+    from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV, predictions_path
+
+    data = subset_dataset(20, tmp_path / "data")
+    opts = f"strategy=anytime,max_samples=50,shortlist_model={CLIP_TINY_NAME},shortlist_pretrained={CLIP_TINY_WEIGHTS},shortlist_k=3"
+    proc = clip_benchmark_eval("--model", "diffusion_tiny", "--pretrained", "default", "--dataset", "wds/fashion_mnist",
+                               "--dataset_root", str(data), "--output", str(tmp_path / "out.json"), cwd=tmp_path,
+                               env={"CLIP_BENCHMARK_DIFFUSION_OPTIONS": opts, PREDICTIONS_ENV: "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out.json").read_text())
+    label = f"hybrid:{CLIP_TINY_NAME}/{CLIP_TINY_WEIGHTS}@top3"
+    assert res["model"] == f"diffusion_tiny+{label}" and res["diffusion_classifier"]["hybrid"] == label
+    m = res["metrics"]
+    assert 0.9 <= m["shortlist_recall_at_k"] <= 1.0 and m["acc1"] <= m["shortlist_recall_at_k"]
+    assert 3 * 4 <= m["denoiser_calls_per_image"] <= 3 * 50                # only the 3 shortlisted classes
+    assert m["acc1"] >= 0.7
+    rows = [json.loads(line) for line in predictions_path(tmp_path / "out.json").read_text().splitlines()]
+    assert all(len(set(r["top5"])) == 5 for r in rows)                       # the rest ranked below, in CLIP's order

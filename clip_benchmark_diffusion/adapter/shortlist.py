@@ -2,8 +2,8 @@
 model decides among CLIP's top k, and the other classes keep CLIP's order below them (ANCHORS.md C2).
 
 The final top-1 can only be right when the true class is in the shortlist, so accuracy is at most
-CLIP's recall@k; the run records the shortlister, k and that recall. Not yet wired into
-``adapter/model.py`` (being rewritten for the family layer); see ``docs/elimination_benchmark.md``.
+CLIP's recall@k; the run records the shortlister, k and that recall. The scoring options
+``shortlist_model``, ``shortlist_pretrained`` and ``shortlist_k`` switch it on.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class ShortlistSpec:
     @property
     def label(self) -> str:
         """How a hybrid is named in results: impossible to mistake for a pure diffusion row."""
-        return f"hybrid:{self.model}/{self.pretrained}@top{self.k}"
+        return f"hybrid:{self.model}/{self.pretrained}@top{self.k}"   # = ScoringOptions.shortlist_label
 
 
 class Shortlister:
@@ -39,6 +39,9 @@ class Shortlister:
     def __init__(self, spec: ShortlistSpec, device: torch.device | str = "cpu") -> None:
         import open_clip
 
+        from clip_benchmark_diffusion.demo import register_open_clip_configs
+
+        register_open_clip_configs()  # the demo CLIP's architecture is not in open_clip's list
         self.spec, self.device = spec, torch.device(device)
         try:
             self.model = open_clip.create_model(spec.model, pretrained=spec.pretrained, device=self.device).eval()

@@ -164,6 +164,8 @@ def _patch_run_classification(module: Any) -> None:
     @functools.wraps(original)
     def run_classification(model, classifier, dataloader, device, amp=True):
         logits, target = original(model, classifier, dataloader, device, amp=amp)
+        if getattr(model, "is_diffusion_classifier", False):
+            _current["shortlist_recall"] = model.shortlist_recall(target)   # None unless a hybrid
         if os.environ.get(PREDICTIONS_ENV):
             # clip_benchmark's logits are 100 * cosine; CLIP's own probabilities use its learned
             # scale (100 for OpenAI's and most LAION models, 13.5 for the demo's clip_tiny).
@@ -367,6 +369,9 @@ def _run_one(original_run: Callable[[Any], Any], args: Any, validated: bool = Fa
                 _stderr_line(model.store_report())
                 dump["metrics"].update(model.cost_summary())
                 dump["diffusion_classifier"] = model.result_metadata(model_type=args.model_type)
+                if dump["diffusion_classifier"]["hybrid"]:  # a hybrid's row must not pass for pure diffusion
+                    dump["model"] = f"{dump['model']}+{dump['diffusion_classifier']['hybrid']}"
+                    dump["metrics"]["shortlist_recall_at_k"] = _current.get("shortlist_recall")
             if _rank() == 0:  # every rank computed the same metrics; one writes them
                 tmp.write_text(json.dumps(dump))
                 os.replace(tmp, final)
