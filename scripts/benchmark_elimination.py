@@ -109,7 +109,7 @@ def run_world(world: World, images: int, n: int, names: list[str], chunk: int, s
     x0, labels = world.images(images, seed)
     # Nearest mean = the largest of the first K coordinates (all means have the same norm).
     bayes_rule = (x0.flatten(1)[:, : world.num_classes].argmax(1) == labels).float().mean()
-    out = {"classes": world.num_classes, "dims": world.dims, "delta": world.delta, "images": images,
+    out = {"classes": world.num_classes, "dims": world.dims, "delta": world.delta, "images": images, "args_seed": seed,
            "samples": n, "bayes_accuracy": bayes_accuracy(world.num_classes, world.delta),
            "bayes_rule_on_these_images": float(bayes_rule), "rows": {}}
     seeds = list(range(seed * 1_000_000, seed * 1_000_000 + images))
@@ -155,7 +155,14 @@ def table(worlds: list[dict], real: dict | None) -> str:
                w["rows"], w["bayes_accuracy"]) for w in worlds]
     if real is not None:
         blocks.append((f"diffusion_tiny, {real['images']} img, held-out templates", real["rows"], None))
-    for label, rows, bayes in blocks:
+    for (label, rows, bayes), w in zip(blocks, worlds + [None]):
+        if w is not None:  # the exact posterior softmax(delta x_g): what calibrated confidence looks like here
+            x0, labels = World(w["classes"], w["dims"], w["delta"]).images(w["images"], w["args_seed"])
+            post = torch.softmax(w["delta"] * x0.flatten(1)[:, : w["classes"]].double(), dim=1)
+            right = (post.argmax(1) == labels).numpy()
+            lines.append(f"| {label} | Bayes posterior (exact, no sampling) | {100 * right.mean():.1f} | - "
+                         f"| {100 * (right.mean() - bayes):+.1f} | - | - | - | - | - "
+                         f"| {100 * reliability(post.max(1).values.numpy(), right).ece:.1f} |")
         s = summarise(rows)
         for name, r in s.items():
             vs_bayes = f"{100 * (r['top1'] - bayes):+.1f}" if bayes is not None else "-"
@@ -230,7 +237,8 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    worlds = [w for path in args.include for w in json.loads(Path(path).read_text())["worlds"]]
+    worlds = [{"args_seed": json.loads(Path(path).read_text())["args"]["seed"], **w}
+              for path in args.include for w in json.loads(Path(path).read_text())["worlds"]]
     for k, n in zip(map(int, filter(None, args.classes.split(","))), map(int, filter(None, args.images.split(",")))):
         world = World(k, max(k, 16), separation_for(k, args.bayes))
         print(f"synthetic K={k}: delta={world.delta:.4f}, Bayes accuracy {bayes_accuracy(k, world.delta):.4f}, "
