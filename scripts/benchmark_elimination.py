@@ -226,7 +226,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--include", nargs="*", default=[],
                    help="elimination_benchmark.json files of earlier runs whose worlds join the table (split long runs)")
-    p.add_argument("--real", help="benchmark.json of scripts/benchmark_strategies.py to add to the table")
+    p.add_argument("--real", nargs="*", default=[],
+                   help="benchmark.json files of scripts/benchmark_strategies.py on the same images (the first with full)")
     p.add_argument("--clip", help="a CLIP result JSON (with predictions) on the same images as --real, for its ECE")
     p.add_argument("--out", default="runs/elimination", help="folder for the JSON, table and plot")
     return p.parse_args()
@@ -245,7 +246,12 @@ def main() -> None:
               f"{n} images", flush=True)
         worlds.append(run_world(world, n, args.samples, args.strategies.split(","), args.chunk, args.seed))
         (out / "elimination_benchmark.json").write_text(json.dumps({"args": vars(args), "worlds": worlds}))
-    real = json.loads(Path(args.real).read_text()) if args.real else None
+    real = None
+    for path in args.real:  # several runs of benchmark_strategies.py on the same images join into one block
+        part = json.loads(Path(path).read_text())
+        real = part if real is None else {**real, "rows": {**real["rows"], **part["rows"]}}
+        if part["images"] != real["images"]:
+            raise SystemExit(f"{path} scored {part['images']} images, the first --real file {real['images']}")
     if real is not None:
         real["clip"] = clip_row(Path(args.clip), real) if args.clip else None
     md = table(worlds, real)

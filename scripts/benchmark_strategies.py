@@ -32,6 +32,8 @@ def strategies(m: int) -> dict[str, dict]:
         "ttest_min5": dict(strategy="ttest", min_samples=5, max_samples=m, p_value=2e-3),
         "anytime": dict(strategy="anytime", min_samples=4, max_samples=m, alpha=0.05, survivors=1),
         "anytime_s5": dict(strategy="anytime", min_samples=4, max_samples=m, alpha=0.05, survivors=5),
+        # ANCHORS C1: the boundary grows like sqrt(log(K / alpha)); alpha 0.5 is the cheap end.
+        "anytime_a50": dict(strategy="anytime", min_samples=4, max_samples=m, alpha=0.5, survivors=1),
     }
 
 
