@@ -21,7 +21,7 @@ OPTIONS_ENV = "CLIP_BENCHMARK_DIFFUSION_OPTIONS"
 
 STRATEGIES = ("full", "staged", "ttest", "anytime")
 LOSSES = ("l2", "l1", "huber")
-WEIGHTINGS = ("uniform", "exp7", "snr")
+WEIGHTINGS = ("uniform", "native", "elbo", "exp7")
 ENSEMBLES = ("error_mean", "embedding_mean")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -54,8 +54,9 @@ class ScoringOptions:
     survivors: int = 1
     # Per-sample error between target and prediction; Li et al.: l1 on small datasets, l2 on ImageNet.
     loss: str = "l2"
-    # Timestep weighting of the error: uniform (Li), exp7 (Clark & Jaini, on the x0 error),
-    # snr (variational-bound weighting -dSNR/dt on the x0 error).
+    # Noise-level weighting, defined on log-SNR so it means the same in every family: uniform (Li:
+    # the epsilon error on the model's own time grid), native (the family's training loss), elbo
+    # (uniform in log-SNR: the variational bound), exp7 (Clark & Jaini: exp(-7 t) on the x0 error).
     weighting: str = "uniform"
     # How several prompts of one class make one class score: mean of their errors on the same
     # (t, noise) pairs, or one conditioning from the mean of their text embeddings (1 prompt's cost).
@@ -71,6 +72,12 @@ class ScoringOptions:
     dtype: str = "auto"
     # Width of the embedding returned to clip_benchmark: the most classes one run can hold.
     max_classes: int = 1000
+    # Image side to score at (0: the model's native resolution). Lower is cheaper (e.g. SDXL at 512).
+    resolution: int = 0
+    # Tokens read by T5/Gemma encoders (0: the pipeline's default: SD3 256, FLUX 512, PixArt 120/300).
+    max_sequence_length: int = 0
+    # FLUX.1-dev's distilled guidance input (models without a guidance embedding ignore it).
+    guidance: float = 3.5
     # Hybrid (ANCHORS.md C2): an open_clip architecture that ranks all classes first, so the
     # diffusion model only scores its top shortlist_k ("" = pure diffusion, the leaderboard mode).
     shortlist_model: str = ""
@@ -105,6 +112,8 @@ class ScoringOptions:
                             f"got shortlist_pretrained={self.shortlist_pretrained!r}, shortlist_k={self.shortlist_k}")
         if self.batch_size <= 0 or self.max_classes <= 0:
             raise UserError("batch_size and max_classes must be positive")
+        if self.resolution < 0 or self.max_sequence_length < 0:
+            raise UserError("resolution and max_sequence_length must be 0 (the model's default) or positive")
 
     @property
     def max_sample_count(self) -> int:

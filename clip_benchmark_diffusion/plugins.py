@@ -11,7 +11,7 @@ from clip_benchmark_diffusion import hookspecs
 ENTRY_POINT_GROUP = "clip_benchmark_diffusion"
 # Comma-separated entry-point names to load; unset loads all (like llm's LLM_LOAD_PLUGINS).
 ALLOW_ENV = "CLIP_BENCHMARK_DIFFUSION_PLUGINS"
-DEFAULT_PLUGINS = ("clip_benchmark_diffusion.builtin_recipes",)
+DEFAULT_PLUGINS = ("clip_benchmark_diffusion.builtin_recipes", "clip_benchmark_diffusion.families.builtin")
 
 _manager: pluggy.PluginManager | None = None
 

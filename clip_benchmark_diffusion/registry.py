@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.options import ScoringOptions, env_overrides, parse_option_source
@@ -21,6 +21,10 @@ RESERVED_PREFIX = "diffusion_"
 CLIP_BENCHMARK_DEFAULT_PRETRAINED = "laion400m_e32"
 OPTION_SEPARATOR = "@"
 
+if TYPE_CHECKING:
+    from clip_benchmark_diffusion.families.base import Family
+    from clip_benchmark_diffusion.weights import WeightsSource
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -28,7 +32,7 @@ class Recipe:
 
     # The --model name.
     name: str
-    # Which loader family understands the weights ("stable_diffusion": UNet2DCondition + VAE + CLIP text).
+    # The registered model family that loads and scores the weights (clip_benchmark_diffusion.families).
     family: str
     # Weights used when --pretrained is clip_benchmark's default or "default": Hub id or folder.
     default_weights: str
@@ -40,6 +44,8 @@ class Recipe:
     scoring: Mapping[str, Any] = field(default_factory=dict)
     # Expected prediction type, checked against the scheduler config (None: trust the config).
     prediction_type: str | None = None
+    # Image side of the default weights in pixels, for list-models (the loaded config decides).
+    resolution: int | None = None
 
     def default_options(self) -> ScoringOptions:
         return ScoringOptions().replace(**dict(self.scoring))
@@ -50,13 +56,20 @@ class Recipe:
             return self.default_weights
         return self.weights_tags.get(pretrained, pretrained)
 
+    def objective(self) -> str:
+        """What the denoiser predicts: flow families always velocity, VP ones per the recipe (or config)."""
+        if get_family(self.family).time == "flow":
+            return "flow"
+        return self.prediction_type or "from the scheduler config"
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "family": self.family,
+            "objective": self.objective(),
+            "resolution": self.resolution,
             "default_weights": self.default_weights,
             "weights_tags": dict(self.weights_tags),
-            "prediction_type": self.prediction_type,
             "description": self.description,
             "scoring": self.default_options().to_dict(),
         }
@@ -71,25 +84,46 @@ class ModelSpec:
     # The text after "@" (preset or options file), or None.
     option_source: str | None
 
+    @property
+    def family(self) -> "Family":
+        return get_family(self.recipe.family)
+
+    def resolve_source(self, pretrained: str | None, cache_dir: str | None = None) -> "WeightsSource":
+        """``--pretrained`` (tag, Hub id, folder or clip_benchmark's default) as checked weights."""
+        from clip_benchmark_diffusion.weights import resolve_weights, training_timesteps
+
+        source = resolve_weights(self.recipe.resolve_weights(pretrained), self.family, cache_dir)
+        if self.family.time == "vp":
+            steps = training_timesteps(source, cache_dir)
+            if steps is not None and self.options.max_sample_count > steps:
+                raise UserError(f"the scoring options ask for {self.options.max_sample_count} samples per class, but "
+                                f"the model has only {steps} training timesteps; lower n_samples / max_samples "
+                                f"to at most {steps}")
+        return source
+
 
 class _Registry:
     def __init__(self) -> None:
         self._recipes: dict[str, Recipe] | None = None
+        self._families: dict[str, "Family"] | None = None
 
     def _load(self) -> dict[str, Recipe]:
         if self._recipes is None:
             from clip_benchmark_diffusion.plugins import plugin_manager
 
-            recipes: dict[str, Recipe] = {}
-
-            def register(recipe: Recipe) -> None:
-                if recipe.name in recipes:
-                    raise ValueError(f"model recipe {recipe.name!r} is registered twice")
-                recipes[recipe.name] = recipe
-
-            plugin_manager().hook.register_models(register=register)
-            self._recipes = recipes
+            families = _collect(plugin_manager().hook.register_families, "model family")
+            recipes = _collect(plugin_manager().hook.register_models, "model recipe")
+            for recipe in recipes.values():
+                if recipe.family not in families:
+                    raise ValueError(f"recipe {recipe.name!r} names the unregistered family {recipe.family!r} "
+                                     f"(registered: {', '.join(sorted(families))})")
+            self._families, self._recipes = families, recipes
         return self._recipes
+
+    def families(self) -> dict[str, "Family"]:
+        self._load()
+        assert self._families is not None
+        return self._families
 
     def names(self) -> list[str]:
         return sorted(self._load())
@@ -104,8 +138,21 @@ class _Registry:
         return recipes[name]
 
     def reset(self) -> None:
-        """Forget loaded recipes (tests that add plugins)."""
-        self._recipes = None
+        """Forget loaded recipes and families (tests that add plugins)."""
+        self._recipes = self._families = None
+
+
+def _collect(hook: Any, kind: str) -> dict[str, Any]:
+    """Call a ``register_*`` hook and return ``{item.name: item}``; a name registered twice is a bug."""
+    items: dict[str, Any] = {}
+
+    def register(item: Any) -> None:
+        if item.name in items:
+            raise ValueError(f"{kind} {item.name!r} is registered twice")
+        items[item.name] = item
+
+    hook(register=register)
+    return items
 
 
 REGISTRY = _Registry()
@@ -118,6 +165,19 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def get_recipe(name: str) -> Recipe:
     return REGISTRY.get(name)
+
+
+def get_family(name: str) -> "Family":
+    """The registered family called ``name``."""
+    families = REGISTRY.families()
+    if name not in families:
+        raise UserError(f"unknown model family {name!r}; registered: {', '.join(sorted(families))}")
+    return families[name]
+
+
+def family_of_pipeline(class_name: str) -> "Family | None":
+    """The registered family whose diffusers pipeline class is ``class_name``, if any."""
+    return next((f for f in REGISTRY.families().values() if f.pipeline == class_name), None)
 
 
 def is_diffusion_model(model: str) -> bool:

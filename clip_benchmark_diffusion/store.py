@@ -229,6 +229,18 @@ def image_digest(image: "torch.Tensor") -> str:
     return h.hexdigest()
 
 
+def tensor_digest(t: "torch.Tensor") -> str:
+    """blake2b-128 hex of a tensor's shape, dtype and values (as float32, or int64 for integers)."""
+    import torch
+
+    t = t.detach().cpu()
+    t = t.to(torch.float32) if t.is_floating_point() else t.to(torch.int64)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{list(t.shape)}|{t.dtype}".encode())
+    h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def weights_fingerprint(modules: Mapping[str, "torch.nn.Module"]) -> str:
     """A cheap sha256 content fingerprint of loaded weights.
 

@@ -1,17 +1,24 @@
-"""Resolve ``--pretrained`` to a local diffusers folder or a Hub id, and check it before compute."""
+"""Resolve ``--pretrained`` to a local diffusers folder or a Hub id, and check it before compute.
+
+Both kinds are checked the same way, before any weight is read: ``model_index.json`` must be a
+JSON object naming every component the recipe's family needs, and a folder of another known
+family (an SD3 folder under an SD2 recipe) is refused with the recipe to use instead.
+"""
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clip_benchmark_diffusion.errors import UserError
 
+if TYPE_CHECKING:
+    from clip_benchmark_diffusion.families.base import Family
+
 DEMO_PREFIX = "demo:"
 DEMO_MODELS = Path(__file__).parent / "demo" / "models"
-# Components a text-to-image diffusers folder must have for us to score with it.
-REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass(frozen=True)
@@ -25,47 +32,92 @@ class WeightsSource:
         return self.location
 
 
-def resolve_weights(value: str) -> WeightsSource:
-    """Classify ``value`` (already mapped through the recipe's tags) and validate local folders."""
+def resolve_weights(value: str, family: "Family", cache_dir: str | None = None) -> WeightsSource:
+    """Classify ``value`` (already mapped through the recipe's tags) and check its model index."""
     if value.startswith(DEMO_PREFIX):
         path = DEMO_MODELS / value[len(DEMO_PREFIX):]
         if not path.is_dir():
             raise UserError(f"the demo model {value!r} is not installed at {path}")
-        return _check_folder(path)
-    looks_local = value.startswith((".", "/", "~")) or os.path.exists(value)
+        return _checked(WeightsSource(str(path.resolve()), local=True), _local_index(path), family)
+    parts = value.split("/")
+    hub_like = len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
+    # "models/x" where ./models exists is a folder the user meant, not a Hub id.
+    looks_local = value.startswith((".", "/", "~")) or os.path.exists(value) or (hub_like and os.path.isdir(parts[0]))
     if looks_local:
         path = Path(value).expanduser()
         if not path.exists():
             raise UserError(f"--pretrained folder {value!r} does not exist; give a diffusers model "
                             "folder (with model_index.json), a Hub id like org/name, or a known tag")
-        return _check_folder(path)
-    if "/" in value and len(value.split("/")) == 2 and all(value.split("/")):
-        return WeightsSource(location=value, local=False)
-    raise UserError(f"--pretrained {value!r} is neither a known weights tag, a Hub id (org/name) nor an "
-                    "existing folder; run `clip_benchmark_diffusion list-models` for the tags")
+        return _checked(WeightsSource(str(path.resolve()), local=True), _local_index(path), family)
+    if not hub_like:
+        raise UserError(f"--pretrained {value!r} is neither a known weights tag, a Hub id (org/name) nor an "
+                        "existing folder; run `clip_benchmark_diffusion list-models` for the tags")
+    return _checked(WeightsSource(location=value, local=False), _hub_index(value, cache_dir), family)
 
 
-def _check_folder(path: Path) -> WeightsSource:
+def training_timesteps(source: WeightsSource, cache_dir: str | None = None) -> int | None:
+    """``num_train_timesteps`` from the scheduler config (None when it cannot be read cheaply)."""
+    try:
+        if source.local:
+            config = Path(source.location) / "scheduler" / "scheduler_config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            config = Path(hf_hub_download(source.location, "scheduler/scheduler_config.json", cache_dir=cache_dir))
+        value = json.loads(config.read_text(encoding="utf-8")).get("num_train_timesteps", 1000)
+        return int(value)
+    except Exception:  # noqa: BLE001 - a best-effort early check; loading reports a broken scheduler
+        return None
+
+
+def _local_index(path: Path) -> dict:
     index_file = path / "model_index.json"
     if not path.is_dir() or not index_file.is_file():
         raise UserError(f"--pretrained {str(path)!r} is not a diffusers model folder (no model_index.json); "
                         "save one with DiffusionPipeline.save_pretrained")
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{index_file} is not valid JSON ({exc}); re-save the model") from None
-    missing = [c for c in REQUIRED if not (isinstance(index.get(c), list) and index[c][0])]
-    if missing:
-        kind = index.get("_class_name", "this pipeline")
-        raise UserError(f"--pretrained {str(path)!r} is not a text-to-image diffusion model: {kind} has no "
-                        f"{', '.join(missing)}; use a text-conditioned UNet pipeline such as Stable Diffusion")
-    return WeightsSource(location=str(path.resolve()), local=True)
+    return _parse_index(index_file)
 
 
-def model_index(source: WeightsSource) -> dict:
-    """The pipeline's model_index.json (downloaded for Hub ids)."""
-    if source.local:
-        return json.loads((Path(source.location) / "model_index.json").read_text())
+def _hub_index(repo: str, cache_dir: str | None) -> dict:
+    """The Hub repository's model_index.json: from the cache offline, downloaded (and cached) online."""
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
 
-    return json.loads(Path(hf_hub_download(source.location, "model_index.json")).read_text())
+    try:
+        return _parse_index(Path(hf_hub_download(repo, "model_index.json", cache_dir=cache_dir)))
+    except LocalEntryNotFoundError:
+        raise UserError(f"--pretrained {repo!r} is not a local folder, and the Hub repository is not in the cache "
+                        "while offline; download it first (huggingface-cli download "
+                        f"{repo}) or give a local diffusers folder") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--pretrained {repo!r} is not a local folder, and its Hub model_index.json could not be "
+                        f"read ({first}); check the id, log in with huggingface-cli login, or give a folder") from None
+
+
+def _parse_index(index_file: Path) -> dict:
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{index_file} is not valid JSON ({exc}); re-save the model") from None
+    if not isinstance(index, dict):
+        raise UserError(f"{index_file} must hold a JSON object (it holds a {type(index).__name__}); re-save the model")
+    return index
+
+
+def _checked(source: WeightsSource, index: dict, family: "Family") -> WeightsSource:
+    """Refuse a model index that lacks the family's components or belongs to another family."""
+    from clip_benchmark_diffusion.registry import REGISTRY, family_of_pipeline
+
+    kind = index.get("_class_name", "this pipeline")
+    owner = family_of_pipeline(kind) if isinstance(kind, str) else None
+    if owner is not None and owner.name != family.name:
+        recipes = [r for r in REGISTRY.names() if REGISTRY.get(r).family == owner.name]
+        raise UserError(f"--pretrained {source.location!r} is a {kind} ({owner.name} family), but the recipe is of "
+                        f"the {family.name} family; use {' or '.join(recipes[:3]) or 'a recipe of that family'}")
+    missing = [c for c in family.required if not (isinstance(index.get(c), list) and index[c] and index[c][0])]
+    if missing:
+        raise UserError(f"--pretrained {source.location!r} is not a text-to-image diffusion model of the "
+                        f"{family.name} family: {kind} has no "
+                        f"{', '.join(missing)}; use a pipeline of that family ({family.pipeline})")
+    return source

@@ -2,8 +2,8 @@
 
 Synthetic world (exact): class g is x0 ~ N(mu_g, I) in D >= K dimensions with equidistant
 orthogonal means mu_g = delta e_g. The Bayes-optimal denoiser for class g is exact,
-eps_hat = sqrt(1 - a) (x_t - sqrt(a) mu_g) (tests/analytic_denoiser.py's "gaussian" oracle), and
-its expected error at every t is a^2 D + a (1 - a) |x0 - mu_g|^2, so the diffusion classifier with
+eps_hat = b (x_t - a mu_g) with x_t = a x0 + b eps (tests/analytic_denoiser.py's "gaussian" oracle),
+and its expected error at every t is a^4 D + a^2 b^2 |x0 - mu_g|^2, so the diffusion classifier with
 infinitely many samples *is* the Bayes classifier (nearest mean). Its accuracy is known in closed
 form, P(correct) = int phi(z) Phi(z + delta)^(K - 1) dz, and delta is solved for a chosen Bayes
 accuracy. Every strategy runs through the real scoring engine on the same images and the same
@@ -31,7 +31,8 @@ from scipy import integrate, optimize, stats
 from clip_benchmark_diffusion.calibration import reliability
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.predictions import read_run
-from clip_benchmark_diffusion.scoring.engine import Candidates, ImageResult, Schedule, ScoringEngine
+from clip_benchmark_diffusion.scoring.engine import Candidates, ImageResult, ScoringEngine
+from clip_benchmark_diffusion.scoring.timesteps import vp_grid
 
 
 def bayes_accuracy(num_classes: int, delta: float) -> float:
@@ -64,23 +65,21 @@ class World:
         return self.means[labels] + torch.randn(n, 1, 1, self.dims, generator=g), labels
 
 
-def schedule() -> Schedule:
+def alphas_cumprod() -> torch.Tensor:
     """DDPM's linear betas (1e-4 to 0.02 over 1,000 steps), as in tests/analytic_denoiser.py."""
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    return Schedule(alphas_cumprod=torch.cumprod(1 - betas, 0), prediction_type="epsilon")
+    return torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
 
 
 def score(world: World, options: ScoringOptions, x0: torch.Tensor, seeds: list[int]) -> list[ImageResult]:
     """Run the scoring engine with the Bayes-optimal denoiser: the only code that calls it."""
-    sched = schedule()
-    abar = sched.alphas_cumprod.float()
+    def denoise(x_t: torch.Tensor, levels, cond: dict) -> torch.Tensor:
+        # x_t = a x0 + b eps with a^2 + b^2 = 1; for x0 ~ N(mu, I), E[eps | x_t] = b (x_t - a mu).
+        a, b = levels.a[:, None, None, None], levels.b[:, None, None, None]
+        return b * (x_t - a * cond["mean"].reshape(x_t.shape))
 
-    def denoise(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        a = abar[t][:, None, None, None]
-        return (1 - a).sqrt() * (x_t - a.sqrt() * cond.reshape(x_t.shape))
-
-    engine = ScoringEngine(denoise, sched, options, "cpu")
-    cands = Candidates(cond=world.means.reshape(world.num_classes, 1, -1),
+    grid = vp_grid(alphas_cumprod(), options.max_sample_count, options.weighting)
+    engine = ScoringEngine(denoise, grid, "epsilon", options, "cpu")
+    cands = Candidates(cond={"mean": world.means.reshape(world.num_classes, -1)},
                        members=torch.arange(world.num_classes)[:, None])
     return engine.score(x0, seeds, cands)
 

@@ -96,7 +96,7 @@ def test_prompts_are_encoded_once(loaded):
     assert set(model.prompts.texts) - known == new
     assert len(model.prompts.texts) == len(set(model.prompts.texts))      # each prompt stored once
     rows: list[int] = []
-    hook = model.text_encoder.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+    hook = model.model.pipe.text_encoder.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
     try:
         model._candidate_table()
         model._candidates = None               # rebuild the table: the text states come from the cache

@@ -53,7 +53,7 @@ def test_our_console_command_lists_models_and_runs_eval(tiny_sd, digits_wds, tmp
     names = {m["name"]: m for m in json.loads(listed.stdout)}
     assert {"diffusion_sd2", "diffusion_sd2_768", "diffusion_sd15", "diffusion_tiny"} <= set(names)
     assert names["diffusion_sd2"]["default_weights"] == "stabilityai/stable-diffusion-2-base"
-    assert names["diffusion_sd2_768"]["prediction_type"] == "v_prediction"
+    assert names["diffusion_sd2_768"]["objective"] == "v_prediction"
     opts = quick_options(tmp_path, strategy="full", n_samples=[1])
     proc = console("clip_benchmark_diffusion", "eval", "--num_workers", "0", "--model", f"diffusion_sd2@{opts}",
                    "--pretrained", str(tiny_sd), "--dataset", "wds/digits", "--dataset_root", str(digits_wds),

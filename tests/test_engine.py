@@ -83,8 +83,8 @@ def test_v_prediction_oracle_ranks_like_epsilon(protos):
 
 def test_unequal_prompt_lists_average_member_errors(protos):
     # Class 0 has members (P0, P1); class 1 has just P2.
-    c = Candidates(cond=protos[:3].reshape(3, 1, -1), members=torch.tensor([[0, 1], [2, -1]]))
-    single = Candidates(cond=protos[:3].reshape(3, 1, -1), members=torch.tensor([[0], [1], [2]]))
+    c = Candidates(cond={"prototype": protos[:3].reshape(3, -1)}, members=torch.tensor([[0, 1], [2, -1]]))
+    single = Candidates(cond={"prototype": protos[:3].reshape(3, -1)}, members=torch.tensor([[0], [1], [2]]))
     opts = ScoringOptions(strategy="full", n_samples=(6,))
     x = images(protos, [1], noise=0.2)
     [grouped], _ = run(opts, protos, x, seeds=[5], candidates=c)

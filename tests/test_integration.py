@@ -70,7 +70,7 @@ def test_task_wrappers_refuse_and_hand_over():
         is_diffusion_classifier = True
         task = None
 
-        def begin_task(self, task, expected_images=None):
+        def begin_task(self, task, expected_images=None, **task_info):
             self.task, self.expected = task, expected_images
             raise RuntimeError("stop here")
 

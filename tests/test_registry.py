@@ -23,7 +23,7 @@ def test_builtin_recipes_and_wildcards():
 
 
 def test_unknown_name_suggests():
-    with pytest.raises(UserError, match=r"did you mean diffusion_sd2"):
+    with pytest.raises(UserError, match=r"did you mean .*diffusion_sd2\b"):
         get_recipe("diffusion_sd")
 
 
@@ -56,14 +56,24 @@ def test_options_round_trip_and_fingerprint():
         ScoringOptions(strategy="staged", n_samples=(5, 10), to_keep=(1,))
 
 
-def test_third_party_recipe_through_an_entry_point(tmp_path):
-    """A package with one entry point adds a recipe; the allow-list variable can leave it out."""
+def test_third_party_recipe_and_family_through_an_entry_point(tmp_path):
+    """A package with one entry point adds a model family and a recipe of it; the allow-list
+    variable can leave it out."""
     (tmp_path / "my_recipes.py").write_text(textwrap.dedent('''
         from clip_benchmark_diffusion import hookimpl, Recipe
+        from clip_benchmark_diffusion.families.stable_diffusion import StableDiffusionFamily
+
+        class MyFamily(StableDiffusionFamily):
+            name = "my_family"
+            time = "flow"
+
+        @hookimpl
+        def register_families(register):
+            register(MyFamily())
 
         @hookimpl
         def register_models(register):
-            register(Recipe(name="diffusion_mine", family="stable_diffusion", default_weights="me/mine",
+            register(Recipe(name="diffusion_mine", family="my_family", default_weights="me/mine",
                             scoring={"loss": "l1"}))
     '''))
     dist = tmp_path / "my_recipes-0.1.dist-info"
@@ -75,6 +85,7 @@ def test_third_party_recipe_through_an_entry_point(tmp_path):
     assert listed.returncode == 0, listed.stderr
     [mine] = json.loads(listed.stdout)
     assert mine["default_weights"] == "me/mine" and mine["scoring"]["loss"] == "l1"
+    assert mine["family"] == "my_family" and mine["objective"] == "flow"
     plugins = json.loads(console("clip_benchmark_diffusion", "plugins", cwd=tmp_path, env=env).stdout)
     assert "mine" in plugins and "clip_benchmark_diffusion.builtin_recipes" in plugins
     allowed = console("clip_benchmark_diffusion", "list-models", "*mine", cwd=tmp_path,

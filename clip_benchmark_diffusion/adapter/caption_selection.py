@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from clip_benchmark_diffusion.adapter.conditioning import stack_rows
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.scoring.engine import Candidates, ScoringEngine
 from clip_benchmark_diffusion.scoring.noise import image_seed
@@ -41,7 +42,7 @@ class CaptionSelectionMixin:
                                f"structure {(B, nim, nt)}")
         with torch.autocast(self.device_.type, enabled=False):
             self._encode_prompts(sorted(set(ids.tolist())))
-            cands = Candidates(cond=torch.stack([self._text_cache[i] for i in ids.tolist()]),
+            cands = Candidates(cond=stack_rows([self._text_cache[i] for i in ids.tolist()]),
                                members=torch.arange(B * nt)[:, None])
             allowed = (torch.arange(B * nim) // nim)[:, None] == (torch.arange(B * nt) // nt)[None, :]
             images = images.to(self.device_, torch.float32)
@@ -68,4 +69,4 @@ class CaptionSelectionMixin:
     def _pair_engine(self) -> ScoringEngine:
         """Every (image, caption) pair on every sample: comparisons across images need full scores."""
         options = self.options.replace(strategy="full", n_samples=(self.options.max_sample_count,))
-        return ScoringEngine(self._denoise, self.components.schedule, options, self.device_)
+        return ScoringEngine(self._denoise, self.grid, self.model.objective, options, self.device_)

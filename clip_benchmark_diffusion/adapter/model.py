@@ -25,15 +25,18 @@ from tqdm.auto import tqdm
 
 from clip_benchmark_diffusion.adapter.caption_selection import CAPTION_SELECTION, RANK_BASE, CaptionSelectionMixin
 from clip_benchmark_diffusion.adapter import shortlist as sl
+from clip_benchmark_diffusion.adapter.conditioning import mean_rows, stack_rows
+from clip_benchmark_diffusion.adapter.prompt_checks import check_prompt_lengths
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
 from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.families.model import LoadedModel
 from clip_benchmark_diffusion.options import ScoringOptions
-from clip_benchmark_diffusion.pipeline import Components
 from clip_benchmark_diffusion.registry import ModelSpec
 from clip_benchmark_diffusion import distributed as dist_util
-from clip_benchmark_diffusion.scoring.engine import Candidates, ImageResult, ScoringEngine
+from clip_benchmark_diffusion.scoring.engine import Candidates, Conditioning, ImageResult, Levels, ScoringEngine
 from clip_benchmark_diffusion.scoring.noise import image_seed
-from clip_benchmark_diffusion.store import ScoreStore, image_digest, image_key, run_key, weights_fingerprint
+from clip_benchmark_diffusion.store import (ScoreStore, image_digest, image_key, run_key, tensor_digest,
+                                            weights_fingerprint)
 
 CLASSIFICATION = "zeroshot_classification"
 _BATCH_IDS = itertools.count()  # same sequence on every rank: every rank scores every batch
@@ -59,7 +62,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
 
     is_diffusion_classifier = True  # how the integration recognises us without importing torch code
 
-    def __init__(self, components: Components, spec: ModelSpec, weights: str, device: str | torch.device) -> None:
+    def __init__(self, loaded: LoadedModel, spec: ModelSpec, weights: str, device: str | torch.device) -> None:
         super().__init__()
         self.spec, self.options, self.weights = spec, spec.options, weights
         self.world = dist_util.world_from_env()
@@ -69,20 +72,16 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         dist_util.init_process_group_if_needed(self.world, self.device_)
         self.claimer = dist_util.WorkClaimer() if self.world.is_distributed else None
         self.store: ScoreStore | None = None
-        self.dtype = _pick_dtype(self.options.dtype, self.device_)
-        self.unet = components.unet.to(self.device_).eval()
-        if self.device_.type == "cuda":
-            self.unet.to(memory_format=torch.channels_last)
-        self.vae = components.vae.to(self.device_).eval() if components.vae is not None else None
-        self.text_encoder = components.text_encoder.to(self.device_).eval()
-        self.text_tokenizer = components.tokenizer
-        self.components = components
+        # A plain attribute, not a submodule: clip_benchmark must not move the offloaded text encoders.
+        self.__dict__["model"] = loaded.place(self.device_)
+        self.dtype = loaded.dtype
         self.prompts = PromptTable()
         self.tokenizer = PromptTokenizer(self.prompts)
         self.task: str | None = None
         self.record = RunRecord()
         self._groups: list[torch.Tensor] = []
-        self._text_cache: dict[int, torch.Tensor] = {}
+        self._classnames: list[str] | None = None
+        self._text_cache: dict[int, Conditioning] = {}
         self._bar: tqdm | None = None
         self._model_fingerprint: str | None = None
         self.set_options(spec.options)  # the engine, and no candidate table or run key yet
@@ -95,14 +94,28 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self._run_key: str | None = None
         self._shortlister: sl.Shortlister | None = None
         self._class_emb: torch.Tensor | None = None
-        self.engine = ScoringEngine(self._denoise, self.components.schedule, options, self.device_,
-                                    progress=self._on_progress)
+        self.grid = self.model.grid(options.max_sample_count, options)
+        self.engine = self._make_engine(options)
+
+    def _make_engine(self, options: ScoringOptions) -> ScoringEngine:
+        return ScoringEngine(self._denoise, self.grid, self.model.objective, options, self.device_,
+                             progress=self._on_progress)
 
     # -- the clip_benchmark interface --------------------------------------------------------
-    def begin_task(self, task: str, expected_images: int | None = None) -> None:
-        """Called by the integration before each task: forget the previous classes."""
+    def begin_task(self, task: str, expected_images: int | None = None, classnames: list[str] | None = None,
+                   templates: list[str] | dict[str, list[str]] | None = None) -> None:
+        """Called by the integration before each task: forget the previous classes, and check, before
+        any image is scored, that the prompts can tell the classes apart (``classnames`` and
+        ``templates`` are those of a zero-shot classification task)."""
         self.task = task
         self._groups, self._candidates, self._run_key, self._class_emb = [], None, None, None
+        self._classnames = list(classnames) if classnames is not None else None
+        if classnames is not None and not self.model.family.text_conditioned:
+            self.model.encode_classes(self._classnames)       # unmappable classes: one line, now
+        elif classnames is not None and templates is not None:
+            note = check_prompt_lengths(classnames, templates, self.model.token_limits(self.options))
+            if note:
+                _stderr_note(note)
         self._structure: tuple[int, int, int] | None = None
         self.pair_errors: list[torch.Tensor] = []
         self.record = RunRecord()
@@ -207,57 +220,52 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         return out
 
     def _key(self) -> str:
-        """What decides scores besides the image: weights, schedule, options and prompts."""
+        """What decides scores besides the image: weights, noise levels, options and the conditioning
+        itself (so a changed tokenizer, max length or text encoder is a different run)."""
         if self._model_fingerprint is None:
-            modules = {"unet": self.unet, "text_encoder": self.text_encoder}
-            if self.vae is not None:
-                modules["vae"] = self.vae
-            sched = self.components.schedule
-            extra = hashlib.sha256(sched.alphas_cumprod.numpy().tobytes() + sched.prediction_type.encode())
-            self._model_fingerprint = f"{weights_fingerprint(modules)}:{extra.hexdigest()}"
+            grid = torch.stack([self.grid.a, self.grid.b, self.grid.model_time])
+            self._model_fingerprint = (f"{self.model.family.name}:{self.model.objective}:"
+                                       f"{weights_fingerprint(self.model.fingerprint_modules())}:{tensor_digest(grid)}")
         if self._run_key is None:
             prompts = [[self.prompts.texts[i] for i in grp.tolist()] for grp in self._groups]
-            self._run_key = run_key(self._model_fingerprint, self.options.fingerprint_dict(), prompts)
+            if self.model.family.text_conditioned:
+                texts = sorted({t for grp in prompts for t in grp})
+                cond = self.model.conditioning_fingerprint(texts, self.options)
+            else:
+                cond = ":".join(f"{k}={tensor_digest(v)}" for k, v in sorted(self._candidate_table().cond.items()))
+            self._run_key = run_key(f"{self._model_fingerprint}|{cond}", self.options.fingerprint_dict(), prompts)
         return self._run_key
 
     # -- internals ---------------------------------------------------------------------------
-    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x_t = x_t.to(self.dtype)
-        if self.device_.type == "cuda":
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        return self.unet(x_t, t, encoder_hidden_states=cond).sample
+    def _denoise(self, x_t: torch.Tensor, levels: Levels, cond: Conditioning) -> torch.Tensor:
+        return self.model.denoise(x_t, levels, cond, self.options)
 
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
-        """VAE posterior mean times the model's scaling factor; the images themselves in pixel space."""
-        if self.vae is None:
-            return images
-        return self.vae.encode(images).latent_dist.mean * self.components.latent_scale
+        """The denoiser's clean input: VAE latents (shifted and scaled) or the pixels themselves."""
+        return self.model.encode_images(images)
 
     def _encode_prompts(self, ids: list[int]) -> None:
-        """Run the text encoder once for each prompt not seen before."""
+        """Run the text encoders once for each prompt not seen before."""
         todo = [i for i in ids if i not in self._text_cache]
         if not todo:
             return
-        tok = self.text_tokenizer([self.prompts.texts[i] for i in todo], padding="max_length",
-                                  max_length=self.text_tokenizer.model_max_length, truncation=True,
-                                  return_tensors="pt")
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tok.attention_mask.to(self.device_)
-        hidden = self.text_encoder(tok.input_ids.to(self.device_), attention_mask=mask)[0]  # (n, L, D)
-        self._text_cache.update(zip(todo, hidden))
+        cond = self.model.encode_prompts([self.prompts.texts[i] for i in todo], self.options)
+        for j, i in enumerate(todo):
+            self._text_cache[i] = {k: v[j] for k, v in cond.items()}
 
     def _candidate_table(self) -> Candidates:
         if self._candidates is None:
+            if not self.model.family.text_conditioned:
+                self._candidates = self._class_table()
+                return self._candidates
             self._encode_prompts(sorted({i for grp in self._groups for i in grp.tolist()}))
             if self.options.template_ensemble == "embedding_mean":
-                cond = torch.stack([torch.stack([self._text_cache[i] for i in grp.tolist()]).mean(0)
-                                    for grp in self._groups])                     # (G, L, D)
+                cond = stack_rows([mean_rows([self._text_cache[i] for i in grp.tolist()]) for grp in self._groups])
                 members = torch.arange(len(self._groups))[:, None]               # (G, 1)
             else:
                 used = sorted(self._text_cache)
                 row = {pid: r for r, pid in enumerate(used)}
-                cond = torch.stack([self._text_cache[i] for i in used])           # (P, L, D)
+                cond = stack_rows([self._text_cache[i] for i in used])            # each (P, ...)
                 width = max(len(grp) for grp in self._groups)
                 members = torch.full((len(self._groups), width), -1, dtype=torch.long)
                 for g, grp in enumerate(self._groups):
@@ -265,6 +273,14 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
                     members[g, : len(uniq)] = torch.tensor([row[i] for i in uniq])
             self._candidates = Candidates(cond=cond, members=members)
         return self._candidates
+
+    def _class_table(self) -> Candidates:
+        """Class-conditional families: one conditioning per class, from the class names."""
+        if self._classnames is None or len(self._classnames) != len(self._groups):
+            raise UserError(f"the {self.model.family.name} family is class-conditional and serves zero-shot "
+                            "classification only (class names are mapped to its label ids)")
+        return Candidates(cond=self.model.encode_classes(self._classnames),
+                          members=torch.arange(len(self._groups))[:, None])
 
     def _on_progress(self, info: dict) -> None:
         if self._bar is not None:
@@ -301,15 +317,25 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             "option_source": self.spec.option_source,
             "weights": self.weights,
             "model_type": model_type,
-            "prediction_type": self.components.schedule.prediction_type,
-            "resolution": self.components.resolution,
+            **self.model.metadata(self.options),
+            "prediction_type": self.model.objective,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "noise_levels": {"weighting": self.options.weighting, **self.grid.describe()},
             "scoring": self.options.to_dict(),
             "hybrid": self.options.shortlist_label,   # None: pure diffusion
             "package_version": __version__,
         }
 
 
-def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, cuda_default: str = "float16") -> torch.dtype:
+    """The denoiser dtype: ``auto`` is the family's CUDA dtype on a GPU and float32 elsewhere."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return getattr(torch, cuda_default) if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def _stderr_note(text: str) -> None:
+    import sys
+
+    sys.stderr.write(f"clip_benchmark_diffusion: note: {text}\n")
+    sys.stderr.flush()

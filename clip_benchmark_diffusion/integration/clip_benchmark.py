@@ -149,7 +149,10 @@ def _patch_metric(task: str, module: Any) -> None:
                 raise UserError(LOAD_CLFS_ERROR)
             if task_name == "zeroshot_classification":
                 check_templates(call.get("classnames"), call.get("templates"))
-            model.begin_task(task_name, expected_images=_dataset_size(dataloader))
+                model.begin_task(task_name, expected_images=_dataset_size(dataloader),
+                                 classnames=call.get("classnames"), templates=call.get("templates"))
+            else:
+                model.begin_task(task_name, expected_images=_dataset_size(dataloader))
             if task_name == "image_caption_selection":
                 dataloader = _AnnouncedBatches(dataloader, model)
         return original(model, dataloader, *args, **kwargs)
@@ -301,12 +304,10 @@ def validate_run(args: Any) -> None:
     """Every check that needs no model weights and no images: raise UserError before compute."""
     from clip_benchmark_diffusion.registry import parse_model_spec
     from clip_benchmark_diffusion.store import ScoreStore, default_store_path
-    from clip_benchmark_diffusion.weights import resolve_weights
-
     if not _is_ours(args):
         return
     spec = parse_model_spec(args.model)
-    resolve_weights(spec.recipe.resolve_weights(args.pretrained))
+    spec.resolve_source(args.pretrained, args.model_cache_dir)
     task = _task_of(args)
     if task in UNSUPPORTED_TASKS:
         raise unsupported_task_error(task)

@@ -19,31 +19,31 @@ from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring import math as smath
 from clip_benchmark_diffusion.scoring.noise import NoiseBank
 from clip_benchmark_diffusion.scoring.strategies import Outcome, Strategy, make_strategy
-from clip_benchmark_diffusion.scoring.timesteps import sample_order
+from clip_benchmark_diffusion.scoring.timesteps import NoiseGrid
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The noise level of each row of a denoiser batch (slices of the engine's :class:`NoiseGrid`)."""
+
+    a: torch.Tensor            # (N,) float32, on the denoiser's device
+    b: torch.Tensor            # (N,)
+    model_time: torch.Tensor   # (N,) the denoiser's timestep input
 
 
 class Denoiser(Protocol):
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W), (N,), (N, L, D) -> model output (N, C, H, W)."""
+    def __call__(self, x_t: torch.Tensor, levels: Levels, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x_t (N, C, H, W) float32, the rows' levels and conditioning -> eps_hat (N, C, H, W) float32."""
 
 
-@dataclass
-class Schedule:
-    """What the scorer needs from the model's scheduler config."""
-
-    alphas_cumprod: torch.Tensor  # (T,) float64
-    prediction_type: str
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return len(self.alphas_cumprod)
+Conditioning = dict[str, torch.Tensor]  # tensors with one row per prompt (or class), same keys for all
 
 
 @dataclass
 class Candidates:
     """The classes to choose from: each is one or more conditioning rows."""
 
-    cond: torch.Tensor        # (P, L, D) text conditionings, on the denoiser's device and dtype
+    cond: Conditioning        # each (P, ...): the family's denoiser inputs, on the denoiser's device
     members: torch.Tensor     # (G, M) row of cond for member m of class g; -1 pads unequal classes
 
     @property
@@ -105,13 +105,21 @@ class _ImageState:
 
 
 class ScoringEngine:
-    def __init__(self, denoiser: Denoiser, schedule: Schedule, options: ScoringOptions,
+    def __init__(self, denoiser: Denoiser, grid: NoiseGrid, objective: str, options: ScoringOptions,
                  device: torch.device | str, progress: Callable[[dict], None] | None = None) -> None:
-        self.denoiser, self.schedule, self.options = denoiser, schedule, options
+        """``grid`` holds at least ``options.max_sample_count`` noise levels in sample order;
+        ``objective`` is what the denoiser was trained to predict (for the ``native`` weighting)."""
+        if len(grid) < options.max_sample_count:
+            raise ValueError(f"the grid has {len(grid)} levels, the options need {options.max_sample_count}")
+        self.denoiser, self.grid, self.options = denoiser, grid, options
         self.device = torch.device(device)
-        self.timesteps = sample_order(options.max_sample_count, schedule.num_train_timesteps)
         self.stats = EngineStats()
         self.progress = progress
+        weight, scale = smath.sample_weighting(grid, options.weighting, objective)
+        self._weight = weight.to(self.device)                          # (N,)
+        self._scale = scale.to(self.device) if scale is not None else None
+        self._a, self._b = grid.a.float().to(self.device), grid.b.float().to(self.device)
+        self._model_time = grid.model_time.float().to(self.device)
 
     def score(self, latents: torch.Tensor, seeds: list[int], cands: Candidates,
               on_done: Callable[[int, ImageResult], None] | None = None,
@@ -125,7 +133,7 @@ class ScoringEngine:
         calls_before = self.stats.denoiser_calls
         results: dict[int, ImageResult] = {}
         G, M = cands.members.shape
-        N = len(self.timesteps)
+        N = self.options.max_sample_count
         valid = cands.members >= 0                                    # (G, M)
         states = [
             _ImageState(latent=lat, noise=NoiseBank(seed, tuple(lat.shape), self.device),
@@ -201,21 +209,20 @@ class ScoringEngine:
         for i in torch.unique(img).tolist():                          # per image, not per item
             sel = (img == i).to(self.device)
             eps[sel] = states[i].noise.get(k[img == i])
-        t = self.timesteps[k].to(self.device)
-        a = self.schedule.alphas_cumprod.to(self.device)[t].float()
-        x_t = smath.add_noise(x0.float(), eps, a)
-        cond = cands.cond[cands.members[g, m].to(cands.cond.device)]   # (n, L, D)
+        kd = k.to(self.device)
+        levels = Levels(a=self._a[kd], b=self._b[kd], model_time=self._model_time[kd])
+        x_t = smath.add_noise(x0.float(), eps, levels.a, levels.b)
+        rows = cands.members[g, m]
+        cond = {name: v[rows.to(v.device)] for name, v in cands.cond.items()}   # each (n, ...)
         t0 = time.perf_counter()
-        pred = self.denoiser(x_t, t, cond)
+        eps_hat = self.denoiser(x_t, levels, cond)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.denoiser_seconds += time.perf_counter() - t0
         self.stats.denoiser_calls += len(chunk)
         self.stats.denoiser_batches += 1
-        eps_hat = smath.predicted_eps(pred, x_t, a, self.schedule.prediction_type)
-        weight, scale = smath.timestep_weighting(t, self.schedule.alphas_cumprod, self.options.weighting,
-                                                 self.schedule.num_train_timesteps)
-        err = (smath.sample_error(eps, eps_hat, self.options.loss, scale) * weight).cpu()
+        scale = self._scale[kd] if self._scale is not None else None
+        err = (smath.sample_error(eps, eps_hat, self.options.loss, scale) * self._weight[kd]).cpu()
         for i in torch.unique(img).tolist():
             sel = img == i
             states[i].cerr[g[sel], m[sel], k[sel]] = err[sel]

@@ -1,47 +1,48 @@
 """Closed-form pieces of the diffusion-classifier score; no I/O, no models.
 
-Notation (DESIGN.md §4): ``a = alpha_bar_t``; ``x_t = sqrt(a) x0 + sqrt(1 - a) eps``.
-All errors are float32 whatever dtype the denoiser ran in.
+Notation (FAMILIES.md §2): ``x_t = a x0 + b eps``; VP models have ``a^2 + b^2 = 1``, rectified
+flows ``a = 1 - s``, ``b = s``; ``lam = log(a^2 / b^2)``. Every model output is turned into an
+epsilon estimate first; all errors are float32 whatever dtype the denoiser ran in.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from clip_benchmark_diffusion.scoring.timesteps import LAMBDA_MIN, NoiseGrid
+
+# What a denoiser's output means: epsilon, v (Salimans & Ho 2022) or flow velocity eps - x0.
+OBJECTIVES = ("epsilon", "v_prediction", "flow")
 
 
 def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return a.reshape(-1, *([1] * (like.ndim - 1))).to(like)
 
 
-def add_noise(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion: ``x_t`` for clean ``x0`` (N, C, H, W), noise ``eps`` and ``alpha_bar`` (N,)."""
-    a = _bcast(alpha_bar, x0)
-    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x_t = a x0 + b eps`` for clean ``x0`` (N, C, H, W), noise ``eps`` and scales ``a``, ``b`` (N,)."""
+    return _bcast(a, x0) * x0 + _bcast(b, x0) * eps
 
 
-def v_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """The v-prediction target ``sqrt(a) eps - sqrt(1 - a) x0`` (Salimans & Ho 2022)."""
-    a = _bcast(alpha_bar, x0)
-    return a.sqrt() * eps - (1 - a).sqrt() * x0
+def v_target(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target ``a eps - b x0`` of a VP model."""
+    return _bcast(a, x0) * eps - _bcast(b, x0) * x0
 
 
-def predicted_eps(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
-                  prediction_type: str) -> torch.Tensor:
-    """Turn the denoiser's output into an epsilon estimate, in float32."""
-    pred = pred.float()
-    if prediction_type == "epsilon":
+def predicted_eps(pred: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  objective: str) -> torch.Tensor:
+    """Turn the denoiser's output into an epsilon estimate, in float32 (FAMILIES.md §2.1).
+
+    epsilon: the output; v (VP): ``a v + b x_t``; flow velocity ``u = eps - x0``: ``x_t + a u``.
+    """
+    pred, x_t = pred.float(), x_t.float()
+    if objective == "epsilon":
         return pred
-    if prediction_type == "v_prediction":
-        a = _bcast(alpha_bar, x_t).float()
-        return a.sqrt() * pred + (1 - a).sqrt() * x_t.float()
-    raise ValueError(f"unsupported prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
-
-
-def x0_factor(alpha_bar: torch.Tensor) -> torch.Tensor:
-    """``x0 - x0_hat = sqrt((1 - a) / a) * (eps_hat - eps)``: the scale from eps space to x0 space."""
-    return ((1 - alpha_bar) / alpha_bar).sqrt()
+    if objective == "v_prediction":
+        return _bcast(a, x_t).float() * pred + _bcast(b, x_t).float() * x_t
+    if objective == "flow":
+        return x_t + _bcast(a, x_t).float() * pred
+    raise ValueError(f"unsupported objective {objective!r}; expected one of {OBJECTIVES}")
 
 
 def sample_error(eps: torch.Tensor, eps_hat: torch.Tensor, loss: str,
@@ -61,27 +62,26 @@ def sample_error(eps: torch.Tensor, eps_hat: torch.Tensor, loss: str,
     return per.flatten(1).mean(1)
 
 
-def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    return alphas_cumprod / (1 - alphas_cumprod)
+def x0_factor(lam: torch.Tensor) -> torch.Tensor:
+    """``x0 - x0_hat = (b / a) (eps_hat - eps)`` with ``b / a = e^(-lam / 2)``, lam clamped at LAMBDA_MIN."""
+    return torch.exp(-lam.clamp(min=LAMBDA_MIN) / 2)
 
 
-def timestep_weighting(t: torch.Tensor, alphas_cumprod: torch.Tensor, weighting: str,
-                       num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Return ``(weight, x0_scale)`` for timesteps ``t`` (N,).
+def sample_weighting(grid: NoiseGrid, weighting: str, objective: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, scale)`` (N,) float32 per sample: error = weight * loss(scale * (eps_hat - eps)).
 
-    ``uniform``: the epsilon error as is (Li et al.).
-    ``exp7``: ``exp(-7 t / T)`` times the x0-space error (Clark & Jaini).
-    ``snr``: the x0-space error weighted by the discrete ``-dSNR/dt`` (the variational bound).
-    ``x0_scale`` is None when the error stays in epsilon space.
+    ``uniform``: the epsilon error on the model's own grid (Li et al.'s uniform-t error on VP
+    models; on the shifted sigma grid for flows). ``elbo``: the epsilon error on a grid uniform in
+    log-SNR (:func:`~clip_benchmark_diffusion.scoring.timesteps.vp_grid`), the variational bound up
+    to a constant. ``native``: the family's training loss, i.e. the error in its own output space
+    (epsilon; v = eps-error / a for VP; velocity = eps-error / (1 - s) = eps-error / a for flows).
+    ``exp7``: Clark & Jaini's ``exp(-7 tau)`` on the x0 error. ``scale`` is None in epsilon space.
     """
-    a = alphas_cumprod.to(t.device, torch.float64)
-    if weighting == "uniform":
-        return torch.ones_like(t, dtype=torch.float32), None
-    scale = x0_factor(a[t]).float()
+    ones = torch.ones(len(grid), dtype=torch.float32)
+    if weighting in ("uniform", "elbo"):
+        return ones, None
+    if weighting == "native":
+        return ones, (None if objective == "epsilon" else (1 / grid.a).float())
     if weighting == "exp7":
-        return torch.exp(-7.0 * t.double() / num_train_timesteps).float(), scale
-    if weighting == "snr":
-        s = snr(a)
-        drop = torch.cat([s[:-1] - s[1:], (s[-2] - s[-1]).reshape(1)])  # (T,) forward difference
-        return drop[t].float(), scale
+        return torch.exp(-7.0 * grid.tau).float(), x0_factor(grid.lam).float()
     raise ValueError(f"unknown weighting {weighting!r}")

@@ -1,0 +1,45 @@
+"""SD3 / SD3.5: an MMDiT (SD3Transformer2DModel) on CLIP-L + bigG + T5, rectified flow."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from clip_benchmark_diffusion.families.base import Family, TextSide
+from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.scoring.engine import Conditioning, Levels
+
+
+class SD3Family(Family):
+    name = "sd3"
+    pipeline = "StableDiffusion3Pipeline"
+    denoiser = "transformer"
+    time = "flow"
+    cuda_dtype = "bfloat16"
+    text = (TextSide("tokenizer", "text_encoder"), TextSide("tokenizer_2", "text_encoder_2"),
+            TextSide("tokenizer_3", "text_encoder_3"))
+    required = ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+    default_max_sequence_length = 256  # the pipeline's default; T5 padding is attended, so it matters
+    description = ("SD3 / SD3.5: SD3Transformer2DModel; CLIP-L + bigG (hidden[-2], pooled) + T5-XXL; "
+                   "rectified flow, timestep = sigma * 1000, the scheduler's shift")
+
+    def encode_prompts(self, pipe: Any, texts: list[str], device: torch.device,
+                       options: ScoringOptions) -> Conditioning:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=self.max_sequence_length(options))
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}   # (P, 77 + L, D), (P, 2048)
+
+    def token_limits(self, pipe: Any, options: ScoringOptions) -> list[tuple[str, Any, int]]:
+        out = []
+        for side in self.text_sides(pipe):
+            tok = getattr(pipe, side.tokenizer)
+            limit = self.max_sequence_length(options) if side.encoder == "text_encoder_3" else pipe.tokenizer_max_length
+            out.append((side.tokenizer, tok, int(limit)))
+        return out
+
+    def call_denoiser(self, pipe: Any, x_t: torch.Tensor, levels: Levels, cond: Conditioning,
+                      options: ScoringOptions) -> torch.Tensor:
+        return pipe.transformer(hidden_states=x_t, timestep=levels.model_time,
+                                encoder_hidden_states=cond["encoder_hidden_states"],
+                                pooled_projections=cond["pooled_projections"]).sample
