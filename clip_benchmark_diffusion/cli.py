@@ -39,7 +39,19 @@ def _demo(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from clip_benchmark_diffusion.predictions import comparison_lines, read_run
 
-    print("\n".join(comparison_lines(read_run(args.first), read_run(args.second))))
+    first, second = read_run(args.first), read_run(args.second)
+    if args.reliability:
+        from clip_benchmark_diffusion.predictions import calibration
+
+        if calibration(first) is None and calibration(second) is None:
+            raise UserError("neither predictions file holds per-image confidences (written before they were "
+                            "added); rerun both evaluations to draw a reliability diagram")
+    print("\n".join(comparison_lines(first, second)))
+    if args.reliability:
+        from clip_benchmark_diffusion.reliability_plot import draw_reliability
+
+        labels = [first.model, second.model] if first.model != second.model else [str(args.first), str(args.second)]
+        print(f"reliability diagram: {draw_reliability(dict(zip(labels, (first, second))), args.reliability)}")
     return 0
 
 
@@ -79,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compare", help="two results on the same images: 95%% intervals and a paired McNemar test")
     p.add_argument("first", help="result JSON of clip_benchmark eval, run with CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS=1")
     p.add_argument("second", help="result JSON of the other model on the same dataset")
+    p.add_argument("--reliability", metavar="PNG", help="also draw both runs' reliability diagram into this file")
     p.set_defaults(func=_compare)
     args = parser.parse_args(argv)
     try:

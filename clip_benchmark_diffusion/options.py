@@ -19,7 +19,7 @@ from clip_benchmark_diffusion.errors import UserError
 
 OPTIONS_ENV = "CLIP_BENCHMARK_DIFFUSION_OPTIONS"
 
-STRATEGIES = ("full", "staged", "ttest")
+STRATEGIES = ("full", "staged", "ttest", "anytime")
 LOSSES = ("l2", "l1", "huber")
 WEIGHTINGS = ("uniform", "native", "elbo", "exp7")
 ENSEMBLES = ("error_mean", "embedding_mean")
@@ -31,18 +31,27 @@ class ScoringOptions:
     """How an image is scored against the candidate prompts."""
 
     # Which evaluation: every candidate on every sample ("full", the reference), Li et al.'s
-    # staged pruning ("staged"), or Clark & Jaini's paired t-test elimination ("ttest").
+    # staged pruning ("staged"), Clark & Jaini's paired t-test elimination ("ttest"), or
+    # successive elimination with a time-uniform error guarantee ("anytime", ANCHORS.md C1).
     strategy: str = "ttest"
     # full: (n,) samples per candidate; staged: samples per stage, nested on one uniform grid.
     n_samples: tuple[int, ...] = (50,)
     # staged only: how many candidates survive each stage (last entry is normally 1).
     to_keep: tuple[int, ...] = ()
-    # ttest: samples every candidate gets before any test (Clark & Jaini use 20).
+    # ttest/anytime: samples every candidate gets before the first test (Clark & Jaini use 20;
+    # anytime needs no floor, only enough samples for a pooled variance: 4). Switching strategy
+    # resets it to the new strategy's default unless it is given too (``STRATEGY_DEFAULTS``).
     min_samples: int = 20
-    # ttest: stop after this many samples even if several candidates survive.
+    # ttest/anytime: stop after this many samples even if several candidates survive.
     max_samples: int = 100
     # ttest: drop a candidate when the one-sided paired t-test against the best has p below this.
     p_value: float = 2e-3
+    # anytime: probability of ever dropping the best class (split over the K - 1 pairs with it);
+    # the boundary grows only like sqrt(log(K / alpha)), so 0.05 costs little over 0.5.
+    alpha: float = 0.05
+    # anytime: stop eliminating at this many candidates and score them all on max_samples, so
+    # that top-m (clip_benchmark's acc5: 5) ranks the m best on equal evidence; 1 = plain elimination.
+    survivors: int = 1
     # Per-sample error between target and prediction; Li et al.: l1 on small datasets, l2 on ImageNet.
     loss: str = "l2"
     # Noise-level weighting, defined on log-SNR so it means the same in every family: uniform (Li:
@@ -69,6 +78,13 @@ class ScoringOptions:
     max_sequence_length: int = 0
     # FLUX.1-dev's distilled guidance input (models without a guidance embedding ignore it).
     guidance: float = 3.5
+    # Hybrid (ANCHORS.md C2): an open_clip architecture that ranks all classes first, so the
+    # diffusion model only scores its top shortlist_k ("" = pure diffusion, the leaderboard mode).
+    shortlist_model: str = ""
+    # hybrid: the shortlister's open_clip weights (a tag such as laion2b_s34b_b79k, or a file).
+    shortlist_pretrained: str = ""
+    # hybrid: classes passed on per image; top-1 can be right only if the true class is among them.
+    shortlist_k: int = 10
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
@@ -83,13 +99,22 @@ class ScoringOptions:
                 raise UserError("staged strategy needs as many to_keep entries as n_samples entries")
             if list(self.n_samples) != sorted(self.n_samples):
                 raise UserError(f"staged n_samples must increase, got {list(self.n_samples)}")
-        if self.strategy == "ttest" and not 1 < self.min_samples <= self.max_samples:
-            raise UserError("ttest needs 1 < min_samples <= max_samples")
+        if self.strategy in ("ttest", "anytime") and not 1 < self.min_samples <= self.max_samples:
+            raise UserError(f"{self.strategy} needs 1 < min_samples <= max_samples, got min_samples="
+                            f"{self.min_samples}, max_samples={self.max_samples}")
         if self.strategy == "staged":
             if any(k <= 0 for k in self.to_keep) or list(self.to_keep) != sorted(self.to_keep, reverse=True):
                 raise UserError(f"staged to_keep must be positive and not increase, got {list(self.to_keep)}")
         if not 0 < self.p_value < 1:  # also false for NaN
             raise UserError(f"scoring option p_value={self.p_value!r} must lie strictly between 0 and 1 (e.g. 0.002)")
+        if self.strategy == "anytime":
+            if not 0 < self.alpha < 1:  # also false for NaN
+                raise UserError(f"anytime needs 0 < alpha < 1 (the error level), got alpha={self.alpha}")
+            if self.survivors < 1:
+                raise UserError(f"anytime needs survivors >= 1, got survivors={self.survivors}")
+        if self.shortlist_model and (not self.shortlist_pretrained or self.shortlist_k < 1):
+            raise UserError("a shortlist needs shortlist_pretrained (the open_clip weights) and shortlist_k >= 1, "
+                            f"got shortlist_pretrained={self.shortlist_pretrained!r}, shortlist_k={self.shortlist_k}")
         if self.batch_size <= 0 or self.max_classes <= 0:
             raise UserError("batch_size and max_classes must be positive")
         if self.lookahead < 0:
@@ -100,7 +125,7 @@ class ScoringOptions:
     @property
     def max_sample_count(self) -> int:
         """The most (t, noise) samples any candidate can see."""
-        return self.max_samples if self.strategy == "ttest" else max(self.n_samples)
+        return self.max_samples if self.strategy in ("ttest", "anytime") else max(self.n_samples)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -111,8 +136,15 @@ class ScoringOptions:
         return cls().replace(**data)
 
     def replace(self, **changes: Any) -> "ScoringOptions":
-        """A copy with ``changes`` applied; unknown names and wrong types are user errors."""
+        """A copy with ``changes`` applied; unknown names and wrong types are user errors.
+
+        A change of strategy also applies that strategy's ``STRATEGY_DEFAULTS`` for the fields
+        ``changes`` does not give: ``strategy=anytime`` alone starts testing at 4 samples, not 20.
+        """
         names = {f.name: f for f in dataclasses.fields(self)}
+        strategy = changes.get("strategy", self.strategy)
+        if strategy != self.strategy:
+            changes = {**STRATEGY_DEFAULTS.get(strategy, {}), **changes}
         clean: dict[str, Any] = {}
         for key, value in changes.items():
             if key not in names:
@@ -126,12 +158,35 @@ class ScoringOptions:
         data.pop("batch_size")
         data.pop("max_classes")
         data.pop("lookahead")
+        if self.strategy != "anytime":  # anytime-only fields: older runs' store keys stay valid
+            data.pop("alpha")
+            data.pop("survivors")
+        if not self.shortlist_model:  # pure diffusion: keys as before shortlists existed
+            for name in ("shortlist_model", "shortlist_pretrained", "shortlist_k"):
+                data.pop(name)
         return data
+
+    @property
+    def shortlist_label(self) -> str | None:
+        """How a hybrid names itself in results (None for pure diffusion)."""
+        if not self.shortlist_model:
+            return None
+        return f"hybrid:{self.shortlist_model}/{self.shortlist_pretrained}@top{self.shortlist_k}"
+
+
+# Per-strategy defaults of shared fields, applied when ``replace`` switches to the strategy.
+STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ttest": {"min_samples": 20},
+    "anytime": {"min_samples": 4},
+}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Paired t-test elimination, the default: most accuracy per denoiser call.
     "fast": {"strategy": "ttest", "min_samples": 20, "max_samples": 100, "p_value": 2e-3},
+    # Anytime-valid successive elimination from 4 samples: the best class survives with
+    # probability >= 95% at any stopping time (ANCHORS.md C1).
+    "anytime": {"strategy": "anytime", "min_samples": 4, "max_samples": 100, "alpha": 0.05, "survivors": 1},
     # Every candidate on every one of 50 samples: the reference the fast strategies are measured against.
     "full": {"strategy": "full", "n_samples": [50]},
     # Li et al.'s small-dataset schedule (CIFAR-10 / STL-10 / Pets): 50 then 500 samples.

@@ -2,11 +2,13 @@
 
 ``clip_benchmark eval`` with ``CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS=1`` writes, for any model
 (diffusion or CLIP), ``<result stem>.predictions.jsonl`` beside the result JSON: one line per image
-with the label, the top-5 classes and (diffusion models) the denoiser calls spent on it. For
-image-caption selection (SugarCrepe, Winoground) a line is one instance: ``target`` 0 (the true
-caption comes first), ``top5`` the captions ranked for the instance's first image, and
-``correct``, clip_benchmark's own per-instance verdict (each image picks its caption and each
-caption its image), which is what its ``acc`` averages.
+with the label, the top-5 classes, the top-1 class's probability (``confidence``: CLIP's softmax at
+its own logit scale; for diffusion models the posterior probability that the top-1 class has the
+lowest expected error, ``scoring.strategies.best_probability``) and (diffusion models) the
+denoiser calls spent on it. For image-caption selection (SugarCrepe, Winoground) a line is one
+instance: ``target`` 0 (the true caption comes first), ``top5`` the captions ranked for the
+instance's first image, and ``correct``, clip_benchmark's own per-instance verdict (each image picks
+its caption and each caption its image), which is what its ``acc`` averages.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.partial_files import partial_path, remove_stale_partials
 
 if TYPE_CHECKING:  # scipy is imported only when a comparison is made, not on every evaluation
+    from clip_benchmark_diffusion.calibration import Reliability
     from clip_benchmark_diffusion.compare import Accuracy, PairedComparison
 
 PREDICTIONS_ENV = "CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS"
@@ -34,6 +37,7 @@ class Run:
     target: list[int]
     top5: list[list[int]]
     denoiser_calls: list[int | None]
+    confidence: list[float | None]   # None in files written before confidences existed
     verdicts: list[bool] | None = None  # caption selection: clip_benchmark's per-instance verdict
 
 
@@ -53,12 +57,15 @@ def predictions_path(result: Path) -> Path:
 
 
 def write_predictions(result: Path, target: list[int], top5: list[list[int]],
-                      denoiser_calls: list[int | None], correct: list[bool] | None = None) -> Path:
+                      denoiser_calls: list[int | None], confidence: list[float | None] | None = None,
+                      correct: list[bool] | None = None) -> Path:
     """Write the predictions file of ``result`` atomically (a reader never sees half of it)."""
     path = predictions_path(result)
     remove_stale_partials(path)
     tmp = partial_path(path)
-    rows = [{"target": t, "top5": p, "denoiser_calls": c} for t, p, c in zip(target, top5, denoiser_calls)]
+    confidence = confidence if confidence is not None else [None] * len(target)
+    rows = [{"target": t, "top5": p, "confidence": q, "denoiser_calls": c}
+            for t, p, q, c in zip(target, top5, confidence, denoiser_calls)]
     if correct is not None:
         for row, ok in zip(rows, correct, strict=True):
             row["correct"] = bool(ok)
@@ -78,7 +85,7 @@ def read_run(result: Path) -> Run:
     rows = [json.loads(line) for line in preds.read_text().splitlines() if line.strip()]
     verdicts = [r["correct"] for r in rows] if rows and "correct" in rows[0] else None
     return Run(result, json.loads(result.read_text()), [r["target"] for r in rows], [r["top5"] for r in rows],
-               [r.get("denoiser_calls") for r in rows], verdicts)
+               [r.get("denoiser_calls") for r in rows], [r.get("confidence") for r in rows], verdicts)
 
 
 def compare_runs(a: Run, b: Run) -> tuple[Accuracy, Accuracy, PairedComparison]:
@@ -102,4 +109,16 @@ def comparison_lines(a: Run, b: Run) -> list[str]:
     lines.append(f"{label_a} - {label_b}: {100 * paired.difference:+.2f} points on the same {paired.total} images; "
                  f"{paired.a_only} right only by the first, {paired.b_only} only by the second; "
                  f"exact McNemar p = {paired.p_value:.3g}")
+    lines += [f"{label}: expected calibration error {100 * rel.ece:.2f} points (mean top-1 confidence "
+              f"{100 * sum(run.confidence) / len(run.confidence):.2f}%, {len(rel.count)} equal-width bins)"
+              for label, run in ((label_a, a), (label_b, b)) if (rel := calibration(run)) is not None]
     return lines
+
+
+def calibration(run: Run) -> Reliability | None:
+    """The run's reliability bins, or None when its predictions carry no confidences."""
+    from clip_benchmark_diffusion.calibration import reliability
+
+    if not run.confidence or any(c is None for c in run.confidence):
+        return None
+    return reliability(run.confidence, run.correct)

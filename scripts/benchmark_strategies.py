@@ -1,9 +1,10 @@
-"""Benchmark: full vs staged (Li et al.) vs t-test (Clark & Jaini) evaluation on the same images.
+"""Benchmark: full vs staged (Li et al.) vs t-test (Clark & Jaini) vs anytime-valid elimination.
 
 Runs clip_benchmark's own zero-shot code (classifier, logits, metrics) in-process on a local
 webdataset, once per strategy, with the same model, images and (t, noise) pairs, and prints one
 table: top-1, denoiser calls per image, seconds per image, the share of wall time spent outside
-denoiser forwards, and the mean denoiser batch. Also writes the table as JSON and a plot.
+denoiser forwards, and the mean denoiser batch. Also writes the table as JSON (with each image's
+label, top-1, calls and confidence, for scripts/benchmark_elimination.py) and a plot.
 
     python scripts/benchmark_strategies.py                      # the embedded demo model and data
     python scripts/benchmark_strategies.py --model diffusion_sd2 --pretrained stabilityai/stable-diffusion-2-base \
@@ -29,6 +30,10 @@ def strategies(m: int) -> dict[str, dict]:
         "ttest": dict(strategy="ttest", min_samples=20, max_samples=m, p_value=2e-3),
         "ttest_min10": dict(strategy="ttest", min_samples=10, max_samples=m, p_value=2e-3),
         "ttest_min5": dict(strategy="ttest", min_samples=5, max_samples=m, p_value=2e-3),
+        "anytime": dict(strategy="anytime", min_samples=4, max_samples=m, alpha=0.05, survivors=1),
+        "anytime_s5": dict(strategy="anytime", min_samples=4, max_samples=m, alpha=0.05, survivors=5),
+        # ANCHORS C1: the boundary grows like sqrt(log(K / alpha)); alpha 0.5 is the cheap end.
+        "anytime_a50": dict(strategy="anytime", min_samples=4, max_samples=m, alpha=0.5, survivors=1),
     }
 
 
@@ -40,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dataset-root", default=str(DATASET_DIR))
     p.add_argument("--split", default="test")
     p.add_argument("--images", type=int, default=200, help="first N images of the split")
-    p.add_argument("--strategies", default="full,staged,ttest,ttest_min10", help=f"comma list of {', '.join(strategies(50))}")
+    p.add_argument("--strategies", default="full,staged,ttest,ttest_min10,anytime,anytime_s5", help=f"comma list of {', '.join(strategies(50))}")
     p.add_argument("--max-samples", type=int, default=50, help="sample budget per candidate for every strategy")
     p.add_argument("--set", default="", help="extra option overrides for every strategy, e.g. 'loss=l1,batch_size=256'")
     p.add_argument("--batch-size", type=int, default=64, help="images per dataloader batch")
@@ -76,7 +81,11 @@ def run_strategy(model, tokenizer, options: ScoringOptions, batches, classes, te
     acc1, = zc.accuracy(logits, target, topk=(1,))
     stats = model.engine.stats.as_dict()
     calls = model.record.calls
+    outcomes = [r.outcome for r in model.record.results]
     return {
+        "per_image": {"target": target.tolist(), "top1": logits.argmax(1).tolist(), "calls": calls,
+                      "confidence": [o.confidence for o in outcomes],
+                      "target_rank": [int(o.rank[t]) for o, t in zip(outcomes, target.tolist())]},
         "top1": acc1,
         "calls_per_image": sum(calls) / len(calls),
         "calls_per_image_max": max(calls),
@@ -118,19 +127,20 @@ def main() -> None:
     batches, classes, templates = load_images(args.dataset, args.dataset_root, args.split, transform,
                                               args.images, args.batch_size)
     rows = {}
+    n = sum(len(y) for _, y in batches)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name in args.strategies.split(","):
         options = env_overrides(base.replace(**strategies(args.max_samples)[name]))
         rows[name] = run_strategy(model, tokenizer, options, batches, classes, templates, args.device)
-    n = sum(len(y) for _, y in batches)
+        # After every strategy, so that a long CPU run keeps what it finished.
+        (out / "benchmark.json").write_text(json.dumps({"args": vars(args), "images": n, "rows": rows}, indent=2))
     print(f"\n{args.model} ({args.pretrained}) on {n} images of {args.dataset}, device {args.device}, "
           f"denoiser batch {base.batch_size}, {base.template_ensemble}, {len(templates)} templates")
     print(f"{'strategy':<12} {'top-1':>6} {'calls/img':>10} {'max':>6} {'s/img':>7} {'outside':>8} {'mean batch':>11}")
     for name, r in rows.items():
         print(f"{name:<12} {100 * r['top1']:>6.1f} {r['calls_per_image']:>10.0f} {r['calls_per_image_max']:>6d} "
               f"{r['seconds_per_image']:>7.3f} {100 * r['share_outside_denoiser']:>7.1f}% {r['mean_denoiser_batch']:>11.1f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps({"args": vars(args), "images": n, "rows": rows}, indent=2))
     plot(rows, out / "benchmark.png")
     print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.png'}")
 

@@ -8,6 +8,7 @@ import pytest
 
 from cli_helpers import console
 from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, DIFFUSION_TINY_DIR
+from clip_benchmark_diffusion.predictions import predictions_path
 
 pytestmark = pytest.mark.skipif(not (DIFFUSION_TINY_DIR / "model_index.json").is_file()
                                 or not (CLIP_TINY_DIR / "open_clip_model.safetensors").is_file(),
@@ -60,3 +61,10 @@ def _check_demo(tmp_path, images: int, pinned: bool) -> None:
     n_right = {k: round(results[k]["metrics"]["acc1"] * images) for k in results}
     assert f"diffusion_tiny: top-1 {100 * n_right['diffusion'] / images:.2f}% (95% CI" in compared.stdout
     assert f"{n_right['clip']}/{images})" in compared.stdout and "exact McNemar p = " in compared.stdout
+    # both models' predictions carry a top-1 probability, and compare reports their calibration
+    for path in paths:
+        rows = [json.loads(line) for line in predictions_path(path).read_text().splitlines()]
+        conf = [r["confidence"] for r in rows]
+        assert len(conf) == images and all(0.0 < c <= 1.0 for c in conf), conf
+        assert len(set(conf)) > 1                                        # a real spread, not a constant
+    assert compared.stdout.count("expected calibration error") == 2

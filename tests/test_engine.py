@@ -33,10 +33,11 @@ def test_full_strategy_calls_and_ranking_match_mean_error(protos):
         assert r.outcome.rank[label] == 0
 
 
-@pytest.mark.parametrize("strategy", ["full", "staged", "ttest"])
+@pytest.mark.parametrize("strategy", ["full", "staged", "ttest", "anytime"])
 def test_scores_do_not_depend_on_batch_size_or_batch_neighbours(protos, strategy):
     opts = dict(full=dict(n_samples=(12,)), staged=dict(n_samples=(4, 12), to_keep=(2, 1)),
-                ttest=dict(min_samples=4, max_samples=30, p_value=0.05))[strategy]
+                ttest=dict(min_samples=4, max_samples=30, p_value=0.05),
+                anytime=dict(min_samples=4, max_samples=30, alpha=0.5, survivors=2))[strategy]
     x = images(protos, [0, 3, 1, 4], noise=1.0)
     seeds = [11, 12, 13, 14]
     a, _ = run(ScoringOptions(strategy=strategy, batch_size=3, **opts), protos, x, seeds=seeds)
@@ -45,6 +46,7 @@ def test_scores_do_not_depend_on_batch_size_or_batch_neighbours(protos, strategy
         assert torch.equal(a[i].outcome.rank, b[j].outcome.rank)
         assert torch.equal(a[i].outcome.samples, b[j].outcome.samples)
         assert torch.allclose(a[i].outcome.mean_error, b[j].outcome.mean_error, rtol=1e-5, equal_nan=True)
+        assert torch.equal(a[i].outcome.prob, b[j].outcome.prob)
 
 
 def test_ttest_eliminates_and_costs_less_than_full(protos):

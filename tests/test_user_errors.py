@@ -98,6 +98,9 @@ def test_bad_scoring_options(tiny_sd, digits_wds, tmp_path, inproc):
     assert_clean_failure(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path,
                          env={"CLIP_BENCHMARK_DIFFUSION_OPTIONS": "batchsize=3"}, runner=inproc), "unknown scoring option 'batchsize'",
                          cwd=tmp_path)
+    assert_clean_failure(_eval("diffusion_sd2@anytime", tiny_sd, digits_wds, tmp_path,
+                         env={"CLIP_BENCHMARK_DIFFUSION_OPTIONS": "alpha=1.5"}, runner=inproc), "0 < alpha < 1",
+                         cwd=tmp_path)
 
 
 def test_a_bad_second_model_stops_the_command_before_the_first_runs(tiny_sd, digits_wds, tmp_path, inproc):

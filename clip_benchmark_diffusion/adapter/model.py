@@ -24,6 +24,7 @@ from torch import nn
 
 from clip_benchmark_diffusion.claims import Claims, score_shared
 from clip_benchmark_diffusion.adapter.caption_selection import CAPTION_SELECTION, RANK_BASE, CaptionSelectionMixin
+from clip_benchmark_diffusion.adapter import shortlist as sl
 from clip_benchmark_diffusion.adapter.conditioning import mean_rows, stack_rows
 from clip_benchmark_diffusion.adapter.prompt_checks import check_prompt_lengths
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
@@ -52,6 +53,7 @@ class RunRecord:
     reused: int = 0          # images whose result came from the score store
     scored_images: int = 0   # images this process scored itself
     scored_calls: int = 0    # denoiser calls this process actually ran
+    shortlists: list[torch.Tensor] = field(default_factory=list)   # hybrid: (B, G) masks, per batch
 
     def add(self, results: list[ImageResult]) -> None:
         self.results.extend(results)
@@ -94,6 +96,8 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self.spec = dataclasses.replace(self.spec, options=options)
         self._candidates: Candidates | None = None
         self._run_key: str | None = None
+        self._shortlister: sl.Shortlister | None = None
+        self._class_emb: torch.Tensor | None = None
         self.grid = self.model.grid(options.max_sample_count, options)
         self.engine = self._make_engine(options)
 
@@ -108,7 +112,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         any image is scored, that the prompts can tell the classes apart (``classnames`` and
         ``templates`` are those of a zero-shot classification task)."""
         self.task = task
-        self._groups, self._candidates, self._run_key = [], None, None
+        self._groups, self._candidates, self._run_key, self._class_emb = [], None, None, None
         self._classnames = list(classnames) if classnames is not None else None
         if classnames is not None and not self.model.family.text_conditioned:
             self.model.encode_classes(self._classnames)       # unmappable classes: one line, now
@@ -132,7 +136,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             raise UserError(f"more than {self.options.max_classes} classes; raise the capacity with the "
                             "scoring option max_classes (e.g. CLIP_BENCHMARK_DIFFUSION_OPTIONS=max_classes=22000)")
         self._groups.append(prompt_ids.detach().cpu().long())
-        self._candidates, self._run_key = None, None
+        self._candidates, self._run_key, self._class_emb = None, None, None
         out = torch.zeros(len(prompt_ids), self.options.max_classes, device=prompt_ids.device)
         out[:, g] = 1.0
         return out
@@ -154,7 +158,8 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             images = images.to(self.device_, torch.float32)
             digests = [image_digest(img) for img in images]
             keys = [image_key(self._key(), d) for d in digests]
-            score = lambda idx: self._score_subset(images, idx, digests, keys, cands)  # noqa: E731
+            shortlist = self._shortlist(images)   # every rank, whole batch: cheap and identical
+            score = lambda idx: self._score_subset(images, idx, digests, keys, cands, shortlist)  # noqa: E731
             if self.store is not None and not self.world.is_distributed:
                 payloads = self._score_shared(keys, score)
             else:
@@ -184,8 +189,30 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self.record.reused = reused + len(keys) - (self.record.scored_images - scored)
         return payloads
 
+    def _shortlist(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Hybrid: the shortlister's (B, G) scores and top-k mask for the batch; None when pure diffusion."""
+        o = self.options
+        if not o.shortlist_model:
+            return None
+        if self._shortlister is None:
+            self._shortlister = sl.Shortlister(sl.ShortlistSpec(o.shortlist_model, o.shortlist_pretrained,
+                                                                o.shortlist_k), self.device_)
+        if self._class_emb is None:
+            self._class_emb = self._shortlister.class_embeddings(
+                [[self.prompts.texts[i] for i in grp.tolist()] for grp in self._groups])
+        scores = self._shortlister.scores(images, self._class_emb).cpu()
+        mask = sl.shortlist_mask(scores, o.shortlist_k)
+        self.record.shortlists.append(mask)
+        return scores, mask
+
+    def shortlist_recall(self, target: torch.Tensor) -> float | None:
+        """Hybrid: the share of this task's images whose true class made the shortlist."""
+        if not self.record.shortlists:
+            return None
+        return sl.recall_at_k(torch.cat(self.record.shortlists), target.cpu())
+
     def _score_subset(self, images: torch.Tensor, idx: list[int], digests: list[str], keys: list[str],
-                      cands: Candidates) -> dict[int, dict]:
+                      cands: Candidates, shortlist: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[int, dict]:
         """Payloads for images ``idx`` of the batch: from the store, else scored (and stored at once)."""
         cached = self.store.get_many([keys[i] for i in idx]) if self.store is not None else {}
         out = {i: cached[keys[i]] for i in idx if keys[i] in cached}
@@ -194,6 +221,10 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self.record.scored_images += len(todo)
         if todo:
             def done(j: int, result: ImageResult) -> None:
+                if shortlist is not None:  # the shortlist in diffusion order, then the rest in CLIP's
+                    i = todo[j]
+                    result.outcome.rank = sl.merge_ranks(result.outcome.rank[None], shortlist[1][i:i + 1],
+                                                         shortlist[0][i:i + 1])[0]
                 out[todo[j]] = result.to_payload()
                 if self.store is not None:
                     self.store.put(keys[todo[j]], out[todo[j]])
@@ -201,7 +232,9 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             seeds = [image_seed(digests[i], self.options.seed) for i in todo]
             before = self.engine.stats.denoiser_calls
             saved = StoreCheckpoints(self.store, [keys[i] for i in todo]) if self.store is not None else None
-            self.engine.score(self._latents(images[todo]), seeds, cands, on_done=done, checkpoints=saved)
+            allowed = shortlist[1][todo] if shortlist is not None else None
+            self.engine.score(self._latents(images[todo]), seeds, cands, on_done=done, allowed=allowed,
+                              checkpoints=saved)
             self.record.scored_calls += self.engine.stats.denoiser_calls - before
         return out
 
@@ -310,6 +343,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             "dtype": str(self.dtype).replace("torch.", ""),
             "noise_levels": {"weighting": self.options.weighting, **self.grid.describe()},
             "scoring": self.options.to_dict(),
+            "hybrid": self.options.shortlist_label,   # None: pure diffusion
             "package_version": __version__,
         }
 

@@ -1,4 +1,5 @@
-"""The demo figure: per-class accuracy of both models, and diffusion accuracy against its cost."""
+"""The demo figure: per-class accuracy of both models, diffusion accuracy against its cost, and
+both models' reliability diagrams."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ import numpy as np
 
 from clip_benchmark_diffusion.demo.captions import CLASSNAMES
 from clip_benchmark_diffusion.predictions import Run
+from clip_benchmark_diffusion.reliability_plot import reliability_panel
 
 
 def per_class_accuracy(run: Run) -> np.ndarray:
@@ -35,7 +37,7 @@ def draw(res: dict[str, Run], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (left, right, calib) = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1.6, 1, 1]})
     x = np.arange(len(CLASSNAMES))
     for offset, kind, color in ((-0.2, "diffusion", "tab:blue"), (0.2, "clip", "tab:orange")):
         acc = per_class_accuracy(res[kind])
@@ -58,6 +60,7 @@ def draw(res: dict[str, Run], path: Path) -> Path:
     right.set_ylabel("top-1 accuracy (%)")
     right.set_title("diffusion accuracy vs denoiser calls")
     right.legend(fontsize=8)
+    reliability_panel(calib, {res[kind].model: res[kind] for kind in ("diffusion", "clip")})
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -159,8 +159,16 @@ def _patch_run_classification(module: Any) -> None:
         logits, target = original(model, classifier, dataloader, device, amp=amp)
         check_labels(target, classifier.shape[1])
         state = current_run()
+        if state is not None and getattr(model, "is_diffusion_classifier", False):
+            state.shortlist_recall = model.shortlist_recall(target)   # None unless a hybrid
         if state is not None and os.environ.get(PREDICTIONS_ENV):
-            state.predictions = (logits, target)
+            # clip_benchmark's logits are 100 * cosine; CLIP's own probabilities use its learned
+            # scale (100 for OpenAI's and most LAION models, 13.5 for the demo's clip_tiny).
+            import torch
+
+            scale = getattr(model, "logit_scale", None)
+            scale = float(scale.exp()) if isinstance(scale, torch.Tensor) else 100.0
+            state.predictions = (logits, target, scale)
         return logits, target
 
     module.run_classification = run_classification

@@ -69,7 +69,8 @@ class RunState:
 
     plan: RunPlan
     model: Any = None                       # the diffusion classifier, once loaded
-    predictions: tuple[Any, Any] | None = None  # (logits, target) when asked to dump them
+    predictions: tuple[Any, Any, float] | None = None  # (logits, target, CLIP's logit scale) when asked
+    shortlist_recall: float | None = None   # a hybrid's shortlister recall@k on this run
     # caption selection: (per-instance verdicts, top captions of the first image) when asked
     caption_predictions: tuple[list[bool], list[list[int]]] | None = None
 
@@ -198,6 +199,9 @@ def _finish(state: RunState, tmp: Path, final: Path) -> None:
         stderr_line(model.store_report())
         dump["metrics"].update(model.cost_summary())
         dump["diffusion_classifier"] = model.result_metadata(model_type=state.plan.args.model_type)
+        if dump["diffusion_classifier"].get("hybrid"):  # a hybrid's row must not pass for pure diffusion
+            dump["model"] = f"{dump['model']}+{dump['diffusion_classifier']['hybrid']}"
+            dump["metrics"]["shortlist_recall_at_k"] = state.shortlist_recall
     if _rank() == 0:  # every rank computed the same metrics; one writes them
         tmp.write_text(json.dumps(dump))
         os.replace(tmp, final)
@@ -213,12 +217,20 @@ def _finish(state: RunState, tmp: Path, final: Path) -> None:
             print(f"Wrote {final}")
 
 
-def _write_predictions(final: Path, predictions: tuple[Any, Any], model: Any) -> None:
-    """``<output stem>.predictions.jsonl``: per image the label, the top-5 classes and (ours) the calls."""
-    logits, target = predictions
+def _write_predictions(final: Path, predictions: tuple[Any, Any, float], model: Any) -> None:
+    """``<output stem>.predictions.jsonl``: per image the label, the top-5 classes, the top-1
+    probability and (ours) the calls."""
+    import torch
+
+    logits, target, scale = predictions
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices.tolist()
-    calls = model.record.calls if model is not None else [None] * len(top)
-    write_predictions(final, target.tolist(), top, calls)
+    if model is not None:
+        calls = model.record.calls
+        confidence = [r.outcome.confidence for r in model.record.results]
+    else:
+        calls = [None] * len(top)
+        confidence = torch.softmax(logits.float() * (scale / 100.0), dim=1).max(1).values.tolist()
+    write_predictions(final, target.tolist(), top, calls, confidence)
 
 
 def _kept(plan: RunPlan) -> str:

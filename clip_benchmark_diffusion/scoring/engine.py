@@ -83,12 +83,15 @@ class ImageResult:
         """Plain JSON for the score store."""
         o = self.outcome
         return {"rank": o.rank.tolist(), "mean_error": o.mean_error.tolist(), "samples": o.samples.tolist(),
+                "prob": None if o.prob is None else o.prob.tolist(),
                 "calls": self.denoiser_calls, "seed": self.seed, "seconds": self.seconds}
 
     @classmethod
     def from_payload(cls, p: dict) -> "ImageResult":
+        prob = p.get("prob")  # absent in payloads stored before calibrated confidence
         outcome = Outcome(rank=torch.tensor(p["rank"]), mean_error=torch.tensor(p["mean_error"]),
-                          samples=torch.tensor(p["samples"]))
+                          samples=torch.tensor(p["samples"]),
+                          prob=None if prob is None else torch.tensor(prob, dtype=torch.float64))
         return cls(outcome=outcome, denoiser_calls=p["calls"], seed=p["seed"], seconds=p["seconds"])
 
 

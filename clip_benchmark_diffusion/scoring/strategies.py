@@ -1,4 +1,5 @@
-"""Which candidates still need which samples: full, staged (Li et al.), t-test (Clark & Jaini).
+"""Which candidates still need which samples: full, staged (Li et al.), t-test (Clark & Jaini),
+anytime-valid successive elimination (Howard et al.'s confidence sequences on paired differences).
 
 Each strategy keeps one image's state as tensors: ``err`` (G, N) holds the class error of
 candidate g on sample k (NaN until computed). ``wanted(extra)`` says which entries are needed
@@ -13,6 +14,7 @@ import torch
 from scipy import stats
 
 from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.scoring.sequential import eliminated_by_leader, posterior_best
 
 
 @dataclass
@@ -22,6 +24,14 @@ class Outcome:
     rank: torch.Tensor          # (G,) 0 = best
     mean_error: torch.Tensor    # (G,) mean class error over the samples each candidate saw
     samples: torch.Tensor       # (G,) samples each candidate saw
+    # (G,) P(candidate has the lowest expected error | the samples seen); see ``best_probability``.
+    # None in results stored before it existed.
+    prob: torch.Tensor | None = None
+
+    @property
+    def confidence(self) -> float | None:
+        """The probability of the top-1 class."""
+        return None if self.prob is None else float(self.prob[self.rank.argmin()])
 
 
 class Strategy:
@@ -77,7 +87,8 @@ class Strategy:
         order = order[torch.argsort(-key_round[order], stable=True)]
         rank = torch.empty(len(mean), dtype=torch.long)
         rank[order] = torch.arange(len(mean))
-        return Outcome(rank=rank, mean_error=mean, samples=self.used.clone())
+        prob = best_probability(self.err, self.used, int(order[0]))
+        return Outcome(rank=rank, mean_error=mean, samples=self.used.clone(), prob=prob)
 
 
 class FullStrategy(Strategy):
@@ -150,11 +161,95 @@ class TTestStrategy(Strategy):
             self.eliminate(losers, n)
 
 
+class AnytimeStrategy(Strategy):
+    """Successive elimination with a time-uniform error guarantee (ANCHORS.md C1).
+
+    After every shared (t, noise) sample from ``min_samples`` on, each live candidate's paired
+    differences to the current leader are checked against the normal-mixture confidence sequence
+    (``scoring/sequential.py``) at level ``alpha / (K - 1)``, one pooled variance per image: the
+    best class is dropped with probability at most ``alpha``, however many looks and leader
+    changes happen. Elimination stops at ``survivors`` candidates; more than one survivor are all
+    scored on ``max_samples`` samples and ranked by mean error, so top-m stays meaningful.
+    """
+
+    def __init__(self, num_candidates: int, min_samples: int, max_samples: int, alpha: float,
+                 survivors: int = 1) -> None:
+        super().__init__(num_candidates, max_samples)
+        self.min_samples, self.alpha, self.survivors, self.n = min_samples, alpha, survivors, 0
+        self.num_compared: int | None = None   # K: the candidates alive at the first look
+
+    def horizon(self) -> int:
+        return max(self.min_samples, self.n + 1)
+
+    def update(self) -> None:
+        total = self.err.shape[1]
+        while not self.done and self.n < total and self.complete(self.n + 1):
+            self.n += 1
+            if self.n >= self.min_samples and self.alive.sum() > self.survivors:
+                self._test(self.n)
+            if self.alive.sum() <= 1 or self.n == total:
+                self.finish(self.n)
+
+    def _test(self, n: int) -> None:
+        if self.num_compared is None:  # after any ``allowed`` mask, before any elimination
+            self.num_compared = int(self.alive.sum())
+        idx = self.alive.nonzero().squeeze(1)
+        errs = self.err[idx, :n].double()                      # (A, n)
+        lead = errs.mean(1).argmin()
+        others = torch.arange(len(idx)) != lead
+        diffs = errs[others] - errs[lead]                      # (A - 1, n)
+        drop = eliminated_by_leader(diffs, self.alpha, self.num_compared)
+        room = len(idx) - self.survivors                       # never below ``survivors`` candidates
+        if int(drop.sum()) > room:
+            worst = torch.argsort(diffs.mean(1).masked_fill(~drop, -float("inf")), descending=True)[:room]
+            drop = torch.zeros_like(drop)
+            drop[worst] = True
+        if drop.any():
+            losers = torch.zeros_like(self.alive)
+            losers[idx[others][drop]] = True
+            self.eliminate(losers, n)
+
+
+def best_probability(err: torch.Tensor, used: torch.Tensor, leader: int) -> torch.Tensor:
+    """(G,) P(candidate g has the lowest expected error), from the samples each candidate used.
+
+    Why this and not a softmax of the mean errors: it needs no temperature, so no labels; every
+    strategy produces it from what it already measured; and it is the uncertainty the scorer
+    actually has. Each candidate's expected error minus the leader's has a flat-prior Gaussian
+    posterior N(mean paired difference over its n_g samples, sigma^2 / n_g), with sigma^2 one pooled
+    variance per image (as in the anytime rule); P(g is best) follows by seeded Monte Carlo
+    (``sequential.posterior_best``). It measures sampling uncertainty only: an image the model
+    gets confidently wrong at infinite samples keeps probability near 1 (see
+    docs/elimination_benchmark.md for the measured calibration). Unscored candidates get 0.
+    """
+    G, N = err.shape
+    k = torch.arange(N)
+    counted = (k[None, :] < used[:, None]) & (used[:, None] > 0)                          # (G, N)
+    diff = torch.where(counted, err.double() - err[leader].double(), 0.0)                # (G, N)
+    n = used.double()
+    mean = diff.sum(1) / n.clamp(min=1)
+    sq = torch.where(counted, (diff - mean[:, None]) ** 2, 0.0).sum(1)
+    pairs = (used >= 2) & (torch.arange(G) != leader)
+    if not pairs.any():
+        return (torch.arange(G) == leader).double()
+    sigma2 = torch.quantile(sq[pairs] / (n[pairs] - 1), 0.5)  # as sequential.pooled_variance
+    se = (sigma2 / n.clamp(min=1)).sqrt().masked_fill(used == 0, float("inf"))
+    se[leader] = 0.0
+    mean[leader] = 0.0
+    # Candidates more than 6 standard errors behind the leader win with probability < 1e-9:
+    # leaving them out keeps 1,000 classes cheap without changing the estimate.
+    se = se.masked_fill(mean > 6 * se, float("inf"))
+    return posterior_best(mean, se)
+
+
 def make_strategy(options: ScoringOptions, num_candidates: int) -> Strategy:
     if options.strategy == "full":
         return FullStrategy(num_candidates, max(options.n_samples))
     if options.strategy == "staged":
         return StagedStrategy(num_candidates, options.n_samples, options.to_keep)
+    if options.strategy == "anytime":
+        return AnytimeStrategy(num_candidates, options.min_samples, options.max_samples, options.alpha,
+                               options.survivors)
     return TTestStrategy(num_candidates, options.min_samples, options.max_samples, options.p_value)
 
 

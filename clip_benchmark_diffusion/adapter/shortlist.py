@@ -1,0 +1,105 @@
+"""A CLIP shortlist for a diffusion classifier (a *hybrid*): CLIP ranks every class, the diffusion
+model decides among CLIP's top k, and the other classes keep CLIP's order below them (ANCHORS.md C2).
+
+The final top-1 can only be right when the true class is in the shortlist, so accuracy is at most
+CLIP's recall@k; the run records the shortlister, k and that recall. The scoring options
+``shortlist_model``, ``shortlist_pretrained`` and ``shortlist_k`` switch it on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from clip_benchmark_diffusion.errors import UserError
+
+
+@dataclass(frozen=True)
+class ShortlistSpec:
+    """Which open_clip model shortlists, and how many classes it passes on."""
+
+    model: str          # open_clip architecture name, e.g. "ViT-B-32"
+    pretrained: str     # open_clip weights tag or file, e.g. "laion2b_s34b_b79k"
+    k: int              # classes the diffusion model scores per image
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise UserError(f"shortlist_k must be at least 1, got {self.k}")
+
+    @property
+    def label(self) -> str:
+        """How a hybrid is named in results: impossible to mistake for a pure diffusion row."""
+        return f"hybrid:{self.model}/{self.pretrained}@top{self.k}"   # = ScoringOptions.shortlist_label
+
+
+class Shortlister:
+    """An open_clip model that scores images against class prompts, CLIP-style."""
+
+    def __init__(self, spec: ShortlistSpec, device: torch.device | str = "cpu") -> None:
+        import open_clip
+
+        from clip_benchmark_diffusion.demo import register_open_clip_configs
+
+        register_open_clip_configs()  # the demo CLIP's architecture is not in open_clip's list
+        self.spec, self.device = spec, torch.device(device)
+        try:
+            self.model = open_clip.create_model(spec.model, pretrained=spec.pretrained, device=self.device).eval()
+        except (RuntimeError, ValueError, FileNotFoundError) as exc:
+            raise UserError(f"cannot load the shortlist model {spec.model!r} with weights {spec.pretrained!r}: "
+                            f"{exc}") from None
+        self.tokenizer = open_clip.get_tokenizer(spec.model)
+        cfg = self.model.visual.preprocess_cfg
+        self.size = cfg["size"] if isinstance(cfg["size"], tuple) else (cfg["size"], cfg["size"])
+        self.mean = torch.tensor(cfg["mean"], device=self.device)[:, None, None]
+        self.std = torch.tensor(cfg["std"], device=self.device)[:, None, None]
+
+    @torch.no_grad()
+    def class_embeddings(self, prompts: list[list[str]]) -> torch.Tensor:
+        """(G, E): per class, the renormalised mean of its normalised prompt embeddings (as clip_benchmark)."""
+        rows = []
+        for texts in prompts:
+            emb = F.normalize(self.model.encode_text(self.tokenizer(texts).to(self.device)).float(), dim=-1)
+            rows.append(F.normalize(emb.mean(0), dim=-1))
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, E) for images (B, C, H, W) in the diffusion model's [-1, 1] input range.
+
+        The diffusion transform has already resized and centre-cropped; this maps back to [0, 1],
+        to RGB, to CLIP's input size and normalisation (a resize of a resize, not CLIP's own
+        transform of the original file: close, not identical, to CLIP alone).
+        """
+        x = (images.to(self.device, torch.float32) + 1) / 2
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if tuple(x.shape[-2:]) != tuple(self.size):
+            x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        return F.normalize(self.model.encode_image((x - self.mean) / self.std).float(), dim=-1)
+
+    def scores(self, images: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+        """(B, G) cosine similarities: higher is more likely."""
+        return self.image_embeddings(images) @ class_emb.T
+
+
+def shortlist_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, G) bool: each image's top-``k`` classes by shortlister score (all when k >= G)."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)
+
+
+def merge_ranks(diffusion_rank: torch.Tensor, allowed: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """(B, G) final ranks: the shortlist in the diffusion model's order, then the rest in CLIP's.
+
+    ``diffusion_rank`` ranks the allowed classes among themselves first (the engine puts unscored
+    classes last); only their relative order is used.
+    """
+    clip_rank = (-scores).argsort(dim=1).argsort(dim=1)                                       # (B, G)
+    key = torch.where(allowed, diffusion_rank, scores.shape[1] + clip_rank)   # distinct keys: no ties
+    return key.argsort(dim=1).argsort(dim=1)
+
+
+def recall_at_k(allowed: torch.Tensor, target: torch.Tensor) -> float:
+    """Share of images whose true class made the shortlist: the hybrid's ceiling on top-1."""
+    return float(allowed[torch.arange(len(target)), target].float().mean())

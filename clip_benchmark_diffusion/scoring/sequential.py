@@ -1,0 +1,81 @@
+"""Time-uniform confidence sequences for successive elimination on paired differences; pure math.
+
+Howard, Ramdas, McAuliffe & Sekhon (Ann. Stat. 2021), two-sided normal mixture (Robbins): for
+increments d_k with mean Delta that are sigma-sub-Gaussian, S_n = sum_{k<=n} d_k and intrinsic time
+V_n = n sigma^2,
+
+    P(exists n >= 1: |S_n - n Delta| >= sqrt((V_n + rho) log((V_n + rho) / (rho a^2)))) <= a.
+
+Derivation: M_n = sqrt(rho / (V_n + rho)) exp(S_n^2 / (2 (V_n + rho))) mixes the exponential
+supermartingales exp(l S_n - l^2 V_n / 2) over l ~ N(0, 1 / rho), so it is a nonnegative
+supermartingale with M_0 = 1 and Ville's inequality gives P(sup M_n >= 1 / a) <= a; solving
+M_n = 1 / a for |S_n| gives the boundary. No correction is needed for looking after every sample.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def normal_mixture_boundary(v: torch.Tensor | float, rho: torch.Tensor | float,
+                            a: float) -> torch.Tensor:
+    """Radius of the two-sided normal-mixture confidence sequence at intrinsic time ``v``.
+
+    ``v = n sigma^2`` and ``rho`` (same units) may be tensors of any broadcastable shape; ``a`` is the
+    error level of this one sequence (the probability that it is ever crossed).
+    """
+    if not 0 < a < 1:
+        raise ValueError(f"error level must be in (0, 1), got {a}")
+    vr = torch.as_tensor(v, dtype=torch.float64) + torch.as_tensor(rho, dtype=torch.float64)
+    return (vr * (torch.log(vr / torch.as_tensor(rho, dtype=torch.float64)) - 2 * math.log(a))).sqrt()
+
+
+def pooled_variance(diffs: torch.Tensor) -> torch.Tensor:
+    """One variance per image: the median of the pairs' sample variances.
+
+    ``diffs`` (P, n) holds the paired differences of P candidate pairs on the same n samples. The
+    pairs share (t, noise) and so a scale; the median keeps the plug-in stable at n = 4, where a
+    single pair's variance is a poor estimate, and is not pulled up by a few wild pairs. (The
+    midpoint median: ``Tensor.median`` would take the lower middle value of an even count.)
+    """
+    return torch.quantile(diffs.var(dim=1, unbiased=True), 0.5)
+
+
+def eliminated_by_leader(diffs: torch.Tensor, alpha: float, num_candidates: int,
+                         rho_factor: float = 4.0) -> torch.Tensor:
+    """Which pairs' candidates are worse than the leader at every time, with overall level ``alpha``.
+
+    ``diffs`` (P, n): per sample, candidate error minus the current leader's error, for P > 0 live
+    challengers. A challenger is dropped when S_n exceeds the boundary at level a = alpha / (K - 1)
+    (K = ``num_candidates``): the truly best class can only be dropped if the sequence of its pair
+    with whichever class led is crossed, and there are K - 1 such pairs, so the best class survives
+    with probability >= 1 - alpha (up to the plug-in variance). rho = ``rho_factor`` sigma^2 makes
+    the boundary tightest near n = rho_factor samples, where the first look is.
+    """
+    n = diffs.shape[1]
+    sigma2 = pooled_variance(diffs.double())
+    if not sigma2 > 0:  # identical errors (e.g. duplicate prompts): no evidence either way
+        return torch.zeros(len(diffs), dtype=torch.bool)
+    radius = normal_mixture_boundary(n * sigma2, rho_factor * sigma2, alpha / max(num_candidates - 1, 1))
+    return diffs.double().sum(1) > radius
+
+
+def posterior_best(mean_diff: torch.Tensor, se: torch.Tensor, draws: int = 4096,
+                   seed: int = 0) -> torch.Tensor:
+    """P(candidate g has the lowest expected error) under independent Gaussian posteriors.
+
+    ``mean_diff`` (G,) is each candidate's mean paired difference to the leader (0 for the leader)
+    and ``se`` (G,) its standard error (0 for the leader, the reference; inf for an unscored
+    candidate, which gets probability 0). Flat prior, so the posterior of each expected
+    difference is N(mean_diff, se^2); P(g is best) is estimated from ``draws`` seeded draws, so the
+    result is deterministic. Returns (G,) float64 summing to 1.
+    """
+    g = torch.Generator().manual_seed(seed)
+    finite = torch.isfinite(se)
+    z = torch.randn(draws, int(finite.sum()), generator=g, dtype=torch.float64)       # (S, F)
+    theta = mean_diff[finite].double() + se[finite].double() * z                        # (S, F)
+    wins = torch.bincount(theta.argmin(1), minlength=int(finite.sum())).double()
+    out = torch.zeros(len(se), dtype=torch.float64)
+    out[finite] = wins / draws
+    return out

@@ -1,0 +1,86 @@
+"""Expected calibration error and its bins; the compare command's calibration lines and diagram."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cli_helpers import assert_clean_failure, console
+from clip_benchmark_diffusion.calibration import reliability
+from clip_benchmark_diffusion.predictions import predictions_path
+
+
+def test_ece_of_a_hand_computed_case():
+    # Bin 15 (0.933, 1]: 4 images at 0.95, 3 right: |0.75 - 0.95| = 0.2. Bin 9 (0.533, 0.6]: 2 at
+    # 0.55, 1 right: 0.05. ECE = (4 * 0.2 + 2 * 0.05) / 6 = 0.15.
+    rel = reliability([0.95] * 4 + [0.55] * 2, [True, True, True, False, True, False])
+    assert rel.ece == pytest.approx(0.15)
+    assert rel.count.tolist() == [0] * 8 + [2] + [0] * 5 + [4]
+    assert rel.accuracy[14] == 0.75 and rel.confidence[8] == pytest.approx(0.55)
+    assert np.isnan(rel.accuracy[0])
+
+
+def test_bins_are_right_closed():
+    rel = reliability([0.0, 1 / 15, 1 / 15 + 1e-9, 1.0], [True] * 4)
+    assert rel.count[0] == 2 and rel.count[1] == 1 and rel.count[14] == 1
+
+
+def test_calibrated_and_overconfident_predictions_are_told_apart():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.1, 1.0, 20_000)
+    assert reliability(conf, rng.uniform(size=conf.size) < conf).ece < 0.015
+    assert reliability(conf, rng.uniform(size=conf.size) < conf ** 2).ece > 0.1
+
+
+def test_bad_confidences_are_refused():
+    with pytest.raises(ValueError, match="one confidence per image"):
+        reliability([0.5], [True, False])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        reliability([1.5], [True])
+
+
+def _run(folder, name, targets, top1, confidence):
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({"dataset": "wds/x", "model": name, "pretrained": "x", "metrics": {}}))
+    predictions_path(path).write_text("".join(
+        json.dumps({"target": t, "top5": [p], "confidence": c, "denoiser_calls": None}) + "\n"
+        for t, p, c in zip(targets, top1, confidence)))
+    return path
+
+
+def test_compare_prints_ece_and_draws_the_reliability_diagram(tmp_path):
+    targets = [0, 1, 2, 3, 4, 5]
+    a = _run(tmp_path, "model_a", targets, [0, 1, 2, 0, 4, 0], [0.95] * 4 + [0.55] * 2)   # the case above
+    b = _run(tmp_path, "model_b", targets, targets, [1.0] * 6)                              # right and sure
+    png = tmp_path / "rel.png"
+    proc = console("clip_benchmark_diffusion", "compare", str(a), str(b), "--reliability", str(png), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "model_a: expected calibration error 15.00 points (mean top-1 confidence 81.67%" in proc.stdout
+    assert "model_b: expected calibration error 0.00 points" in proc.stdout
+    assert png.stat().st_size > 10_000
+
+
+def test_reliability_needs_confidences(tmp_path):
+    a = _run(tmp_path, "model_a", [0, 1], [0, 1], [None, None])
+    proc = console("clip_benchmark_diffusion", "compare", str(a), str(a), "--reliability", str(tmp_path / "r.png"),
+                   cwd=tmp_path)
+    assert_clean_failure(proc, "neither predictions file holds per-image confidences")
+    assert "expected calibration error" not in proc.stdout
+
+
+def test_image_results_carry_probabilities_through_the_store_payload():
+    import torch
+
+    from clip_benchmark_diffusion.scoring.engine import ImageResult
+    from clip_benchmark_diffusion.scoring.strategies import Outcome
+
+    outcome = Outcome(rank=torch.tensor([1, 0, 2]), mean_error=torch.tensor([0.2, 0.1, 0.9]),
+                      samples=torch.tensor([8, 8, 4]), prob=torch.tensor([0.25, 0.75, 0.0], dtype=torch.float64))
+    payload = json.loads(json.dumps(ImageResult(outcome, denoiser_calls=20, seed=3).to_payload()))
+    back = ImageResult.from_payload(payload)
+    assert back.outcome.confidence == 0.75 and torch.equal(back.outcome.prob, outcome.prob)
+    del payload["prob"]                                   # a payload stored before probabilities existed
+    old = ImageResult.from_payload(payload)
+    assert old.outcome.prob is None and old.outcome.confidence is None
+    assert torch.equal(old.outcome.rank, outcome.rank)

@@ -1,0 +1,150 @@
+"""Anytime-valid elimination: the boundary, its error rate by simulation, the strategy, its options."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from analytic_denoiser import images, run
+from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.options import ScoringOptions, parse_option_source
+from clip_benchmark_diffusion.scoring import sequential
+from clip_benchmark_diffusion.scoring.sequential import normal_mixture_boundary, posterior_best
+from clip_benchmark_diffusion.scoring.strategies import AnytimeStrategy, best_probability
+
+
+@pytest.mark.parametrize("v,rho,a", [(4.0, 4.0, 0.05), (100.0, 4.0, 0.05 / 999), (7.5, 0.3, 0.5)])
+def test_boundary_is_where_the_mixture_martingale_reaches_one_over_a(v, rho, a):
+    r = float(normal_mixture_boundary(v, rho, a))
+    # Howard et al.'s normal-mixture martingale at S = r equals 1 / a exactly.
+    martingale = math.sqrt(rho / (v + rho)) * math.exp(r * r / (2 * (v + rho)))
+    assert martingale == pytest.approx(1 / a, rel=1e-9)
+    assert r == pytest.approx(math.sqrt((v + rho) * math.log((v + rho) / (rho * a * a))), rel=1e-12)
+
+
+def test_boundary_values_and_shape():
+    # sqrt(8 (log 2 - 2 log 0.025)) at n = 4, sigma = 1, rho = 4: pinned, and it broadcasts.
+    r = normal_mixture_boundary(torch.tensor([4.0, 16.0]), 4.0, 0.025)
+    assert r[0].item() == pytest.approx(8.0354, abs=1e-4)
+    assert r[1].item() == pytest.approx(math.sqrt(20 * (math.log(5) - 2 * math.log(0.025))), rel=1e-12)
+    with pytest.raises(ValueError):
+        normal_mixture_boundary(4.0, 4.0, 0.0)
+
+
+def _false_eliminations(dist: str, sims: int, alpha: float, K: int = 10, N: int = 60, seed: int = 0) -> float:
+    """Share of simulated images on which class 0, tied best with all others, is eliminated.
+
+    All K classes have the same expected error (the hardest case for the union over pairs), a
+    shared per-sample term (like a shared (t, noise) pair) and independent residuals.
+    """
+    g = torch.Generator().manual_seed(seed)
+    lost = 0
+    for _ in range(sims):
+        if dist == "normal":
+            resid = torch.randn(K, N, generator=g)
+        else:  # Student-t, 3 degrees of freedom (infinite kurtosis), by its normal/chi-square definition
+            chi2 = torch.randn(3, K, N, generator=g).pow(2).sum(0)
+            resid = torch.randn(K, N, generator=g) / (chi2 / 3).sqrt()
+        st = AnytimeStrategy(K, min_samples=4, max_samples=N, alpha=alpha)
+        st.err = (resid + 3 * torch.randn(1, N, generator=g)).float()
+        st.update()
+        lost += int(not st.alive[0])
+    return lost / sims
+
+
+@pytest.mark.parametrize("dist", ["normal", "student_t3"])
+def test_false_elimination_rate_is_at_most_alpha(dist):
+    alpha, sims = 0.2, 250
+    rate = _false_eliminations(dist, sims, alpha)
+    assert rate <= alpha, f"{dist}: best class eliminated in {rate:.3f} of images, nominal {alpha}"
+
+
+def test_the_simulation_catches_a_boundary_that_is_not_time_uniform(monkeypatch):
+    # The same check with a fixed-level z-test repeated after every sample (not anytime-valid)
+    # must fail: otherwise the simulation could not tell a valid boundary from an invalid one.
+    from scipy.stats import norm
+
+    monkeypatch.setattr(sequential, "normal_mixture_boundary",
+                        lambda v, rho, a: norm.isf(a / 2) * torch.as_tensor(v, dtype=torch.float64).sqrt())
+    assert _false_eliminations("normal", 250, alpha=0.2) > 0.2
+
+
+def test_strategy_decisions_on_a_hand_computed_case():
+    base = torch.tensor([1.0, 2.0] * 5)                                 # (10,)
+    wiggle = torch.tensor([1.0, -1.0] * 5)
+    err = torch.stack([base, base + 0.5 + 0.1 * wiggle, base + 5 + wiggle])   # (3, 10)
+    st = AnytimeStrategy(3, min_samples=4, max_samples=10, alpha=0.05)
+    st.err = err
+    st.update()
+    # n = 4: pooled variance = midpoint median of (0.04/3, 4/3) = 0.67333; radius at level 0.025 is
+    # sqrt(8 * 0.67333 * (log 2 - 2 log 0.025)) = 6.59 < S = 20 for class 2, > S = 2 for class 1.
+    # n = 5: one pair left, variance 0.012, radius sqrt(9 * 0.012 * (log(9/4) - 2 log 0.025)) = 0.94 < 2.6.
+    assert st.done and st.used.tolist() == [5, 5, 4]
+    out = st.outcome()
+    assert out.rank.tolist() == [0, 1, 2]
+    # Posterior: class 1 is 0.52 behind on 5 samples, pooled variance midpoint(0.012, 4/3) = 0.6727,
+    # so P(class 1 best) = Phi(-0.52 / sqrt(0.6727 / 5)) = 0.078; class 2 (12 SE behind) gets 0.
+    assert out.prob[1].item() == pytest.approx(0.078, abs=0.015)
+    assert out.prob[2].item() == 0.0 and out.prob.sum().item() == pytest.approx(1.0)
+
+
+def test_survivors_stop_elimination_and_get_all_samples():
+    torch.manual_seed(0)
+    err = torch.arange(8.0)[:, None] * 3 + torch.randn(8, 30)          # class g worse by 3 per step
+    st = AnytimeStrategy(8, min_samples=4, max_samples=30, alpha=0.05, survivors=3)
+    st.err = err
+    st.update()
+    assert st.done and st.alive.tolist() == [True] * 3 + [False] * 5
+    assert st.used[:3].tolist() == [30] * 3 and (st.used[3:] < 30).all()
+    assert st.outcome().rank.tolist() == list(range(8))
+
+
+def test_anytime_through_the_engine_agrees_with_full_for_fewer_calls():
+    torch.manual_seed(0)
+    protos = torch.randn(5, 2, 4, 4)
+    x = images(protos, [0, 1, 2, 3, 4, 0, 1, 2], noise=0.5)
+    full, _ = run(ScoringOptions(strategy="full", n_samples=(50,)), protos, x)
+    any_, engine = run(ScoringOptions().replace(strategy="anytime", max_samples=50), protos, x)
+    assert [int(r.outcome.rank.argmin()) for r in any_] == [int(r.outcome.rank.argmin()) for r in full]
+    assert all(r.denoiser_calls == int(r.outcome.samples.sum()) for r in any_)   # no look-ahead: calls = samples used
+    assert engine.stats.denoiser_calls < sum(r.denoiser_calls for r in full) / 2
+    assert all((r.outcome.samples >= 4).all() for r in any_)
+
+
+def test_posterior_best_probabilities():
+    inf = float("inf")
+    p = posterior_best(torch.tensor([0.0, 0.0, 1.0, 5.0]), torch.tensor([0.0, 1.0, 1.0, inf]))
+    assert p.sum().item() == pytest.approx(1.0)
+    assert p[3] == 0.0                                                  # unscored: never best
+    # Class 2 beats the leader with P(N(1, 1) < 0) = 0.159 alone; with class 1 also in the race, less.
+    assert 0.05 < p[2] < 0.159
+    assert p[0] + p[1] + p[2] == pytest.approx(1.0)
+    two = posterior_best(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0]))
+    assert two[1].item() == pytest.approx(0.1587, abs=0.02)
+
+
+def test_best_probability_uses_each_candidates_own_samples():
+    # Class 1 is behind the leader by 0.1 on average, standard error 0.32 / sqrt(8) = 0.113:
+    # P(best) = P(N(0.1, 0.113^2) < 0) = 0.19. Class 2 was never scored.
+    err = torch.stack([torch.zeros(8), torch.full((8,), -0.2), torch.full((8,), 9.0)])
+    err = err + torch.tensor([0.0, 0.6] * 4)[None] * torch.tensor([[0.0], [1.0], [1.0]])
+    prob = best_probability(err, torch.tensor([8, 8, 0]), leader=0)
+    assert prob[2] == 0.0 and prob.sum().item() == pytest.approx(1.0)
+    assert prob[1].item() == pytest.approx(0.19, abs=0.02)
+
+
+def test_options_validation_and_defaults():
+    assert ScoringOptions().replace(strategy="anytime").min_samples == 4
+    assert ScoringOptions().replace(strategy="anytime", min_samples=6).min_samples == 6
+    assert ScoringOptions().replace(strategy="anytime").replace(strategy="ttest").min_samples == 20
+    preset = parse_option_source("anytime", ScoringOptions())
+    assert (preset.strategy, preset.min_samples, preset.alpha, preset.survivors) == ("anytime", 4, 0.05, 1)
+    assert preset.max_sample_count == preset.max_samples == 100
+    assert "alpha" not in ScoringOptions().fingerprint_dict()           # ttest store keys unchanged
+    assert preset.fingerprint_dict()["alpha"] == 0.05
+    for bad, needle in (({"alpha": 0.0}, "0 < alpha < 1"), ({"alpha": 1.5}, "0 < alpha < 1"),
+                        ({"survivors": 0}, "survivors >= 1"), ({"min_samples": 1}, "1 < min_samples"),
+                        ({"min_samples": 8, "max_samples": 6}, "min_samples <= max_samples")):
+        with pytest.raises(UserError, match=needle):
+            ScoringOptions().replace(strategy="anytime", **bad)
