@@ -1,5 +1,5 @@
-"""The demo figure: per-class accuracy of both models, diffusion accuracy against its cost, and
-both models' reliability diagrams."""
+"""The demo figure: per-class accuracy of every model, each diffusion model's accuracy against its
+cost, and every model's reliability diagram."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +9,8 @@ import numpy as np
 from clip_benchmark_diffusion.demo.captions import CLASSNAMES
 from clip_benchmark_diffusion.predictions import Run
 from clip_benchmark_diffusion.reliability_plot import reliability_panel
+
+COLORS = {"diffusion": "tab:blue", "flow": "tab:green", "clip": "tab:orange"}
 
 
 def per_class_accuracy(run: Run) -> np.ndarray:
@@ -39,28 +41,31 @@ def draw(res: dict[str, Run], path: Path) -> Path:
 
     fig, (left, right, calib) = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1.6, 1, 1]})
     x = np.arange(len(CLASSNAMES))
-    for offset, kind, color in ((-0.2, "diffusion", "tab:blue"), (0.2, "clip", "tab:orange")):
+    kinds = [k for k in ("diffusion", "flow", "clip") if k in res]
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
         acc = per_class_accuracy(res[kind])
-        left.bar(x + offset, 100 * acc, width=0.4, color=color,
+        left.bar(x + (i - (len(kinds) - 1) / 2) * width, 100 * acc, width=width, color=COLORS[kind],
                  label=f"{res[kind].model} ({100 * res[kind].result['metrics']['acc1']:.1f}%)")
     left.set_xticks(x, CLASSNAMES, rotation=30, ha="right")
     left.set_ylabel("top-1 accuracy (%)")
     left.set_ylim(0, 105)
     left.set_title("per-class accuracy, held-out prompts")
-    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, fontsize=8)
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=len(kinds), fontsize=8)
 
-    xs, ys, ns = accuracy_by_cost(res["diffusion"])
-    right.plot(xs, 100 * ys, "o-", color="tab:blue", label="diffusion, images grouped by cost")
-    for xi, yi, ni in zip(xs, ys, ns):
-        right.annotate(f"{ni} img", (xi, 100 * yi), textcoords="offset points", xytext=(4, -12), fontsize=7)
-    m = res["diffusion"].result["metrics"]
-    right.axvline(m["denoiser_calls_per_image"], color="tab:blue", ls=":", label="mean calls per image")
+    for kind in (k for k in kinds if k != "clip"):
+        xs, ys, ns = accuracy_by_cost(res[kind])
+        right.plot(xs, 100 * ys, "o-", color=COLORS[kind], label=f"{res[kind].model}, images grouped by cost")
+        for xi, yi, ni in zip(xs, ys, ns):
+            right.annotate(f"{ni} img", (xi, 100 * yi), textcoords="offset points", xytext=(4, -12), fontsize=7)
+        right.axvline(res[kind].result["metrics"]["denoiser_calls_per_image"], color=COLORS[kind], ls=":",
+                      label="its mean calls per image")
     right.axhline(100 * res["clip"].result["metrics"]["acc1"], color="tab:orange", ls="--", label="CLIP top-1 (1 forward)")
     right.set_xlabel("denoiser calls per image (quartiles of images by cost)")
     right.set_ylabel("top-1 accuracy (%)")
     right.set_title("diffusion accuracy vs denoiser calls")
     right.legend(fontsize=8)
-    reliability_panel(calib, {res[kind].model: res[kind] for kind in ("diffusion", "clip")})
+    reliability_panel(calib, {res[kind].model: res[kind] for kind in kinds})
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

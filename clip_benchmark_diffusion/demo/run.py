@@ -21,7 +21,10 @@ from clip_benchmark_diffusion.demo.captions import CLASSNAMES
 from clip_benchmark_diffusion.demo.fashion_mnist import DEMO_PER_CLASS
 from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV, Run, comparison_lines, read_run
 
-DIFFUSION = "diffusion_tiny"
+DIFFUSION = "diffusion_tiny"          # the DDPM UNet
+FLOW = "diffusion_tiny_flow"          # the SD3-format rectified-flow transformer
+# result kind -> how the demo names it; the two diffusion models and their CLIP counterpart
+KINDS = {"diffusion": DIFFUSION, "flow": FLOW, "clip": CLIP_TINY_NAME}
 DATASET = "wds/fashion_mnist"
 DEFAULT_IMAGES = 200
 SHIPPED_IMAGES = DEMO_PER_CLASS * len(CLASSNAMES)
@@ -67,13 +70,13 @@ def _console(name: str) -> str:
 
 
 def run_stock_eval(data: Path, results: Path, batch_size: int) -> float:
-    """One stock ``clip_benchmark eval`` command holding both models; returns its wall seconds.
+    """One stock ``clip_benchmark eval`` command holding all three models; returns its wall seconds.
 
     Its stdout (clip_benchmark's per-class reports) is not shown: the comparison replaces it.
     """
     results.mkdir(parents=True, exist_ok=True)
     cmd = [_console("clip_benchmark"), "eval",
-           "--pretrained_model", f"{DIFFUSION},default", f"{CLIP_TINY_NAME},{CLIP_TINY_WEIGHTS}",
+           "--pretrained_model", f"{DIFFUSION},default", f"{FLOW},default", f"{CLIP_TINY_NAME},{CLIP_TINY_WEIGHTS}",
            "--dataset", DATASET, "--dataset_root", str(data), "--batch_size", str(batch_size),
            "--num_workers", "0", "--output", str(results / "{dataset}_{model}_{pretrained}.json")]
     print("$ " + " ".join(cmd), flush=True)
@@ -111,23 +114,27 @@ def clip_seconds_per_image(data: Path) -> float:
 
 
 def load_results(results: Path) -> dict[str, Run]:
-    """``{"diffusion": run, "clip": run}``, each result with its per-image predictions."""
+    """``{"diffusion": run, "flow": run, "clip": run}``, each result with its per-image predictions."""
+    kind_of = {name: kind for kind, name in KINDS.items()}
     out = {}
     for path in results.glob("fashion_mnist_*.json"):
         run = read_run(path)
-        out["diffusion" if run.model.startswith("diffusion") else "clip"] = run
-    if set(out) != {"diffusion", "clip"}:
-        sys.exit(f"clip_benchmark_diffusion: expected two result files in {results}, found {sorted(out)}")
+        if run.model in kind_of:
+            out[kind_of[run.model]] = run
+    if set(out) != set(KINDS):
+        sys.exit(f"clip_benchmark_diffusion: expected the results of {', '.join(KINDS.values())} in {results}, "
+                 f"found {sorted(out)}")
     return out
 
 
 def comparison_table(res: dict[str, Run], clip_seconds: float) -> str:
     rows = [("model", "top-1", "top-5", "mean/class recall", "denoiser calls/img", "s/img")]
-    for kind in ("diffusion", "clip"):
+    for kind in KINDS:
         r = res[kind].result
         m = r["metrics"]
-        calls = f"{m['denoiser_calls_per_image']:.0f} (max {m['denoiser_calls_per_image_max']})" if kind == "diffusion" else "-"
-        secs = m["seconds_per_image"] if kind == "diffusion" else clip_seconds
+        diffusion = kind != "clip"
+        calls = f"{m['denoiser_calls_per_image']:.0f} (max {m['denoiser_calls_per_image_max']})" if diffusion else "-"
+        secs = m["seconds_per_image"] if diffusion else clip_seconds
         rows.append((f"{r['model']}", f"{100 * m['acc1']:.1f}", f"{100 * m['acc5']:.1f}",
                      f"{100 * m['mean_per_class_recall']:.1f}", calls, f"{secs:.4f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -138,7 +145,7 @@ def main(images: int = DEFAULT_IMAGES, out: str = "runs/demo", batch_size: int =
     paths = DemoPaths(Path(out))
     data = subset_dataset(images, paths.data / "fashion_mnist")
     n = min(images, SHIPPED_IMAGES)
-    print(f"Evaluating {DIFFUSION} and {CLIP_TINY_NAME} on {n} Fashion-MNIST test images "
+    print(f"Evaluating {DIFFUSION}, {FLOW} and {CLIP_TINY_NAME} on {n} Fashion-MNIST test images "
           f"(held-out prompt templates) with the stock clip_benchmark command...", flush=True)
     wall = run_stock_eval(data, paths.results, batch_size)
     csv = build_csv(paths.results)
@@ -148,7 +155,8 @@ def main(images: int = DEFAULT_IMAGES, out: str = "runs/demo", batch_size: int =
 
     figure = draw(res, paths.out / "demo.png")
     print(f"\n{table}\n")
-    print("\n".join(comparison_lines(res["diffusion"], res["clip"])) + "\n")
+    for a, b in (("diffusion", "clip"), ("flow", "clip"), ("diffusion", "flow")):
+        print("\n".join(comparison_lines(res[a], res[b])) + "\n")
     print(f"stock command wall time {wall:.0f} s; results in {paths.results}, CSV {csv}, figure {figure}")
     print("all 1,000 shipped images: clip_benchmark_diffusion demo --images 1000")
     return 0
