@@ -32,7 +32,7 @@ class ScoringOptions:
 
     # Which evaluation: every candidate on every sample ("full", the reference), Li et al.'s
     # staged pruning ("staged"), Clark & Jaini's paired t-test elimination ("ttest"), or
-    # successive elimination with a time-uniform error guarantee ("anytime", ANCHORS.md C1).
+    # successive elimination with a time-uniform error guarantee ("anytime").
     strategy: str = "ttest"
     # full: (n,) samples per candidate; staged: samples per stage, nested on one uniform grid.
     n_samples: tuple[int, ...] = (50,)
@@ -78,7 +78,7 @@ class ScoringOptions:
     max_sequence_length: int = 0
     # FLUX.1-dev's distilled guidance input (models without a guidance embedding ignore it).
     guidance: float = 3.5
-    # Hybrid (ANCHORS.md C2): an open_clip architecture that ranks all classes first, so the
+    # Hybrid: an open_clip architecture that ranks all classes first, so the
     # diffusion model only scores its top shortlist_k ("" = pure diffusion, the leaderboard mode).
     shortlist_model: str = ""
     # hybrid: the shortlister's open_clip weights (a tag such as laion2b_s34b_b79k, or a file).
@@ -185,7 +185,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Paired t-test elimination, the default: most accuracy per denoiser call.
     "fast": {"strategy": "ttest", "min_samples": 20, "max_samples": 100, "p_value": 2e-3},
     # Anytime-valid successive elimination from 4 samples: the best class survives with
-    # probability >= 95% at any stopping time (ANCHORS.md C1).
+    # probability >= 95% at any stopping time.
     "anytime": {"strategy": "anytime", "min_samples": 4, "max_samples": 100, "alpha": 0.05, "survivors": 1},
     # Every candidate on every one of 50 samples: the reference the fast strategies are measured against.
     "full": {"strategy": "full", "n_samples": [50]},

@@ -35,7 +35,7 @@ def test_true_noise_scores_zero_error(alphas):
 @pytest.mark.parametrize("objective", ["v_prediction", "flow"])
 def test_oracle_of_every_objective_recovers_eps_and_ranks_like_epsilon(alphas, objective):
     """An oracle in v or flow-velocity space gives eps back; at one shared sample, perturbed
-    predictions rank the same in every parametrisation (FAMILIES.md §2.2)."""
+    predictions rank the same in every parametrisation."""
     torch.manual_seed(1)
     x0, eps = torch.randn(5, 4, 8, 8), torch.randn(5, 4, 8, 8)
     if objective == "flow":

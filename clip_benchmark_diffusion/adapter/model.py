@@ -1,6 +1,6 @@
 """A diffusion classifier behind the ``encode_text`` / ``encode_image`` interface of CLIP.
 
-The dot-product trick (DESIGN.md §3): in zero-shot classification clip_benchmark calls
+The dot-product trick: in zero-shot classification clip_benchmark calls
 ``encode_text`` once per class with all of that class's prompts, averages and renormalises the
 rows, and stacks the classes into a classifier. We return the one-hot row ``e_g`` for every prompt
 of the g-th call, so class g's classifier column is exactly ``e_g`` whatever its number of

@@ -1,5 +1,5 @@
 """A CLIP shortlist for a diffusion classifier (a *hybrid*): CLIP ranks every class, the diffusion
-model decides among CLIP's top k, and the other classes keep CLIP's order below them (ANCHORS.md C2).
+model decides among CLIP's top k, and the other classes keep CLIP's order below them.
 
 The final top-1 can only be right when the true class is in the shortlist, so accuracy is at most
 CLIP's recall@k; the run records the shortlister, k and that recall. The scoring options

@@ -1,8 +1,8 @@
 """What a model family is: how to encode prompts and images, which noise levels, how to call the denoiser.
 
 A :class:`Family` is declarative data (its diffusers pipeline class, the denoiser component, its
-text encoders, its time parametrisation) plus a few small hooks that differ between families
-(FAMILIES.md §1). It never holds weights: :class:`~clip_benchmark_diffusion.families.model.LoadedModel`
+text encoders, its time parametrisation) plus a few small hooks that differ between families.
+It never holds weights: :class:`~clip_benchmark_diffusion.families.model.LoadedModel`
 binds a family to one loaded pipeline. The scoring engine, strategies, store and adapter only
 see the family-agnostic interface (a :class:`~clip_benchmark_diffusion.scoring.timesteps.NoiseGrid`,
 conditioning dicts, epsilon estimates).

@@ -1,6 +1,6 @@
 """Closed-form pieces of the diffusion-classifier score; no I/O, no models.
 
-Notation (FAMILIES.md §2): ``x_t = a x0 + b eps``; VP models have ``a^2 + b^2 = 1``, rectified
+Notation: ``x_t = a x0 + b eps``; VP models have ``a^2 + b^2 = 1``, rectified
 flows ``a = 1 - s``, ``b = s``; ``lam = log(a^2 / b^2)``. Every model output is turned into an
 epsilon estimate first; all errors are float32 whatever dtype the denoiser ran in.
 """
@@ -31,7 +31,7 @@ def v_target(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, b: torch.Tens
 
 def predicted_eps(pred: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                   objective: str) -> torch.Tensor:
-    """Turn the denoiser's output into an epsilon estimate, in float32 (FAMILIES.md §2.1).
+    """Turn the denoiser's output into an epsilon estimate, in float32.
 
     epsilon: the output; v (VP): ``a v + b x_t``; flow velocity ``u = eps - x0``: ``x_t + a u``.
     """

@@ -162,7 +162,7 @@ class TTestStrategy(Strategy):
 
 
 class AnytimeStrategy(Strategy):
-    """Successive elimination with a time-uniform error guarantee (ANCHORS.md C1).
+    """Successive elimination with a time-uniform error guarantee.
 
     After every shared (t, noise) sample from ``min_samples`` on, each live candidate's paired
     differences to the current leader are checked against the normal-mixture confidence sequence

@@ -5,7 +5,7 @@ preserving (VP) families (SD 1/2, SDXL, PixArt, IF, DiT) have ``a = sqrt(alpha_b
 ``b = sqrt(1 - alpha_bar_t)`` at a discrete training step t; rectified-flow families (SD3, FLUX,
 Sana) have ``a = 1 - s``, ``b = s`` at a noise time s in (0, 1). Everything downstream (the
 error weighting, the record in the result) reads the log-SNR ``lam = log(a^2 / b^2)``, so a
-weighting means the same thing in every family (FAMILIES.md §2).
+weighting means the same thing in every family.
 
 Grids are ordered by the van der Corput sequence, so every prefix of the samples is spread over
 the whole range: staged evaluation reuses every earlier sample and elimination always sees all
@@ -86,7 +86,7 @@ def vp_grid(alphas_cumprod: torch.Tensor, n: int, weighting: str) -> NoiseGrid:
 
     ``elbo`` places the n levels uniformly in lam over the schedule's range (clipped to
     ``ELBO_RANGE``) at the nearest training step, so that an unweighted epsilon error averages
-    the variational bound (FAMILIES.md §2.3).
+    the variational bound.
     """
     ac = alphas_cumprod.to(torch.float64)
     T = len(ac)
