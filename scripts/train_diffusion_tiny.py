@@ -40,13 +40,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from clip_benchmark_diffusion.demo import DIFFUSION_PAIRS_DIR, DIFFUSION_TINY_DIR  # noqa: E402
-from clip_benchmark_diffusion.demo.captions import (  # noqa: E402
-    CLASSNAMES,
-    EVAL_TEMPLATES,
-    TRAIN_EVAL_TEMPLATE,
-    TRAIN_TEMPLATES,
-    captions_for,
-)
+from clip_benchmark_diffusion.demo.captions import EVAL_TEMPLATES, TRAIN_EVAL_TEMPLATE, TRAIN_TEMPLATES  # noqa: E402
+from clip_benchmark_diffusion.demo.classifier_check import caption_ids, paired_class_errors  # noqa: E402
 from clip_benchmark_diffusion.demo.fashion_mnist import to_unit_range  # noqa: E402
 from clip_benchmark_diffusion.demo.pairs import EVAL_WRAPPERS, PAIR_CLASSNAMES  # noqa: E402
 from clip_benchmark_diffusion.demo.pairs_data import scenes_to_unit_range  # noqa: E402
@@ -136,13 +131,6 @@ def build_components(seed: int, data: str = "fashion_mnist", base_channels: int 
     return tokenizer, text_encoder, unet, scheduler
 
 
-def caption_ids(tokenizer, templates: tuple[str, ...]) -> torch.Tensor:
-    """Token ids of every (class, template) caption: (C, P, L)."""
-    texts = [text for label in range(len(CLASSNAMES)) for text in captions_for(label, templates)]
-    ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids
-    return ids.view(len(CLASSNAMES), len(templates), -1)
-
-
 @torch.no_grad()
 def class_errors(
     unet, scheduler, x0: torch.Tensor, cond: torch.Tensor, n_timesteps: int,
@@ -161,20 +149,12 @@ def class_errors(
     x_t = scheduler.add_noise(  # (B, K, 1, H, W); add_noise wants one timestep per leading row
         x0.repeat_interleave(K, 0), noise.flatten(0, 1), ts.repeat(B)
     ).view_as(noise)
-    if round_robin:
-        pairs = [(k, k % P) for k in range(K)]
-    else:
-        pairs = [(k, p) for k in range(K) for p in range(P)]
-    kk, pp = torch.tensor(pairs).T  # (J,), (J,)
-    bi, ci, ji = (g.reshape(-1) for g in torch.meshgrid(
-        torch.arange(B), torch.arange(C), torch.arange(len(pairs)), indexing="ij"))
-    err = torch.empty(len(bi))
-    for s in range(0, len(bi), chunk):
-        b, c, j = bi[s:s + chunk], ci[s:s + chunk], ji[s:s + chunk]
-        k = kk[j]
-        pred = unet(x_t[b, k], ts[k], encoder_hidden_states=cond[c, pp[j]]).sample
-        err[s:s + chunk] = (pred.float() - noise[b, k]).pow(2).mean(dim=(1, 2, 3))
-    return err.view(B, C, len(pairs)).mean(-1)
+
+    def row_errors(b, c, k, p):
+        pred = unet(x_t[b, k], ts[k], encoder_hidden_states=cond[c, p]).sample
+        return (pred.float() - noise[b, k]).pow(2).mean(dim=(1, 2, 3))
+
+    return paired_class_errors(B, C, K, P, round_robin, row_errors, chunk)
 
 
 @torch.no_grad()
