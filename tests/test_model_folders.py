@@ -88,3 +88,20 @@ def test_weights_that_cannot_be_found_are_one_line_before_loading(pretrained, en
                   "--dataset_root", str(digits_wds), cwd=tmp_path, env=env)
     assert_clean_failure(proc, needle, cwd=tmp_path)
     assert "Running" not in proc.stdout
+
+
+def test_the_store_key_changes_with_the_tokenizer_not_only_the_weights(tiny_sd, tmp_path):
+    """Same weights, a tokenizer that reads fewer tokens: a different run key, so a repaired (or
+    broken) tokenizer never reads back the other folder's scores."""
+    from tiny_models import load_tiny_classifier
+
+    short = Path(shutil.copytree(tiny_sd, tmp_path / "short"))
+    _json(short / "tokenizer" / "tokenizer_config.json", lambda d: d.update(model_max_length=6))
+    keys = []
+    for folder in (tiny_sd, short):
+        model, _, tokenizer = load_tiny_classifier(folder, quick_options(tmp_path))
+        model.begin_task("zeroshot_classification")
+        for c in ("zero", "one"):
+            model.encode_text(tokenizer([f"a photo of the number {c}."]))
+        keys.append(model._key())
+    assert keys[0] != keys[1]
