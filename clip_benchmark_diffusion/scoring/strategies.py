@@ -126,12 +126,15 @@ class StagedStrategy(Strategy):
                 self.finish(n)
 
 
-class TTestStrategy(Strategy):
-    """Clark & Jaini: after each sample, drop candidates a paired t-test says are worse than the best."""
+class SequentialStrategy(Strategy):
+    """Look after every sample from ``min_samples`` on, until one candidate (or ``survivors``) is left
+    or ``max_samples`` is reached; subclasses say which candidates a look drops (``_test``)."""
 
-    def __init__(self, num_candidates: int, min_samples: int, max_samples: int, p_value: float) -> None:
+    survivors = 1
+
+    def __init__(self, num_candidates: int, min_samples: int, max_samples: int) -> None:
         super().__init__(num_candidates, max_samples)
-        self.min_samples, self.p_value, self.n = min_samples, p_value, 0
+        self.min_samples, self.n = min_samples, 0
 
     def horizon(self) -> int:
         return max(self.min_samples, self.n + 1)
@@ -140,10 +143,21 @@ class TTestStrategy(Strategy):
         total = self.err.shape[1]
         while not self.done and self.n < total and self.complete(self.n + 1):
             self.n += 1
-            if self.n >= self.min_samples:
+            if self.n >= self.min_samples and self.alive.sum() > self.survivors:
                 self._test(self.n)
             if self.alive.sum() <= 1 or self.n == total:
                 self.finish(self.n)
+
+    def _test(self, n: int) -> None:
+        raise NotImplementedError
+
+
+class TTestStrategy(SequentialStrategy):
+    """Clark & Jaini: after each sample, drop candidates a paired t-test says are worse than the best."""
+
+    def __init__(self, num_candidates: int, min_samples: int, max_samples: int, p_value: float) -> None:
+        super().__init__(num_candidates, min_samples, max_samples)
+        self.p_value = p_value
 
     def _test(self, n: int) -> None:
         idx = self.alive.nonzero().squeeze(1)
@@ -161,7 +175,7 @@ class TTestStrategy(Strategy):
             self.eliminate(losers, n)
 
 
-class AnytimeStrategy(Strategy):
+class AnytimeStrategy(SequentialStrategy):
     """Successive elimination with a time-uniform error guarantee.
 
     After every shared (t, noise) sample from ``min_samples`` on, each live candidate's paired
@@ -174,21 +188,9 @@ class AnytimeStrategy(Strategy):
 
     def __init__(self, num_candidates: int, min_samples: int, max_samples: int, alpha: float,
                  survivors: int = 1) -> None:
-        super().__init__(num_candidates, max_samples)
-        self.min_samples, self.alpha, self.survivors, self.n = min_samples, alpha, survivors, 0
+        super().__init__(num_candidates, min_samples, max_samples)
+        self.alpha, self.survivors = alpha, survivors
         self.num_compared: int | None = None   # K: the candidates alive at the first look
-
-    def horizon(self) -> int:
-        return max(self.min_samples, self.n + 1)
-
-    def update(self) -> None:
-        total = self.err.shape[1]
-        while not self.done and self.n < total and self.complete(self.n + 1):
-            self.n += 1
-            if self.n >= self.min_samples and self.alive.sum() > self.survivors:
-                self._test(self.n)
-            if self.alive.sum() <= 1 or self.n == total:
-                self.finish(self.n)
 
     def _test(self, n: int) -> None:
         if self.num_compared is None:  # after any ``allowed`` mask, before any elimination
