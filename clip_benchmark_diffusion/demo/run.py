@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +105,10 @@ def clip_seconds_per_image(data: Path) -> float:
     register_open_clip_configs()
     model, _, transform = open_clip.create_model_and_transforms(CLIP_TINY_NAME, pretrained=str(CLIP_TINY_WEIGHTS))
     model.eval()
-    ds = build_dataset(dataset_name=DATASET, root=str(data), transform=transform, split="test", download=False)
-    x = torch.stack([img for img, _ in ds])
+    with warnings.catch_warnings():  # clip_benchmark's own webdataset call, as in the integration
+        warnings.filterwarnings("ignore", message=r"WebDataset\(shardshuffle=\.\.\.\) is None", category=UserWarning)
+        ds = build_dataset(dataset_name=DATASET, root=str(data), transform=transform, split="test", download=False)
+        x = torch.stack([img for img, _ in ds])
     with torch.no_grad():
         start = time.perf_counter()
         for chunk in x.split(100):

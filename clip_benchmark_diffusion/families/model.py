@@ -8,6 +8,7 @@ large and run once per prompt).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -143,8 +144,12 @@ def load_model(family: Family, source: WeightsSource, dtype: torch.dtype, cache_
         # Components saved as null (no VAE: pixel space; no T5) are passed as None, as diffusers expects.
         kwargs.update({name: None for name in expected if name not in kwargs
                        and not (isinstance(index.get(name), list) and index[name] and index[name][0])})
-        pipe = cls.from_pretrained(source.location, dtype={"default": dtype, "vae": torch.float32},
-                                   use_safetensors=True, cache_dir=cache_dir, **kwargs)
+        with warnings.catch_warnings():
+            # Pipelines warn about scheduler settings that matter for sampling only (steps_offset,
+            # clip_sample); scoring reads the noise schedule alone, so the notice is not actionable.
+            warnings.filterwarnings("ignore", message=r"The configuration file of this scheduler", category=FutureWarning)
+            pipe = cls.from_pretrained(source.location, dtype={"default": dtype, "vae": torch.float32},
+                                       use_safetensors=True, cache_dir=cache_dir, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure to read a user's folder is reported in one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load the weights from {source.location!r}: {type(exc).__name__}: {first} "
