@@ -12,16 +12,14 @@ from cli_helpers import load_script
 from clip_benchmark_diffusion.demo import DATASET_DIR
 from clip_benchmark_diffusion.demo.captions import CLASSNAMES, EVAL_TEMPLATES, TRAIN_TEMPLATES
 from clip_benchmark_diffusion.demo.fashion_mnist import (
-    DEBIAN_DIR,
     balanced_interleaved_indices,
     demo_test_indices,
     load_split,
 )
 
-needs_debian = pytest.mark.skipif(
-    not (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").exists(),
-    reason="needs the Debian package dataset-fashion-mnist",
-)
+from wds_data import needs_fashion_mnist  # noqa: E402
+
+needs_debian = needs_fashion_mnist("t10k-images-idx3-ubyte.gz")
 
 
 def test_eval_templates_are_held_out() -> None:

@@ -8,12 +8,10 @@ import pytest
 import torch
 
 from cli_helpers import load_script
-from clip_benchmark_diffusion.demo.fashion_mnist import DEBIAN_DIR
 
-pytestmark = pytest.mark.skipif(
-    not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists(),
-    reason="needs the Debian package dataset-fashion-mnist",
-)
+from wds_data import needs_fashion_mnist  # noqa: E402
+
+pytestmark = needs_fashion_mnist("train-images-idx3-ubyte.gz")
 
 
 @pytest.fixture(scope="module")

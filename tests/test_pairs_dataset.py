@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import load_script
-from clip_benchmark_diffusion.demo.fashion_mnist import DEBIAN_DIR, load_split
+from clip_benchmark_diffusion.demo.fashion_mnist import load_split
 from clip_benchmark_diffusion.demo.pairs import (
     COLOURS,
     EVAL_WRAPPERS,
@@ -27,10 +27,9 @@ from clip_benchmark_diffusion.demo.pairs import (
 )
 from clip_benchmark_diffusion.demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR
 
-needs_debian = pytest.mark.skipif(
-    not (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").exists(),
-    reason="needs the Debian package dataset-fashion-mnist",
-)
+from wds_data import needs_fashion_mnist  # noqa: E402
+
+needs_debian = needs_fashion_mnist("t10k-images-idx3-ubyte.gz")
 
 
 def _ann(probe: str) -> dict:

@@ -12,12 +12,10 @@ import pytest
 import torch
 
 from cli_helpers import load_script
-from clip_benchmark_diffusion.demo.fashion_mnist import DEBIAN_DIR
 
-pytestmark = pytest.mark.skipif(
-    not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists(),
-    reason="needs the Debian package dataset-fashion-mnist",
-)
+from wds_data import needs_fashion_mnist  # noqa: E402
+
+pytestmark = needs_fashion_mnist("train-images-idx3-ubyte.gz")
 SMALL_CHECKS = ["--eval-every", "0", "--eval-images", "3", "--eval-probe-scenes", "4", "--log-every", "1",
                 "--threads", "1", "--steps", "3", "--train-limit", "512"]
 

@@ -6,6 +6,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+def needs_fashion_mnist(filename: str):
+    """Skip unless Debian's dataset-fashion-mnist provides ``filename`` (e.g. the train images)."""
+    import pytest
+
+    from clip_benchmark_diffusion.demo.fashion_mnist import DEBIAN_DIR
+
+    return pytest.mark.skipif(not (DEBIAN_DIR / filename).exists(),
+                              reason="needs the Debian package dataset-fashion-mnist")
+
+
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_TEMPLATES = ["a photo of the number {c}.", "a handwritten digit {c}."]
 
