@@ -3,6 +3,11 @@
 Standard definitions (Naeini et al. 2015; Guo et al. 2017): the top-1 confidences are put into
 ``bins`` equal-width bins B_m = ((m - 1) / M, m / M] (a confidence of 0 goes into the first), and
 ECE = sum_m |B_m| / n * |accuracy(B_m) - mean confidence(B_m)|.
+
+Temperature scaling (Guo et al. 2017) turns a diffusion classifier's per-class mean errors into
+class probabilities the way CLIP's learned logit scale turns its similarities into a softmax:
+p(g | x) = softmax_g(-e_g / T) over the candidates that were scored, with the one scalar T chosen
+to maximise the likelihood of held-out validation labels (never test labels).
 """
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
 
 BINS = 15
 
@@ -49,3 +56,44 @@ def reliability(confidence: Sequence[float], correct: Sequence[bool], bins: int 
         mean_conf = np.bincount(which, weights=conf, minlength=bins) / count
         acc = np.bincount(which, weights=right.astype(float), minlength=bins) / count
     return Reliability(edges, count, mean_conf, acc)
+
+
+def error_softmax(mean_error: np.ndarray, samples: np.ndarray, temperature: float) -> np.ndarray:
+    """(..., G) probabilities softmax(-mean_error / temperature) over the scored candidates.
+
+    ``samples`` (same shape) is how many (t, noise) samples each candidate's mean used; a
+    candidate with none (outside a shortlist) gets probability 0.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return np.exp(_log_probs(np.asarray(mean_error, dtype=float), np.asarray(samples) > 0, temperature))
+
+
+def _log_probs(err: np.ndarray, scored: np.ndarray, temperature: float) -> np.ndarray:
+    logits = np.where(scored, -err / temperature, -np.inf)
+    return log_softmax(logits, axis=-1)
+
+
+def fit_temperature(mean_error: np.ndarray, samples: np.ndarray, labels: np.ndarray) -> float:
+    """The T minimising the mean negative log-likelihood of ``labels`` (N,) under
+    ``error_softmax`` of ``mean_error`` / ``samples`` (N, G); images whose label was never scored
+    are left out (no T can explain them). T is searched on a log scale around the spread of the
+    errors, so the result does not depend on their units."""
+    err = np.asarray(mean_error, dtype=float)
+    scored = np.asarray(samples) > 0
+    y = np.asarray(labels, dtype=int)
+    rows = np.arange(len(y))
+    keep = scored[rows, y]
+    if keep.sum() < 2:
+        raise ValueError("need at least two images whose true class was scored")
+    err, scored, y, rows = err[keep], scored[keep], y[keep], np.arange(int(keep.sum()))
+    # Each image's gap between its best and its second-best error sets the scale of T.
+    gaps = np.sort(np.where(scored, err, np.inf), axis=1)
+    scale = float(np.median(np.diff(gaps[:, :2], axis=1)[np.isfinite(gaps[:, 1])])) if gaps.shape[1] > 1 else 1.0
+    scale = scale if np.isfinite(scale) and scale > 0 else float(np.nanstd(np.where(scored, err, np.nan))) or 1.0
+
+    def nll(log_t: float) -> float:
+        return float(-_log_probs(err, scored, scale * np.exp(log_t))[rows, y].mean())
+
+    best = minimize_scalar(nll, bounds=(-12.0, 12.0), method="bounded", options={"xatol": 1e-6})
+    return float(scale * np.exp(best.x))

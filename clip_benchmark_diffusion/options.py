@@ -85,6 +85,12 @@ class ScoringOptions:
     shortlist_pretrained: str = ""
     # hybrid: classes passed on per image; top-1 can be right only if the true class is among them.
     shortlist_k: int = 10
+    # Per-image class probabilities in the predictions file. 0: the sampling posterior P(best),
+    # which needs no data but measures only Monte-Carlo uncertainty. > 0: softmax(-mean error /
+    # temperature), CLIP's form with the temperature fitted on held-out validation images, never
+    # test labels (scripts/fit_temperature.py), as CLIP's logit scale is learned. Scores do not
+    # depend on it, so stored scores stay valid when it changes.
+    temperature: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
@@ -119,6 +125,9 @@ class ScoringOptions:
             raise UserError("batch_size and max_classes must be positive")
         if self.lookahead < 0:
             raise UserError(f"scoring option lookahead={self.lookahead} must be 0 or more")
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # also catches NaN
+            raise UserError(f"scoring option temperature={self.temperature!r} must be 0 (the sampling posterior) "
+                            "or a positive number fitted by scripts/fit_temperature.py")
         if self.resolution < 0 or self.max_sequence_length < 0:
             raise UserError("resolution and max_sequence_length must be 0 (the model's default) or positive")
 
@@ -158,6 +167,7 @@ class ScoringOptions:
         data.pop("batch_size")
         data.pop("max_classes")
         data.pop("lookahead")
+        data.pop("temperature")  # only turns stored mean errors into probabilities
         if self.strategy != "anytime":  # anytime-only fields: older runs' store keys stay valid
             data.pop("alpha")
             data.pop("survivors")

@@ -84,3 +84,64 @@ def test_image_results_carry_probabilities_through_the_store_payload():
     old = ImageResult.from_payload(payload)
     assert old.outcome.prob is None and old.outcome.confidence is None
     assert torch.equal(old.outcome.rank, outcome.rank)
+
+
+# -- temperature-scaled probabilities from mean errors --------------------------------------------
+
+def test_error_softmax_is_a_sigmoid_of_the_error_gap_for_two_classes_and_ignores_unscored_ones():
+    from clip_benchmark_diffusion.calibration import error_softmax
+
+    prob = error_softmax(np.array([0.010, 0.013, 0.001]), np.array([50, 12, 0]), temperature=0.002)
+    assert prob[2] == 0.0   # never scored (outside a shortlist): no probability, however small its error
+    assert prob[0] == pytest.approx(1 / (1 + np.exp(-(0.013 - 0.010) / 0.002)))
+    assert prob.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="positive"):
+        error_softmax(np.zeros(2), np.ones(2), 0.0)
+
+
+def test_fit_temperature_recovers_the_temperature_that_generated_the_labels():
+    from clip_benchmark_diffusion.calibration import fit_temperature
+
+    rng = np.random.default_rng(0)
+    n, g, t0 = 4000, 10, 0.003
+    err = 0.02 + 0.004 * rng.standard_normal((n, g))
+    logits = -err / t0
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    labels = np.array([rng.choice(g, p=row) for row in p])
+    samples = np.full((n, g), 50)
+    fitted = fit_temperature(err, samples, labels)
+    assert fitted == pytest.approx(t0, rel=0.08)
+    # Units do not matter: errors 1,000x larger need a 1,000x larger temperature.
+    assert fit_temperature(1000 * err, samples, labels) == pytest.approx(1000 * fitted, rel=1e-3)
+    # Labels independent of the errors: the likelihood wants a flat softmax (a much larger T).
+    assert fit_temperature(err, samples, rng.integers(0, g, n)) > 20 * t0
+
+
+def test_run_record_confidences_use_the_temperature_on_the_top1_class_of_the_ranking():
+    import torch
+
+    from clip_benchmark_diffusion.adapter.model import RunRecord
+    from clip_benchmark_diffusion.scoring.engine import ImageResult
+    from clip_benchmark_diffusion.scoring.strategies import Outcome
+
+    # Class 1 survived (rank 0) though class 0's mean over its 4 samples is lower: the confidence
+    # is the probability of the class the ranking reports, not of the lowest mean.
+    outcome = Outcome(rank=torch.tensor([1, 0, 2]), mean_error=torch.tensor([0.009, 0.010, 0.020]),
+                      samples=torch.tensor([4, 50, 4]), prob=torch.tensor([0.1, 0.9, 0.0], dtype=torch.float64))
+    record = RunRecord()
+    record.add([ImageResult(outcome=outcome, denoiser_calls=58, seed=0)])
+    assert record.confidences(0.0) == [pytest.approx(0.9)]          # the sampling posterior
+    z = np.exp(-np.array([0.009, 0.010, 0.020]) / 0.001)
+    assert record.confidences(0.001) == [pytest.approx(z[1] / z.sum())]
+
+
+def test_the_temperature_leaves_the_score_store_key_alone_and_refuses_bad_values():
+    from clip_benchmark_diffusion.errors import UserError
+    from clip_benchmark_diffusion.options import ScoringOptions
+
+    base = ScoringOptions()
+    assert base.replace(temperature=0.004).fingerprint_dict() == base.fingerprint_dict()
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="temperature"):
+            base.replace(temperature=bad)
