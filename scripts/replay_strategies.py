@@ -1,0 +1,198 @@
+"""Every elimination strategy on the same images for the price of one full evaluation.
+
+Strategies read a candidate's (t, noise) samples in order and the samples are the same for every
+strategy (seeded per image), so one full evaluation's per-sample class errors determine what every
+strategy would decide and how many denoiser calls it would spend. ``capture`` runs the full
+evaluation through clip_benchmark's zero-shot code (in-process, the recipe's own scoring with
+``strategy=full``) and saves each image's (classes x samples) class-error matrix; ``replay`` drives
+the package's real strategy classes (``make_strategy``) over those matrices, asking for exactly
+the entries each strategy requests, and prints top-1, the loss against full evaluation, calls per
+image and the expected calibration error of each strategy.
+
+Choose settings on a capture of the *validation* split and report them on the test split:
+
+    python scripts/build_fashion_mnist.py --validation runs/fashion_mnist_validation
+    python scripts/replay_strategies.py capture --dataset-root runs/fashion_mnist_validation --out runs/errors_val.pt
+    python scripts/replay_strategies.py capture --out runs/errors_test.pt          # the shipped test images
+    python scripts/replay_strategies.py replay runs/errors_val.pt
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clip_benchmark_diffusion.calibration import error_softmax, reliability
+from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.scoring.strategies import make_strategy
+
+
+def _sibling(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Recorder:
+    """Checkpoints that keep every image's latest (G, M, N) errors instead of persisting them."""
+
+    def __init__(self) -> None:
+        self.cerr: dict[int, torch.Tensor] = {}
+
+    def load(self, i: int):
+        return None
+
+    def save(self, i: int, cerr: torch.Tensor, calls: int) -> None:
+        self.cerr[i] = cerr.clone()
+
+
+def capture(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    from clip_benchmark_diffusion.adapter.loader import load_diffusion_classifier
+    from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
+
+    bench = _sibling("benchmark_strategies")
+    ensure_installed()
+    model, transform, tokenizer = load_diffusion_classifier(args.model, args.pretrained, device=args.device)
+    model.eval()
+    options = model.options.replace(strategy="full", n_samples=[args.max_samples])
+    model.set_options(options)
+    engine = model.engine
+    engine.checkpoint_s = 0.0          # the recorder sees every chunk
+    matrices: list[torch.Tensor] = []
+    original = engine.score
+
+    def score(latents, seeds, cands, on_done=None, allowed=None, checkpoints=None):
+        rec = _Recorder()
+        results = original(latents, seeds, cands, on_done=on_done, allowed=allowed, checkpoints=rec)
+        valid = (cands.members >= 0).float()                                        # (G, M)
+        for i in range(len(seeds)):
+            cerr = rec.cerr[i].nan_to_num(0.0)
+            matrices.append((cerr * valid[:, :, None]).sum(1) / valid.sum(1, keepdim=True))  # (G, N)
+        return results
+
+    engine.score = score
+    batches, classes, templates = bench.load_images(args.dataset, args.dataset_root, "test", transform,
+                                                    args.images, args.batch_size)
+    model.begin_task("zeroshot_classification", expected_images=sum(len(y) for _, y in batches))
+    clf = zc.zero_shot_classifier(model, tokenizer, classes, templates, args.device)
+    logits, target = zc.run_classification(model, clf, batches, args.device)
+    err = torch.stack(matrices)                                                      # (B, G, N)
+    ranks = torch.stack([r.outcome.rank for r in model.record.results])
+    # The recorded matrices must reproduce the run's own decisions image by image.
+    assert torch.equal(err.mean(2).argmin(1), ranks.argmin(1)), "recorded errors do not match the run's ranking"
+    torch.save({"err": err, "target": target, "classes": list(classes), "options": options.to_dict(),
+                "model": args.model, "pretrained": args.pretrained, "dataset_root": args.dataset_root}, args.out)
+    print(f"captured {tuple(err.shape)} class errors (images, classes, samples) to {args.out}; "
+          f"full top-1 {100 * (ranks.argmin(1) == target).float().mean():.1f}%")
+
+
+def replay_one(options: ScoringOptions, err: torch.Tensor) -> tuple[object, int]:
+    """Drive the real strategy over one image's (G, N) errors; its outcome and denoiser calls."""
+    G, N = err.shape
+    strategy = make_strategy(options, G)
+    if strategy.err.shape[1] > N:
+        raise SystemExit(f"the capture has {N} samples per class; {options.strategy} asks for up to {strategy.err.shape[1]}")
+    full = err[:, : strategy.err.shape[1]]
+    calls = 0
+    while not strategy.done:
+        want = strategy.wanted()
+        calls += int(want.sum())
+        strategy.err = torch.where(want, full, strategy.err)
+        strategy.update()
+    return strategy.outcome(), calls
+
+
+VARIANTS: dict[str, dict] = {
+    # The recipe defaults and the benchmark's named strategies, with a few knobs around them.
+    "ttest_min10": dict(strategy="ttest", min_samples=10, p_value=2e-3),
+    "ttest_min5": dict(strategy="ttest", min_samples=5, p_value=2e-3),
+    "anytime": dict(strategy="anytime", min_samples=4, alpha=0.05),
+    "anytime_a20": dict(strategy="anytime", min_samples=4, alpha=0.2),
+    "anytime_a50": dict(strategy="anytime", min_samples=4, alpha=0.5),
+    "anytime_m3": dict(strategy="anytime", min_samples=3, alpha=0.05),
+}
+
+
+def replay(args: argparse.Namespace) -> None:
+    data = torch.load(args.capture)
+    err, target = data["err"], data["target"]
+    N = err.shape[2]
+    temperature = args.temperature
+    full_top1 = err.mean(2).argmin(1)
+    names = args.strategies.split(";") if args.strategies else list(VARIANTS)
+    rows = {}
+    print(f"{args.capture}: {err.shape[0]} images, {err.shape[1]} classes, {N} samples; full top-1 "
+          f"{100 * (full_top1 == target).float().mean():.2f}% at {err.shape[1] * N} calls/img")
+    print(f"{'strategy':<22} {'top-1':>6} {'lost':>5} {'gained':>6} {'calls':>7} {'max':>5} {'x full':>7} "
+          f"{'ECE post':>8} {'ECE T':>6}")
+    for name in names:
+        spec = dict(VARIANTS[name]) if name in VARIANTS else json.loads(name)
+        spec.setdefault("max_samples", args.max_samples or N)
+        options = ScoringOptions(**{k: v for k, v in ScoringOptions().to_dict().items() if k not in spec},
+                                 **{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+        outs = [replay_one(options, e) for e in err]
+        top1 = torch.tensor([int(o.rank.argmin()) for o, _ in outs])
+        calls = np.array([c for _, c in outs])
+        right, full_right = (top1 == target).numpy(), (full_top1 == target).numpy()
+        conf_post = [o.confidence for o, _ in outs]
+        ece_t = None
+        if temperature:
+            conf_t = [float(error_softmax(o.mean_error.double().numpy(), o.samples.numpy(), temperature)[int(o.rank.argmin())])
+                      for o, _ in outs]
+            ece_t = reliability(conf_t, right).ece
+        ece_post = reliability(conf_post, right).ece
+        rows[name] = {"options": spec, "top1": float(right.mean()), "lost": int((full_right & ~right).sum()),
+                      "gained": int((~full_right & right).sum()), "calls_mean": float(calls.mean()),
+                      "calls_max": int(calls.max()), "ece_posterior": ece_post, "ece_temperature": ece_t}
+        print(f"{name:<22} {100 * right.mean():>6.2f} {rows[name]['lost']:>5d} {rows[name]['gained']:>6d} "
+              f"{calls.mean():>7.1f} {calls.max():>5d} {calls.mean() / (err.shape[1] * N):>7.3f} "
+              f"{100 * ece_post:>8.2f} {'' if ece_t is None else f'{100 * ece_t:.2f}':>6}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"capture": args.capture, "images": err.shape[0], "temperature": temperature,
+                                              "full_top1": float((full_top1 == target).float().mean()),
+                                              "rows": rows}, indent=2) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("capture", help="one full evaluation, keeping every per-sample class error")
+    c.add_argument("--model", default="diffusion_tiny")
+    c.add_argument("--pretrained", default="default")
+    c.add_argument("--dataset", default="wds/fashion_mnist")
+    c.add_argument("--dataset-root", default=None, help="default: the shipped 1,000 test images")
+    c.add_argument("--images", type=int, default=1000)
+    c.add_argument("--max-samples", type=int, default=50)
+    c.add_argument("--batch-size", type=int, default=100)
+    c.add_argument("--threads", type=int, default=0)
+    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    c.add_argument("--out", required=True)
+    r = sub.add_parser("replay", help="every strategy over a capture")
+    r.add_argument("capture")
+    r.add_argument("--strategies", default="", help=f"semicolon list of {', '.join(VARIANTS)} or JSON option dicts")
+    r.add_argument("--max-samples", type=int, default=0, help="cap per candidate (default: the capture's)")
+    r.add_argument("--temperature", type=float, default=0.0, help="also the ECE of softmax(-error / T)")
+    r.add_argument("--out", default="")
+    args = p.parse_args()
+    if args.command == "capture":
+        if args.dataset_root is None:
+            from clip_benchmark_diffusion.demo import DATASET_DIR
+            args.dataset_root = str(DATASET_DIR)
+        capture(args)
+    else:
+        replay(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""scripts/replay_strategies.py: one full evaluation's per-sample errors replay every strategy exactly."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import analytic_denoiser as ad
+from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.scoring.engine import ScoringEngine
+
+
+def _script(name: str):
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_test_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("spec", [
+    dict(strategy="anytime", min_samples=4, max_samples=30, alpha=0.05),
+    dict(strategy="ttest", min_samples=6, max_samples=30, p_value=2e-3),
+    dict(strategy="staged", n_samples=(6, 30), to_keep=(3, 1)),
+])
+def test_replaying_a_full_capture_gives_the_engines_own_decisions_and_calls(spec):
+    replay = _script("replay_strategies")
+    g = torch.Generator().manual_seed(0)
+    protos = torch.randn(6, *ad.SHAPE, generator=g)
+    x = ad.images(protos, [0, 1, 2, 3, 4, 5, 0, 1], noise=1.2)   # noisy: several candidates stay in the race
+    seeds = list(range(len(x)))
+    options = ScoringOptions(batch_size=37).replace(**spec)
+    direct = ScoringEngine(ad.oracle(), ad.grid(30), "epsilon", options, "cpu").score(x, seeds, ad.cands(protos))
+
+    full = ScoringEngine(ad.oracle(), ad.grid(30), "epsilon", options.replace(strategy="full", n_samples=(30,)), "cpu")
+    full.checkpoint_s = 0.0
+    rec = replay._Recorder()
+    full.score(x, seeds, ad.cands(protos), checkpoints=rec)
+    assert any(r.denoiser_calls > 4 * 6 for r in direct)          # not all decided at the first look
+    for i, result in enumerate(direct):
+        outcome, calls = replay.replay_one(options, rec.cerr[i][:, 0, :])
+        assert torch.equal(outcome.rank, result.outcome.rank)
+        assert calls == result.denoiser_calls
+        assert torch.allclose(outcome.mean_error, result.outcome.mean_error)
