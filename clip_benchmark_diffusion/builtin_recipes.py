@@ -65,6 +65,17 @@ def register_models(register: Callable[[Recipe], None]) -> None:
                  "batch_size": 200, "max_sequence_length": 1},
     ))
     register(Recipe(
+        name="diffusion_pairs",
+        family="stable_diffusion",
+        default_weights="demo:diffusion_pairs",
+        description=("The compositional demo: diffusion_tiny's UNet trained here on two-garment Fashion-MNIST "
+                     "scenes (28x56 RGB, colours and order in the captions)"),
+        prediction_type="epsilon",
+        # The scoring of diffusion_tiny, so that it meets its CLIP on the same terms as the 10-class pair.
+        scoring={"strategy": "ttest", "min_samples": 10, "max_samples": 50, "template_ensemble": "embedding_mean",
+                 "batch_size": 200},
+    ))
+    register(Recipe(
         name="diffusion_sdxl",
         family="sdxl",
         default_weights="stabilityai/stable-diffusion-xl-base-1.0",
