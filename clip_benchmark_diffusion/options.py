@@ -23,6 +23,7 @@ STRATEGIES = ("full", "staged", "ttest", "anytime")
 LOSSES = ("l2", "l1", "huber")
 WEIGHTINGS = ("uniform", "native", "elbo", "exp7")
 ENSEMBLES = ("error_mean", "embedding_mean")
+SAMPLE_NORMS = ("none", "mean")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -58,6 +59,11 @@ class ScoringOptions:
     # the epsilon error on the model's own time grid), native (the family's training loss), elbo
     # (uniform in log-SNR: the variational bound), exp7 (Clark & Jaini: exp(-7 t) on the x0 error).
     weighting: str = "uniform"
+    # Per-sample normalisation: "mean" divides each (t, noise) sample's errors by their mean over the
+    # candidates scored on it before any decision, a data-driven weighting that removes the
+    # several-fold spread of class gaps over t from the paired differences (sequential strategies
+    # then stop much sooner; docs/elimination_benchmark.md). "none": the weighting alone (Li et al.).
+    sample_norm: str = "none"
     # How several prompts of one class make one class score: mean of their errors on the same
     # (t, noise) pairs, or one conditioning from the mean of their text embeddings (1 prompt's cost).
     template_ensemble: str = "error_mean"
@@ -97,6 +103,7 @@ class ScoringOptions:
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         _check_choice("template_ensemble", self.template_ensemble, ENSEMBLES)
+        _check_choice("sample_norm", self.sample_norm, SAMPLE_NORMS)
         _check_choice("dtype", self.dtype, DTYPES)
         if not self.n_samples or any(n <= 0 for n in self.n_samples):
             raise UserError(f"n_samples must be positive integers, got {list(self.n_samples)}")
@@ -168,6 +175,8 @@ class ScoringOptions:
         data.pop("max_classes")
         data.pop("lookahead")
         data.pop("temperature")  # only turns stored mean errors into probabilities
+        if self.sample_norm == "none":  # keys as before the option existed
+            data.pop("sample_norm")
         if self.strategy != "anytime":  # anytime-only fields: older runs' store keys stay valid
             data.pop("alpha")
             data.pop("survivors")

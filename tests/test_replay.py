@@ -26,6 +26,7 @@ def _script(name: str):
     dict(strategy="anytime", min_samples=4, max_samples=30, alpha=0.05),
     dict(strategy="ttest", min_samples=6, max_samples=30, p_value=2e-3),
     dict(strategy="staged", n_samples=(6, 30), to_keep=(3, 1)),
+    dict(strategy="anytime", min_samples=4, max_samples=30, alpha=0.05, sample_norm="mean"),
 ])
 def test_replaying_a_full_capture_gives_the_engines_own_decisions_and_calls(spec):
     replay = _script("replay_strategies")
@@ -46,3 +47,21 @@ def test_replaying_a_full_capture_gives_the_engines_own_decisions_and_calls(spec
         assert torch.equal(outcome.rank, result.outcome.rank)
         assert calls == result.denoiser_calls
         assert torch.allclose(outcome.mean_error, result.outcome.mean_error)
+
+
+def test_sample_norm_decisions_ignore_any_positive_rescaling_of_a_sample_and_raw_ones_do_not():
+    """What "mean" normalisation buys: a sample whose errors are all k times larger (a noise level
+    where every gap is k times larger) weighs the same as the others."""
+    replay = _script("replay_strategies")
+    g = torch.Generator().manual_seed(3)
+    G, N = 8, 40
+    err = 1.0 + 0.05 * torch.randn(G, N, generator=g)
+    err[2] -= 0.03                                            # the best class, by a little
+    scale = torch.exp(2.0 * torch.randn(1, N, generator=g))  # per-sample scales spanning ~50x
+    for norm, same in (("mean", True), ("none", False)):
+        options = ScoringOptions().replace(strategy="anytime", min_samples=4, max_samples=N, sample_norm=norm)
+        a, calls_a = replay.replay_one(options, err)
+        b, calls_b = replay.replay_one(options, err * scale)
+        assert (torch.equal(a.rank, b.rank) and calls_a == calls_b) is same
+        if same:
+            assert torch.allclose(a.mean_error, b.mean_error)

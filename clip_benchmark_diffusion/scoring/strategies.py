@@ -22,7 +22,8 @@ class Outcome:
     """The result for one image."""
 
     rank: torch.Tensor          # (G,) 0 = best
-    mean_error: torch.Tensor    # (G,) mean class error over the samples each candidate saw
+    # (G,) mean class error over the samples each candidate saw (sample_norm "mean": of the normalised errors)
+    mean_error: torch.Tensor
     samples: torch.Tensor       # (G,) samples each candidate saw
     # (G,) P(candidate has the lowest expected error | the samples seen); see ``best_probability``.
     # None in results stored before it existed.
@@ -45,6 +46,9 @@ class Strategy:
         self.used = torch.zeros(num_candidates, dtype=torch.long)
         self.done = False
         self._round = 0
+        # options.sample_norm == "mean": decisions read every sample's errors divided by their mean
+        # over the candidates scored on it (``scores``).
+        self.normalize = False
 
     # -- to override -------------------------------------------------------------------------
     def horizon(self) -> int:
@@ -55,6 +59,18 @@ class Strategy:
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------------------
+    @property
+    def scores(self) -> torch.Tensor:
+        """(G, N) what decisions read: the errors, or (``normalize``) each sample's errors over their
+        mean across the candidates scored on it. The scale of a class gap changes several-fold over
+        t (and with the noise draw) while the ranking at one sample does not; dividing it out removes
+        that spread from the paired differences, so sequential tests need far fewer samples. A
+        column is complete once its round is computed, so decisions stay functions of the samples
+        read in order."""
+        if not self.normalize:
+            return self.err
+        return self.err / self.err.nanmean(0, keepdim=True)
+
     def wanted(self, extra: int = 0) -> torch.Tensor:
         """(G, N) mask of entries to compute now; ``extra`` samples of look-ahead fill batches."""
         n = min(self.horizon() + extra, self.err.shape[1])
@@ -80,14 +96,15 @@ class Strategy:
     def outcome(self) -> Outcome:
         k = torch.arange(self.err.shape[1])
         counted = k[None, :] < self.used[:, None]                      # (G, N)
-        mean = torch.where(counted, self.err, 0.0).sum(1) / self.used.clamp(min=1)
+        scores = self.scores
+        mean = torch.where(counted, scores, 0.0).sum(1) / self.used.clamp(min=1)
         # Sort key: survivors first (by mean error), then eliminated, latest round first.
         key_round = torch.where(self.alive, torch.full_like(self.out_round, 1 << 40), self.out_round)
         order = torch.argsort(mean, stable=True)
         order = order[torch.argsort(-key_round[order], stable=True)]
         rank = torch.empty(len(mean), dtype=torch.long)
         rank[order] = torch.arange(len(mean))
-        prob = best_probability(self.err, self.used, int(order[0]))
+        prob = best_probability(scores, self.used, int(order[0]))
         return Outcome(rank=rank, mean_error=mean, samples=self.used.clone(), prob=prob)
 
 
@@ -116,7 +133,7 @@ class StagedStrategy(Strategy):
         while not self.done and self.complete(n := self.n_samples[self.stage]):
             keep = self.to_keep[self.stage]
             if self.alive.sum() > keep:
-                mean = self.err[:, :n].mean(1).masked_fill(~self.alive, float("inf"))
+                mean = self.scores[:, :n].mean(1).masked_fill(~self.alive, float("inf"))
                 best = torch.argsort(mean, stable=True)[:keep]
                 losers = self.alive.clone()
                 losers[best] = False
@@ -161,7 +178,7 @@ class TTestStrategy(SequentialStrategy):
 
     def _test(self, n: int) -> None:
         idx = self.alive.nonzero().squeeze(1)
-        errs = self.err[idx, :n].double()                      # (A, n)
+        errs = self.scores[idx, :n].double()                      # (A, n)
         best = errs.mean(1).argmin()
         others = torch.arange(len(idx)) != best
         if not others.any():
@@ -196,7 +213,7 @@ class AnytimeStrategy(SequentialStrategy):
         if self.num_compared is None:  # after any ``allowed`` mask, before any elimination
             self.num_compared = int(self.alive.sum())
         idx = self.alive.nonzero().squeeze(1)
-        errs = self.err[idx, :n].double()                      # (A, n)
+        errs = self.scores[idx, :n].double()                      # (A, n)
         lead = errs.mean(1).argmin()
         others = torch.arange(len(idx)) != lead
         diffs = errs[others] - errs[lead]                      # (A - 1, n)
@@ -245,6 +262,12 @@ def best_probability(err: torch.Tensor, used: torch.Tensor, leader: int) -> torc
 
 
 def make_strategy(options: ScoringOptions, num_candidates: int) -> Strategy:
+    strategy = _make(options, num_candidates)
+    strategy.normalize = options.sample_norm == "mean"
+    return strategy
+
+
+def _make(options: ScoringOptions, num_candidates: int) -> Strategy:
     if options.strategy == "full":
         return FullStrategy(num_candidates, max(options.n_samples))
     if options.strategy == "staged":
