@@ -70,7 +70,8 @@ def alphas_cumprod() -> torch.Tensor:
     return torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
 
 
-def score(world: World, options: ScoringOptions, x0: torch.Tensor, seeds: list[int]) -> list[ImageResult]:
+def score(world: World, options: ScoringOptions, x0: torch.Tensor, seeds: list[int],
+          allowed: torch.Tensor | None = None) -> list[ImageResult]:
     """Run the scoring engine with the Bayes-optimal denoiser: the only code that calls it."""
     def denoise(x_t: torch.Tensor, levels, cond: dict) -> torch.Tensor:
         # x_t = a x0 + b eps with a^2 + b^2 = 1; for x0 ~ N(mu, I), E[eps | x_t] = b (x_t - a mu).
@@ -81,7 +82,43 @@ def score(world: World, options: ScoringOptions, x0: torch.Tensor, seeds: list[i
     engine = ScoringEngine(denoise, grid, "epsilon", options, "cpu")
     cands = Candidates(cond={"mean": world.means.reshape(world.num_classes, -1)},
                        members=torch.arange(world.num_classes)[:, None])
-    return engine.score(x0, seeds, cands)
+    return engine.score(x0, seeds, cands, allowed=allowed)
+
+
+def shortlister_noise(num_classes: int, delta: float, accuracy: float) -> float:
+    """sigma of a weaker classifier that scores class g by x0_g + sigma * xi (xi ~ N(0, I)): the
+    nearest-mean rule at separation delta / sqrt(1 + sigma^2), solved for top-1 ``accuracy``."""
+    return float(optimize.brentq(lambda s: bayes_accuracy(num_classes, delta / math.sqrt(1 + s * s)) - accuracy,
+                                 0.0, 50.0))
+
+
+def run_hybrid(world: World, images: int, n: int, strategy: str, ks: list[int], accuracy: float, chunk: int,
+               seed: int) -> dict:
+    """The CLIP-shortlist hybrid in the synthetic world: a weaker classifier (top-1 ``accuracy``)
+    ranks all classes, the diffusion classifier decides among its top k (the engine's ``allowed``),
+    the rest keep the shortlister's order (the package's own ``shortlist_mask``/``merge_ranks``)."""
+    from clip_benchmark_diffusion.adapter import shortlist as sl
+
+    x0, labels = world.images(images, seed)
+    sigma = shortlister_noise(world.num_classes, world.delta, accuracy)
+    g = torch.Generator().manual_seed(seed + 7)
+    scores = x0.flatten(1)[:, : world.num_classes] + sigma * torch.randn(images, world.num_classes, generator=g)
+    seeds = list(range(seed * 1_000_000, seed * 1_000_000 + images))
+    opts = ScoringOptions(batch_size=8192).replace(**strategies(world.num_classes, n)[strategy])
+    out = {"classes": world.num_classes, "images": images, "strategy": strategy, "shortlister_sigma": sigma,
+           "shortlister_top1": float((scores.argmax(1) == labels).float().mean()), "rows": {}}
+    for k in ks:
+        allowed = sl.shortlist_mask(scores, k)
+        res = [r for i in range(0, images, chunk)
+               for r in score(world, opts, x0[i:i + chunk], seeds[i:i + chunk], allowed[i:i + chunk])]
+        rank = sl.merge_ranks(torch.stack([r.outcome.rank for r in res]), allowed, scores)
+        out["rows"][k] = {"top1": float((rank.argmin(1) == labels).float().mean()),
+                          "recall": sl.recall_at_k(allowed, labels),
+                          "calls": float(np.mean([r.denoiser_calls for r in res])),
+                          "calls_max": int(max(r.denoiser_calls for r in res))}
+        print(f"  K={world.num_classes} hybrid top-{k} ({strategy}): top-1 {100 * out['rows'][k]['top1']:.1f}% "
+              f"recall {100 * out['rows'][k]['recall']:.1f}% calls {out['rows'][k]['calls']:.0f}", flush=True)
+    return out
 
 
 def strategies(num_classes: int, n: int) -> dict[str, dict]:
@@ -101,6 +138,10 @@ def strategies(num_classes: int, n: int) -> dict[str, dict]:
         "ttest": dict(strategy="ttest", min_samples=20, max_samples=n, p_value=2e-3),
         "anytime": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.05, survivors=1),
         "anytime_s5": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.05, survivors=5),
+        # Each (t, noise) sample's errors divided by their mean over the candidates scored on it.
+        "full_norm": dict(strategy="full", n_samples=[n], sample_norm="mean"),
+        "anytime_norm": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.05, sample_norm="mean"),
+        "ttest_norm": dict(strategy="ttest", min_samples=20, max_samples=n, p_value=2e-3, sample_norm="mean"),
     }
 
 
@@ -128,10 +169,14 @@ def run_world(world: World, images: int, n: int, names: list[str], chunk: int, s
 
 def summarise(rows: dict) -> dict[str, dict]:
     """Top-1, agreement with full, losses against full, calls; per strategy."""
-    full = rows["full"]["per_image"]
-    full_right = np.array(full["top1"]) == np.array(full["target"])
+    def right_of(name: str) -> np.ndarray:
+        p = rows[name]["per_image"]
+        return np.array(p["top1"]) == np.array(p["target"])
+
     out = {}
     for name, r in rows.items():
+        # A normalised strategy is measured against normalised full evaluation (same estimand).
+        full_right = right_of("full_norm" if name.endswith("_norm") and "full_norm" in rows else "full")
         p = r["per_image"]
         right = np.array(p["top1"]) == np.array(p["target"])
         lost = int((full_right & ~right).sum())
@@ -173,6 +218,67 @@ def table(worlds: list[dict], real: dict | None) -> str:
         c = real["clip"]
         lines.append(f"| diffusion_tiny, {real['images']} img, held-out templates | CLIP {c['model']} (softmax) "
                      f"| {100 * c['top1']:.1f} | - | - | {100 * c['top5']:.1f} | - | - | - | - | {100 * c['ece']:.1f} |")
+    return "\n".join(lines)
+
+
+def run_loss_check(world: World, images: int, n: int, strategy: str, chunk: int, seed: int) -> dict:
+    """How often ``strategy`` loses the true class where full evaluation ranks it first, on many
+    images for little compute: full evaluation (the strategy's own normalisation) runs only on the
+    images the strategy gets wrong, the only ones where a loss can hide. Seeds as ``run_world``'s,
+    with the seed shifted so these images are new ones."""
+    x0, labels = world.images(images, seed + 1000)
+    seeds = list(range((seed + 1000) * 1_000_000, (seed + 1000) * 1_000_000 + images))
+    spec = strategies(world.num_classes, n)
+    opts = ScoringOptions(batch_size=8192).replace(**spec[strategy])
+    full_name = "full_norm" if strategy.endswith("_norm") else "full"
+    start = time.perf_counter()
+    res = [r for i in range(0, images, chunk) for r in score(world, opts, x0[i:i + chunk], seeds[i:i + chunk])]
+    top1 = torch.tensor([int(r.outcome.rank.argmin()) for r in res])
+    wrong = (top1 != labels).nonzero().squeeze(1).tolist()
+    # The true class was eliminated when it saw fewer samples than the final decision used.
+    eliminated = [i for i in wrong if res[i].outcome.samples[labels[i]] < res[i].outcome.samples.max()]
+    full_opts = ScoringOptions(batch_size=8192).replace(**spec[full_name])
+    full_right = []
+    for i in range(0, len(wrong), chunk):
+        idx = wrong[i:i + chunk]
+        out = score(world, full_opts, x0[idx], [seeds[j] for j in idx])
+        full_right += [j for j, r in zip(idx, out) if int(r.outcome.rank.argmin()) == int(labels[j])]
+    out = {"classes": world.num_classes, "images": images, "strategy": strategy, "reference": full_name,
+           "top1": float((top1 == labels).float().mean()),
+           "calls": float(np.mean([r.denoiser_calls for r in res])), "calls_max": int(max(r.denoiser_calls for r in res)),
+           "wrong": len(wrong), "lost": len(full_right), "lost_eliminated": len(set(full_right) & set(eliminated)),
+           "eliminated_true": len(eliminated), "seconds": time.perf_counter() - start}
+    print(f"  K={world.num_classes} loss check ({strategy}, {images} img): top-1 {100 * out['top1']:.1f}%, "
+          f"{out['calls']:.0f} calls/img; wrong {out['wrong']}, of which {full_name} right {out['lost']} "
+          f"({out['lost_eliminated']} by eliminating the true class)", flush=True)
+    return out
+
+
+def loss_table(checks: list[dict]) -> str:
+    lines = ["| task | strategy | top-1 % | calls/img mean | max | strategy wrong | of those, full right (lost) "
+             "| lost by eliminating the true class | loss rate per image (95% upper) |", "|" + "---|" * 9]
+    for c in checks:
+        upper = float(stats.beta.ppf(0.95, c["lost"] + 1, c["images"] - c["lost"]))
+        lines.append(f"| synthetic K={c['classes']}, {c['images']} new img | {c['strategy']} vs {c['reference']} "
+                     f"| {100 * c['top1']:.1f} | {c['calls']:,.0f} | {c['calls_max']:,} | {c['wrong']} | {c['lost']} "
+                     f"| {c['lost_eliminated']} | {c['lost']}/{c['images']} (≤ {100 * upper:.2g}%) |")
+    return "\n".join(lines)
+
+
+def hybrid_table(hybrids: list[dict], worlds: list[dict]) -> str:
+    lines = ["| task | shortlist k | recall@k % | hybrid top-1 % | pure top-1 % | calls/img mean | max "
+             "| pure calls / hybrid calls |", "|" + "---|" * 8]
+    for h in hybrids:
+        pure = next((summarise(w["rows"]).get(h["strategy"]) for w in worlds
+                     if w["classes"] == h["classes"] and h["strategy"] in w["rows"]), None)
+        label = (f"synthetic K={h['classes']}, {h['images']} img, shortlister top-1 "
+                 f"{100 * h['shortlister_top1']:.1f}%, {h['strategy']}")
+        for k, r in h["rows"].items():
+            ratio = f"{pure['calls'] / r['calls']:.0f}x" if pure else "-"
+            pure_top1 = f"{100 * pure['top1']:.1f}" if pure else "-"
+            lines.append(f"| {label} | {k} | {100 * r['recall']:.1f} | {100 * r['top1']:.1f} "
+                         f"| {pure_top1} "
+                         f"| {r['calls']:,.0f} | {r['calls_max']:,} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -222,6 +328,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=100, help="most samples per candidate, every strategy")
     p.add_argument("--strategies", default="full,staged,ttest,anytime,anytime_s5")
     p.add_argument("--chunk", type=int, default=50, help="images per engine call")
+    p.add_argument("--hybrid-classes", type=int, default=0, help="class count of the hybrid run (0: none)")
+    p.add_argument("--hybrid-images", type=int, default=200)
+    p.add_argument("--hybrid-ks", default="1,5,10,20,50")
+    p.add_argument("--hybrid-strategy", default="anytime_norm")
+    p.add_argument("--shortlist-accuracy", type=float, default=0.6, help="the synthetic shortlister's top-1")
+    p.add_argument("--loss-check", default="", help="CLASSES:IMAGES:STRATEGY, e.g. 1000:1000:anytime_norm (new images)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--include", nargs="*", default=[],
                    help="elimination_benchmark.json files of earlier runs whose worlds join the table (split long runs)")
@@ -245,6 +357,22 @@ def main() -> None:
               f"{n} images", flush=True)
         worlds.append(run_world(world, n, args.samples, args.strategies.split(","), args.chunk, args.seed))
         (out / "elimination_benchmark.json").write_text(json.dumps({"args": vars(args), "worlds": worlds}))
+    hybrids = [h for path in args.include for h in json.loads(Path(path).read_text()).get("hybrids", [])]
+    if args.hybrid_classes:
+        k = args.hybrid_classes
+        world = World(k, max(k, 16), separation_for(k, args.bayes))
+        hybrids.append(run_hybrid(world, args.hybrid_images, args.samples, args.hybrid_strategy,
+                                  [int(x) for x in args.hybrid_ks.split(",")], args.shortlist_accuracy, args.chunk,
+                                  args.seed))
+        (out / "elimination_benchmark.json").write_text(json.dumps({"args": vars(args), "worlds": worlds,
+                                                                     "hybrids": hybrids}))
+    checks = [c for path in args.include for c in json.loads(Path(path).read_text()).get("loss_checks", [])]
+    if args.loss_check:
+        k, n_img, name = args.loss_check.split(":")
+        world = World(int(k), max(int(k), 16), separation_for(int(k), args.bayes))
+        checks.append(run_loss_check(world, int(n_img), args.samples, name, args.chunk, args.seed))
+    (out / "elimination_benchmark.json").write_text(json.dumps({"args": vars(args), "worlds": worlds,
+                                                                 "hybrids": hybrids, "loss_checks": checks}))
     real = None
     for path in args.real:  # several runs of benchmark_strategies.py on the same images join into one block
         part = json.loads(Path(path).read_text())
@@ -254,8 +382,13 @@ def main() -> None:
     if real is not None:
         real["clip"] = clip_row(Path(args.clip), real) if args.clip else None
     md = table(worlds, real)
+    if hybrids:
+        md += "\n\n" + hybrid_table(hybrids, worlds)
+    if checks:
+        md += "\n\n" + loss_table(checks)
     (out / "elimination_benchmark_table.md").write_text(md + "\n")
-    plot(worlds, real, out / "elimination_benchmark.png")
+    if worlds or real is not None:
+        plot(worlds, real, out / "elimination_benchmark.png")
     print(md)
     print(f"wrote {out / 'elimination_benchmark.json'}, {out / 'elimination_benchmark_table.md'}, "
           f"{out / 'elimination_benchmark.png'}")
