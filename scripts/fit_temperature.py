@@ -3,7 +3,8 @@
 Scores the validation split (the 1,000 train images the demo models never trained on; written by
 ``scripts/build_fashion_mnist.py --validation`` if the folder is missing) with the recipe's own
 scoring through clip_benchmark's zero-shot code in-process, then picks the T that maximises the
-likelihood of the validation labels under softmax(-mean error / T)
+likelihood of the validation labels under softmax(-gap / T) (each class's mean paired
+difference to the top-1 class over the samples it saw)
 (``clip_benchmark_diffusion.calibration.fit_temperature``). Prints T (to put into the recipe's
 ``temperature`` scoring option) and, on the same validation images, the expected calibration error
 of the sampling posterior and of the fitted softmax (in-sample for the latter: the honest figure
@@ -98,7 +99,7 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, outcomes, calls, labels: np.ndarray, options) -> None:
-    err = np.stack([o.mean_error.double().numpy() for o in outcomes])
+    err = np.stack([o.gaps().double().nan_to_num(0.0).numpy() for o in outcomes])
     samples = np.stack([o.samples.numpy() for o in outcomes])
     top1 = np.array([int(o.rank.argmin()) for o in outcomes])
     right = top1 == labels
@@ -119,7 +120,7 @@ def report(args: argparse.Namespace, outcomes, calls, labels: np.ndarray, option
         "validation_nll": nll, "validation_top1": float(right.mean()),
         "validation_ece_posterior": ece_posterior, "validation_ece_softmax_in_sample": ece_softmax,
         "scoring": options.to_dict(),
-        "per_image": {"target": labels.tolist(), "mean_error": err.tolist(), "samples": samples.tolist()},
+        "per_image": {"target": labels.tolist(), "gap": err.tolist(), "samples": samples.tolist()},
     }) + "\n")
     print(f"wrote {out}")
 

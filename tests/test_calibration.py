@@ -1,6 +1,7 @@
 """Expected calibration error and its bins; the compare command's calibration lines and diagram."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -125,15 +126,42 @@ def test_run_record_confidences_use_the_temperature_on_the_top1_class_of_the_ran
     from clip_benchmark_diffusion.scoring.engine import ImageResult
     from clip_benchmark_diffusion.scoring.strategies import Outcome
 
-    # Class 1 survived (rank 0) though class 0's mean over its 4 samples is lower: the confidence
-    # is the probability of the class the ranking reports, not of the lowest mean.
+    # Class 1 is top-1; class 0's unpaired mean over its 4 samples is lower (those 4 samples had a
+    # low error level for every class) but its paired gap on them is +0.002: the softmax reads the
+    # paired gaps, so the shared error level of a sample cannot make a beaten class look close.
     outcome = Outcome(rank=torch.tensor([1, 0, 2]), mean_error=torch.tensor([0.009, 0.010, 0.020]),
-                      samples=torch.tensor([4, 50, 4]), prob=torch.tensor([0.1, 0.9, 0.0], dtype=torch.float64))
+                      samples=torch.tensor([4, 50, 4]), prob=torch.tensor([0.1, 0.9, 0.0], dtype=torch.float64),
+                      gap=torch.tensor([0.002, 0.0, 0.011]))
     record = RunRecord()
     record.add([ImageResult(outcome=outcome, denoiser_calls=58, seed=0)])
     assert record.confidences(0.0) == [pytest.approx(0.9)]          # the sampling posterior
-    z = np.exp(-np.array([0.009, 0.010, 0.020]) / 0.001)
+    z = np.exp(-np.array([0.002, 0.0, 0.011]) / 0.001)
     assert record.confidences(0.001) == [pytest.approx(z[1] / z.sum())]
+    # A result stored before gaps existed falls back to the unpaired difference of means.
+    old = dataclasses.replace(outcome, gap=None)
+    record = RunRecord()
+    record.add([ImageResult(outcome=old, denoiser_calls=58, seed=0)])
+    z = np.exp(-np.array([-0.001, 0.0, 0.010]) / 0.001)
+    assert record.confidences(0.001) == [pytest.approx(z[1] / z.sum())]
+
+
+def test_outcome_gaps_are_paired_differences_to_the_top1_on_the_samples_each_class_used():
+    import torch
+
+    from clip_benchmark_diffusion.options import ScoringOptions
+    from clip_benchmark_diffusion.scoring.strategies import make_strategy
+
+    # Every sample has its own error level (shared by all classes); class 2 is eliminated early.
+    level = torch.tensor([1.0, 5.0, 1.0, 5.0, 3.0, 2.0, 4.0, 1.0])
+    err = level[None, :] + torch.tensor([[0.0], [0.3], [2.0]])
+    strategy = make_strategy(ScoringOptions().replace(strategy="anytime", min_samples=4, max_samples=8), 3)
+    while not strategy.done:
+        want = strategy.wanted()
+        strategy.err = torch.where(want, err, strategy.err)
+        strategy.update()
+    o = strategy.outcome()
+    assert int(o.rank.argmin()) == 0 and o.samples[2] < 8
+    assert torch.allclose(o.gap, torch.tensor([0.0, 0.3, 2.0]))
 
 
 def test_the_temperature_leaves_the_score_store_key_alone_and_refuses_bad_values():

@@ -62,13 +62,13 @@ class RunRecord:
 
     def confidences(self, temperature: float) -> list[float | None]:
         """Per image, the probability of its top-1 class: the sampling posterior (``temperature`` 0)
-        or the temperature-scaled softmax of the mean errors (``calibration.error_softmax``)."""
+        or the temperature-scaled softmax of the paired gaps to the top-1 (``calibration.error_softmax``)."""
         if not temperature:
             return [r.outcome.confidence for r in self.results]
         out: list[float | None] = []
         for r in self.results:
             o = r.outcome
-            prob = error_softmax(o.mean_error.double().numpy(), o.samples.numpy(), temperature)
+            prob = error_softmax(o.gaps().double().nan_to_num(0.0).numpy(), o.samples.numpy(), temperature)
             out.append(float(prob[int(o.rank.argmin())]))
         return out
 

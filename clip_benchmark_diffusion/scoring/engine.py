@@ -84,6 +84,7 @@ class ImageResult:
         o = self.outcome
         return {"rank": o.rank.tolist(), "mean_error": o.mean_error.tolist(), "samples": o.samples.tolist(),
                 "prob": None if o.prob is None else o.prob.tolist(),
+                "gap": None if o.gap is None else o.gap.tolist(),
                 "calls": self.denoiser_calls, "seed": self.seed, "seconds": self.seconds}
 
     @classmethod
@@ -91,7 +92,8 @@ class ImageResult:
         prob = p.get("prob")  # absent in payloads stored before calibrated confidence
         outcome = Outcome(rank=torch.tensor(p["rank"]), mean_error=torch.tensor(p["mean_error"]),
                           samples=torch.tensor(p["samples"]),
-                          prob=None if prob is None else torch.tensor(prob, dtype=torch.float64))
+                          prob=None if prob is None else torch.tensor(prob, dtype=torch.float64),
+                          gap=None if p.get("gap") is None else torch.tensor(p["gap"]))
         return cls(outcome=outcome, denoiser_calls=p["calls"], seed=p["seed"], seconds=p["seconds"])
 
 

@@ -28,6 +28,15 @@ class Outcome:
     # (G,) P(candidate has the lowest expected error | the samples seen); see ``best_probability``.
     # None in results stored before it existed.
     prob: torch.Tensor | None = None
+    # (G,) each candidate's mean paired difference to the top-1 class over the samples it used (0 for
+    # the top-1, NaN if unscored): what a temperature turns into probabilities. None in older results.
+    gap: torch.Tensor | None = None
+
+    def gaps(self) -> torch.Tensor:
+        """``gap``, or for results stored before it, the unpaired difference of mean errors."""
+        if self.gap is not None:
+            return self.gap
+        return torch.where(self.samples > 0, self.mean_error - self.mean_error[self.rank.argmin()], float("nan"))
 
     @property
     def confidence(self) -> float | None:
@@ -105,7 +114,9 @@ class Strategy:
         rank = torch.empty(len(mean), dtype=torch.long)
         rank[order] = torch.arange(len(mean))
         prob = best_probability(scores, self.used, int(order[0]))
-        return Outcome(rank=rank, mean_error=mean, samples=self.used.clone(), prob=prob)
+        gap, _ = paired_gaps(scores, self.used, int(order[0]))
+        gap[self.used == 0] = float("nan")
+        return Outcome(rank=rank, mean_error=mean, samples=self.used.clone(), prob=prob, gap=gap.float())
 
 
 class FullStrategy(Strategy):
@@ -229,6 +240,18 @@ class AnytimeStrategy(SequentialStrategy):
             self.eliminate(losers, n)
 
 
+def paired_gaps(err: torch.Tensor, used: torch.Tensor, leader: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G,) float64 mean and sum of squared deviations of each candidate's paired differences to
+    ``leader`` over the first ``used`` samples it saw (0 where it saw none). Pairing cancels the
+    error level that all classes share at one (t, noise) sample, which dwarfs the class gaps."""
+    k = torch.arange(err.shape[1])
+    counted = (k[None, :] < used[:, None]) & (used[:, None] > 0)                          # (G, N)
+    diff = torch.where(counted, err.double() - err[leader].double(), 0.0)                # (G, N)
+    mean = diff.sum(1) / used.double().clamp(min=1)
+    sq = torch.where(counted, (diff - mean[:, None]) ** 2, 0.0).sum(1)
+    return mean, sq
+
+
 def best_probability(err: torch.Tensor, used: torch.Tensor, leader: int) -> torch.Tensor:
     """(G,) P(candidate g has the lowest expected error), from the samples each candidate used.
 
@@ -241,13 +264,9 @@ def best_probability(err: torch.Tensor, used: torch.Tensor, leader: int) -> torc
     gets confidently wrong at infinite samples keeps probability near 1 (see
     docs/elimination_benchmark.md for the measured calibration). Unscored candidates get 0.
     """
-    G, N = err.shape
-    k = torch.arange(N)
-    counted = (k[None, :] < used[:, None]) & (used[:, None] > 0)                          # (G, N)
-    diff = torch.where(counted, err.double() - err[leader].double(), 0.0)                # (G, N)
+    G = err.shape[0]
+    mean, sq = paired_gaps(err, used, leader)
     n = used.double()
-    mean = diff.sum(1) / n.clamp(min=1)
-    sq = torch.where(counted, (diff - mean[:, None]) ** 2, 0.0).sum(1)
     pairs = (used >= 2) & (torch.arange(G) != leader)
     if not pairs.any():
         return (torch.arange(G) == leader).double()
