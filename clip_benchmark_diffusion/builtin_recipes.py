@@ -64,8 +64,10 @@ def register_models(register: Callable[[Recipe], None]) -> None:
         resolution=28,
         # The scoring of diffusion_tiny, so the two demo models are compared on equal terms; without T5 the
         # pipeline appends max_sequence_length zero tokens, and the model was trained with one.
+        # Temperature fitted on 200 validation images (never test labels):
+        #   python scripts/fit_temperature.py --model diffusion_tiny_flow --images 200
         scoring={"strategy": "ttest", "min_samples": 10, "max_samples": 50, "template_ensemble": "embedding_mean",
-                 "batch_size": 200, "max_sequence_length": 1},
+                 "batch_size": 200, "max_sequence_length": 1, "temperature": 7.28e-4},
     ))
     register(Recipe(
         name="diffusion_pairs",

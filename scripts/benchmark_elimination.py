@@ -269,8 +269,10 @@ def hybrid_table(hybrids: list[dict], worlds: list[dict]) -> str:
     lines = ["| task | shortlist k | recall@k % | hybrid top-1 % | pure top-1 % | calls/img mean | max "
              "| pure calls / hybrid calls |", "|" + "---|" * 8]
     for h in hybrids:
-        pure = next((summarise(w["rows"]).get(h["strategy"]) for w in worlds
-                     if w["classes"] == h["classes"] and h["strategy"] in w["rows"]), None)
+        # The pure row: k = K in the same run (same images), else the same strategy in a world of K classes.
+        pure = h["rows"].get(h["classes"], h["rows"].get(str(h["classes"]))) or next(
+            (summarise(w["rows"]).get(h["strategy"]) for w in worlds
+             if w["classes"] == h["classes"] and h["strategy"] in w["rows"]), None)
         label = (f"synthetic K={h['classes']}, {h['images']} img, shortlister top-1 "
                  f"{100 * h['shortlister_top1']:.1f}%, {h['strategy']}")
         for k, r in h["rows"].items():
@@ -330,8 +332,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=50, help="images per engine call")
     p.add_argument("--hybrid-classes", type=int, default=0, help="class count of the hybrid run (0: none)")
     p.add_argument("--hybrid-images", type=int, default=200)
-    p.add_argument("--hybrid-ks", default="1,5,10,20,50")
-    p.add_argument("--hybrid-strategy", default="anytime_norm")
+    p.add_argument("--hybrid-ks", default="1,5,10,20,50", help="k = the class count is the pure strategy on the same images")
+    p.add_argument("--hybrid-strategy", default="anytime")
     p.add_argument("--shortlist-accuracy", type=float, default=0.6, help="the synthetic shortlister's top-1")
     p.add_argument("--loss-check", default="", help="CLASSES:IMAGES:STRATEGY, e.g. 1000:1000:anytime_norm (new images)")
     p.add_argument("--seed", type=int, default=1)

@@ -148,7 +148,7 @@ def replay(args: argparse.Namespace) -> None:
         conf_post = [o.confidence for o, _ in outs]
         ece_t = None
         if temperature:
-            conf_t = [float(error_softmax(o.mean_error.double().numpy(), o.samples.numpy(), temperature)[int(o.rank.argmin())])
+            conf_t = [float(error_softmax(o.gaps().double().nan_to_num(0.0).numpy(), o.samples.numpy(), temperature)[int(o.rank.argmin())])
                       for o, _ in outs]
             ece_t = reliability(conf_t, right).ece
         ece_post = reliability(conf_post, right).ece
