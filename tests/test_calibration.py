@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import assert_clean_failure, console
+from clip_benchmark_diffusion.demo import CLIP_TINY_DIR
 from clip_benchmark_diffusion.calibration import reliability
 from clip_benchmark_diffusion.predictions import predictions_path
 
@@ -173,3 +174,30 @@ def test_the_temperature_leaves_the_score_store_key_alone_and_refuses_bad_values
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(UserError, match="temperature"):
             base.replace(temperature=bad)
+
+
+
+@pytest.mark.skipif(not (CLIP_TINY_DIR.parent / "diffusion_tiny" / "model_index.json").is_file(),
+                    reason="demo weights not built")
+def test_the_stock_command_writes_temperature_probabilities(tmp_path):
+    """The recipe option reaches the predictions file: a tiny T makes every top-1 certain, a huge T
+    spreads it over the 10 classes, and the store is shared (scores do not depend on T)."""
+    from cli_helpers import clip_benchmark_eval
+    from clip_benchmark_diffusion.demo.run import subset_dataset
+    from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV
+
+    data = subset_dataset(10, tmp_path / "data")
+    conf = {}
+    for t in (1e-9, 1e3, 0.0):
+        out = tmp_path / f"t{t}.json"
+        proc = clip_benchmark_eval("--model", "diffusion_tiny", "--pretrained", "default", "--dataset", "wds/fashion_mnist",
+                                   "--dataset_root", str(data), "--output", str(out), cwd=tmp_path,
+                                   env={"CLIP_BENCHMARK_DIFFUSION_OPTIONS": f"temperature={t},max_samples=20",
+                                        PREDICTIONS_ENV: "1", "CLIP_BENCHMARK_DIFFUSION_STORE": str(tmp_path / "s.sqlite")})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(line) for line in predictions_path(out).read_text().splitlines()]
+        conf[t] = np.array([r["confidence"] for r in rows])
+        assert json.loads(out.read_text())["diffusion_classifier"]["scoring"]["temperature"] == t
+    assert np.all(conf[1e-9] == 1.0)
+    assert np.all(np.abs(conf[1e3] - 0.1) < 1e-3)
+    assert not np.allclose(conf[0.0], conf[1e-9]) and np.all(conf[0.0] < 1.0 + 1e-12)
