@@ -167,7 +167,7 @@ def _patch_run_classification(module: Any) -> None:
             import torch
 
             scale = getattr(model, "logit_scale", None)
-            scale = float(scale.exp()) if isinstance(scale, torch.Tensor) else 100.0
+            scale = float(scale.detach().exp()) if isinstance(scale, torch.Tensor) else 100.0
             state.predictions = (logits, target, scale)
         return logits, target
 
