@@ -21,9 +21,7 @@ reproduces its decisions exactly.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +29,6 @@ import torch
 
 from clip_benchmark_diffusion.calibration import error_softmax, fit_temperature, reliability
 
-
-def _sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,7 +56,7 @@ def from_capture(args: argparse.Namespace):
     if "validation" not in str(data["dataset_root"]):
         raise SystemExit(f"{args.capture} was captured on {data['dataset_root']}: fit on validation images only")
     options = parse_model_spec(args.model).options
-    replay = _sibling("replay_strategies")
+    import replay_strategies as replay  # a sibling: scripts/ is sys.path[0]
     pairs = [replay.replay_one(options, e) for e in data["err"][: args.images]]
     return [o for o, _ in pairs], [c for _, c in pairs], data["target"][: args.images].numpy(), options
 
@@ -80,8 +71,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     root = Path(args.validation_root)
     if not (root / "test" / "0.tar").exists():
-        _sibling("build_fashion_mnist").build_validation(root)
-    bench = _sibling("benchmark_strategies")
+        from build_fashion_mnist import build_validation  # a sibling: scripts/ is sys.path[0]
+
+        build_validation(root)
+    import benchmark_strategies as bench  # a sibling: scripts/ is sys.path[0]
     from clip_benchmark.metrics import zeroshot_classification as zc
 
     from clip_benchmark_diffusion.adapter.loader import load_diffusion_classifier

@@ -19,9 +19,7 @@ Choose settings on a capture of the *validation* split and report them on the te
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +29,6 @@ from clip_benchmark_diffusion.calibration import error_softmax, reliability
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring.strategies import make_strategy
 
-
-def _sibling(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class _Recorder:
@@ -61,7 +52,7 @@ def capture(args: argparse.Namespace) -> None:
     from clip_benchmark_diffusion.adapter.loader import load_diffusion_classifier
     from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
 
-    bench = _sibling("benchmark_strategies")
+    import benchmark_strategies as bench  # a sibling: scripts/ is sys.path[0]
     ensure_installed()
     model, transform, tokenizer = load_diffusion_classifier(args.model, args.pretrained, device=args.device)
     model.eval()
