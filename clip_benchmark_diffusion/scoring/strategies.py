@@ -71,11 +71,11 @@ class Strategy:
     @property
     def scores(self) -> torch.Tensor:
         """(G, N) what decisions read: the errors, or (``normalize``) each sample's errors over their
-        mean across the candidates scored on it. The scale of a class gap changes several-fold over
-        t (and with the noise draw) while the ranking at one sample does not; dividing it out removes
-        that spread from the paired differences, so sequential tests need far fewer samples. A
-        column is complete once its round is computed, so decisions stay functions of the samples
-        read in order."""
+        mean across the candidates scored on it. That removes the several-fold spread of class gaps
+        over t from the paired differences: sequential tests then need 3-4x fewer samples in the
+        synthetic worlds, but it re-weights t, and a trained model can rank worse under it
+        (docs/elimination_benchmark.md). A column is complete once its round is computed, so
+        decisions stay functions of the samples read in order."""
         if not self.normalize:
             return self.err
         return self.err / self.err.nanmean(0, keepdim=True)
@@ -113,10 +113,10 @@ class Strategy:
         order = order[torch.argsort(-key_round[order], stable=True)]
         rank = torch.empty(len(mean), dtype=torch.long)
         rank[order] = torch.arange(len(mean))
-        prob = best_probability(scores, self.used, int(order[0]))
-        gap, _ = paired_gaps(scores, self.used, int(order[0]))
-        gap[self.used == 0] = float("nan")
-        return Outcome(rank=rank, mean_error=mean, samples=self.used.clone(), prob=prob, gap=gap.float())
+        gap, sq = paired_gaps(scores, self.used, int(order[0]))
+        prob = _posterior(gap, sq, self.used, int(order[0]))
+        gap = gap.float().masked_fill(self.used == 0, float("nan"))
+        return Outcome(rank=rank, mean_error=mean, samples=self.used.clone(), prob=prob, gap=gap)
 
 
 class FullStrategy(Strategy):
@@ -264,8 +264,12 @@ def best_probability(err: torch.Tensor, used: torch.Tensor, leader: int) -> torc
     gets confidently wrong at infinite samples keeps probability near 1 (see
     docs/elimination_benchmark.md for the measured calibration). Unscored candidates get 0.
     """
-    G = err.shape[0]
-    mean, sq = paired_gaps(err, used, leader)
+    return _posterior(*paired_gaps(err, used, leader), used, leader)
+
+
+def _posterior(mean: torch.Tensor, sq: torch.Tensor, used: torch.Tensor, leader: int) -> torch.Tensor:
+    """``best_probability`` from ``paired_gaps``' mean and squared deviations."""
+    G = len(mean)
     n = used.double()
     pairs = (used >= 2) & (torch.arange(G) != leader)
     if not pairs.any():
