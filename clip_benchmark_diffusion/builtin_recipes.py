@@ -6,6 +6,13 @@ from typing import Callable
 from clip_benchmark_diffusion.hookspecs import hookimpl
 from clip_benchmark_diffusion.registry import Recipe
 
+# The embedded models' shared scoring (from scripts/benchmark_strategies.py on diffusion_tiny):
+# t-test elimination after 10 samples and one conditioning per class (mean prompt embedding)
+# keep full evaluation's accuracy at a fraction of its calls; the same for every embedded model,
+# so they are compared on equal terms.
+TINY_SCORING = {"strategy": "ttest", "min_samples": 10, "max_samples": 50, "template_ensemble": "embedding_mean",
+                "batch_size": 200}
+
 
 @hookimpl
 def register_models(register: Callable[[Recipe], None]) -> None:
@@ -46,14 +53,11 @@ def register_models(register: Callable[[Recipe], None]) -> None:
         description="The embedded demo: a pixel-space diffusion model trained here on Fashion-MNIST",
         prediction_type="epsilon",
         resolution=28,
-        # From scripts/benchmark_strategies.py on this model: t-test elimination after 10 samples
-        # and one conditioning per class (mean prompt embedding) keep full evaluation's accuracy
-        # at a fraction of its calls. The temperature was fitted on 400 validation images (train
+        # The temperature was fitted on 400 validation images (train
         # images held out of training), never test labels:
         #   python scripts/replay_strategies.py capture --dataset-root runs/fashion_mnist_validation --images 400 --out runs/errors_val400.pt
         #   python scripts/fit_temperature.py --capture runs/errors_val400.pt
-        scoring={"strategy": "ttest", "min_samples": 10, "max_samples": 50, "template_ensemble": "embedding_mean",
-                 "batch_size": 200, "temperature": 2.83e-4},
+        scoring={**TINY_SCORING, "temperature": 2.83e-4},
     ))
     register(Recipe(
         name="diffusion_tiny_flow",
@@ -62,12 +66,10 @@ def register_models(register: Callable[[Recipe], None]) -> None:
         description=("The embedded flow demo: an SD3-format rectified-flow transformer (pixel space, two CLIP "
                      "text encoders, no T5) trained here on Fashion-MNIST"),
         resolution=28,
-        # The scoring of diffusion_tiny, so the two demo models are compared on equal terms; without T5 the
-        # pipeline appends max_sequence_length zero tokens, and the model was trained with one.
+        # Without T5 the pipeline appends max_sequence_length zero tokens, and the model was trained with one.
         # Temperature fitted on 200 validation images (never test labels):
         #   python scripts/fit_temperature.py --model diffusion_tiny_flow --images 200
-        scoring={"strategy": "ttest", "min_samples": 10, "max_samples": 50, "template_ensemble": "embedding_mean",
-                 "batch_size": 200, "max_sequence_length": 1, "temperature": 7.28e-4},
+        scoring={**TINY_SCORING, "max_sequence_length": 1, "temperature": 7.28e-4},
     ))
     register(Recipe(
         name="diffusion_pairs",
@@ -76,9 +78,7 @@ def register_models(register: Callable[[Recipe], None]) -> None:
         description=("The compositional demo: diffusion_tiny's UNet trained here on two-garment Fashion-MNIST "
                      "scenes (28x56 RGB, colours and order in the captions)"),
         prediction_type="epsilon",
-        # The scoring of diffusion_tiny, so that it meets its CLIP on the same terms as the 10-class pair.
-        scoring={"strategy": "ttest", "min_samples": 10, "max_samples": 50, "template_ensemble": "embedding_mean",
-                 "batch_size": 200},
+        scoring=TINY_SCORING,
     ))
     register(Recipe(
         name="diffusion_sdxl",
