@@ -4,8 +4,9 @@ Standard definitions (Naeini et al. 2015; Guo et al. 2017): the top-1 confidence
 ``bins`` equal-width bins B_m = ((m - 1) / M, m / M] (a confidence of 0 goes into the first), and
 ECE = sum_m |B_m| / n * |accuracy(B_m) - mean confidence(B_m)|.
 
-Temperature scaling (Guo et al. 2017) turns a diffusion classifier's per-class mean errors into
-class probabilities the way CLIP's learned logit scale turns its similarities into a softmax:
+Temperature scaling (Guo et al. 2017) turns a diffusion classifier's per-class errors (each
+class's mean paired gap to the top-1, ``Outcome.gap``) into class probabilities the way CLIP's
+learned logit scale turns its similarities into a softmax:
 p(g | x) = softmax_g(-e_g / T) over the candidates that were scored, with the one scalar T chosen
 to maximise the likelihood of held-out validation labels (never test labels).
 """

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_benchmark_diffusion.calibration import error_softmax, reliability
+from clip_benchmark_diffusion.calibration import reliability
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring.strategies import make_strategy
 
@@ -139,8 +139,7 @@ def replay(args: argparse.Namespace) -> None:
         conf_post = [o.confidence for o, _ in outs]
         ece_t = None
         if temperature:
-            conf_t = [float(error_softmax(o.gaps().double().nan_to_num(0.0).numpy(), o.samples.numpy(), temperature)[int(o.rank.argmin())])
-                      for o, _ in outs]
+            conf_t = [o.top1_probability(temperature) for o, _ in outs]
             ece_t = reliability(conf_t, right).ece
         ece_post = reliability(conf_post, right).ece
         rows[name] = {"options": spec, "top1": float(right.mean()), "lost": int((full_right & ~right).sum()),

@@ -37,7 +37,6 @@ from clip_benchmark_diffusion.registry import ModelSpec
 from clip_benchmark_diffusion import distributed as dist_util
 from clip_benchmark_diffusion.scoring.engine import Candidates, Conditioning, ImageResult, Levels, ScoringEngine
 from clip_benchmark_diffusion.scoring.noise import image_seed
-from clip_benchmark_diffusion.calibration import error_softmax
 from clip_benchmark_diffusion.store import (ScoreStore, image_digest, image_key, run_key, tensor_digest,
                                             weights_fingerprint)
 
@@ -61,16 +60,8 @@ class RunRecord:
         self.calls.extend(r.denoiser_calls for r in results)
 
     def confidences(self, temperature: float) -> list[float | None]:
-        """Per image, the probability of its top-1 class: the sampling posterior (``temperature`` 0)
-        or the temperature-scaled softmax of the paired gaps to the top-1 (``calibration.error_softmax``)."""
-        if not temperature:
-            return [r.outcome.confidence for r in self.results]
-        out: list[float | None] = []
-        for r in self.results:
-            o = r.outcome
-            prob = error_softmax(o.gaps().double().nan_to_num(0.0).numpy(), o.samples.numpy(), temperature)
-            out.append(float(prob[int(o.rank.argmin())]))
-        return out
+        """Per image, the probability of its top-1 class (``Outcome.top1_probability``)."""
+        return [r.outcome.top1_probability(temperature) for r in self.results]
 
 
 class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
