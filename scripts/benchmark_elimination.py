@@ -138,6 +138,8 @@ def strategies(num_classes: int, n: int) -> dict[str, dict]:
         "ttest": dict(strategy="ttest", min_samples=20, max_samples=n, p_value=2e-3),
         "anytime": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.05, survivors=1),
         "anytime_s5": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.05, survivors=5),
+        # Guaranteed against full evaluation on the same n samples (finite-population sequence).
+        "anytime_full": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.05, guarantee="full"),
         # Each (t, noise) sample's errors divided by their mean over the candidates scored on it.
         "full_norm": dict(strategy="full", n_samples=[n], sample_norm="mean"),
         "anytime_norm": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.05, sample_norm="mean"),

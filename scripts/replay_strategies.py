@@ -112,6 +112,10 @@ VARIANTS: dict[str, dict] = {
     "anytime_a20": dict(strategy="anytime", min_samples=4, alpha=0.2),
     "anytime_a50": dict(strategy="anytime", min_samples=4, alpha=0.5),
     "anytime_m3": dict(strategy="anytime", min_samples=3, alpha=0.05),
+    # Guaranteed against full evaluation on the same samples (finite-population sequence).
+    "anytime_full": dict(strategy="anytime", min_samples=4, alpha=0.05, guarantee="full"),
+    "anytime_full_a20": dict(strategy="anytime", min_samples=4, alpha=0.2, guarantee="full"),
+    "anytime_full_a50": dict(strategy="anytime", min_samples=4, alpha=0.5, guarantee="full"),
 }
 
 

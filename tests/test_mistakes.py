@@ -134,6 +134,7 @@ CASES: list[tuple[str, Callable[[Mistake], object], str]] = [
     ("lookahead -1", lambda m: m.options(lookahead=-1), "lookahead=-1 must be 0 or more"),
     ("temperature -1", lambda m: m.options(temperature=-1), "temperature=-1.0 must be 0 (the sampling posterior)"),
     ("sample_norm unknown", lambda m: m.options(sample_norm="max"), "sample_norm"),
+    ("guarantee unknown", lambda m: m.options(strategy="anytime", guarantee="exact"), "guarantee"),
     # templates and class names
     ("template with {0}", lambda m: m.write("zeroshot_classification_templates.txt", "a photo of {0} {c}.\n"),
      "has the field {0}"),

@@ -27,6 +27,7 @@ def _script(name: str):
     dict(strategy="ttest", min_samples=6, max_samples=30, p_value=2e-3),
     dict(strategy="staged", n_samples=(6, 30), to_keep=(3, 1)),
     dict(strategy="anytime", min_samples=4, max_samples=30, alpha=0.05, sample_norm="mean"),
+    dict(strategy="anytime", min_samples=4, max_samples=30, alpha=0.05, guarantee="full"),
 ])
 def test_replaying_a_full_capture_gives_the_engines_own_decisions_and_calls(spec):
     replay = _script("replay_strategies")

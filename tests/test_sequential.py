@@ -10,7 +10,11 @@ from analytic_denoiser import images, run
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.options import ScoringOptions, parse_option_source
 from clip_benchmark_diffusion.scoring import sequential
-from clip_benchmark_diffusion.scoring.sequential import normal_mixture_boundary, posterior_best
+from clip_benchmark_diffusion.scoring.sequential import (
+    normal_mixture_boundary,
+    posterior_best,
+    without_replacement_sums,
+)
 from clip_benchmark_diffusion.scoring.strategies import AnytimeStrategy, best_probability
 
 
@@ -32,11 +36,34 @@ def test_boundary_values_and_shape():
         normal_mixture_boundary(4.0, 4.0, 0.0)
 
 
-def _false_eliminations(dist: str, sims: int, alpha: float, K: int = 10, N: int = 60, seed: int = 0) -> float:
+def test_without_replacement_sums_pinned_and_a_martingale():
+    # diffs 1, 2, 3 of a population of 4: S = 1, 3, 6 and B_3 = 6 + 0/4 + 1/3 + 3/2.
+    assert without_replacement_sums(torch.tensor([[1.0, 2.0, 3.0]]), 4).item() == pytest.approx(6 + 1 / 3 + 3 / 2)
+    # Over every order of a population, B_n - mu A_n averages to 0 at each n (A_n = sum N / (N - k + 1)):
+    # the centring on the unseen values' mean is what makes the sequence valid.
+    import itertools
+    pop = torch.tensor([3.0, -1.0, 0.5, 4.0, -2.5], dtype=torch.float64)
+    N, mu = len(pop), pop.mean().item()
+    orders = torch.tensor(list(itertools.permutations(range(N))))
+    for n in range(1, N + 1):
+        a_n = sum(N / (N - k + 1) for k in range(1, n + 1))
+        b = without_replacement_sums(pop[orders][:, :n], N)
+        assert (b - mu * a_n).mean().item() == pytest.approx(0.0, abs=1e-9)
+    # Without the centring (plain sums S_n against mu n) the average is also 0, but B_n weighs late
+    # partial sums up: at n = N, A_N / N = H_N = 2.28 for N = 5.
+    assert a_n / N == pytest.approx(1 + 1 / 2 + 1 / 3 + 1 / 4 + 1 / 5)
+    with pytest.raises(ValueError):
+        without_replacement_sums(torch.zeros(1, 6), 5)
+
+
+def _false_eliminations(dist: str, sims: int, alpha: float, K: int = 10, N: int = 60, seed: int = 0,
+                        guarantee: str = "expected") -> float:
     """Share of simulated images on which class 0, tied best with all others, is eliminated.
 
     All K classes have the same expected error (the hardest case for the union over pairs), a
-    shared per-sample term (like a shared (t, noise) pair) and independent residuals.
+    shared per-sample term (like a shared (t, noise) pair) and independent residuals. With
+    ``guarantee="full"`` the tie is with full evaluation on the N samples: each class's residuals
+    are centred on their own mean, so every class has the same N-sample mean error.
     """
     g = torch.Generator().manual_seed(seed)
     lost = 0
@@ -46,28 +73,47 @@ def _false_eliminations(dist: str, sims: int, alpha: float, K: int = 10, N: int 
         else:  # Student-t, 3 degrees of freedom (infinite kurtosis), by its normal/chi-square definition
             chi2 = torch.randn(3, K, N, generator=g).pow(2).sum(0)
             resid = torch.randn(K, N, generator=g) / (chi2 / 3).sqrt()
-        st = AnytimeStrategy(K, min_samples=4, max_samples=N, alpha=alpha)
+        if guarantee == "full":
+            resid = resid - resid.mean(1, keepdim=True)
+        st = AnytimeStrategy(K, min_samples=4, max_samples=N, alpha=alpha, guarantee=guarantee)
         st.err = (resid + 3 * torch.randn(1, N, generator=g)).float()
         st.update()
         lost += int(not st.alive[0])
     return lost / sims
 
 
+@pytest.mark.parametrize("guarantee", ["expected", "full"])
 @pytest.mark.parametrize("dist", ["normal", "student_t3"])
-def test_false_elimination_rate_is_at_most_alpha(dist):
+def test_false_elimination_rate_is_at_most_alpha(dist, guarantee):
     alpha, sims = 0.2, 250
-    rate = _false_eliminations(dist, sims, alpha)
-    assert rate <= alpha, f"{dist}: best class eliminated in {rate:.3f} of images, nominal {alpha}"
+    rate = _false_eliminations(dist, sims, alpha, guarantee=guarantee)
+    assert rate <= alpha, f"{dist}, {guarantee}: best class eliminated in {rate:.3f} of images, nominal {alpha}"
 
 
-def test_the_simulation_catches_a_boundary_that_is_not_time_uniform(monkeypatch):
+@pytest.mark.parametrize("guarantee", ["expected", "full"])
+def test_the_simulation_catches_a_boundary_that_is_not_time_uniform(monkeypatch, guarantee):
     # The same check with a fixed-level z-test repeated after every sample (not anytime-valid)
     # must fail: otherwise the simulation could not tell a valid boundary from an invalid one.
     from scipy.stats import norm
 
     monkeypatch.setattr(sequential, "normal_mixture_boundary",
                         lambda v, rho, a: norm.isf(a / 2) * torch.as_tensor(v, dtype=torch.float64).sqrt())
-    assert _false_eliminations("normal", 250, alpha=0.2) > 0.2
+    assert _false_eliminations("normal", 250, alpha=0.2, guarantee=guarantee) > 0.2
+
+
+def test_the_finite_population_sequence_drops_late_what_the_expected_one_keeps():
+    # A challenger 0.3 behind the leader on every sample, unit noise: near the end of 50 samples the
+    # unseen remainder is small, so "full" drops it sooner than "expected" (or where "expected" never does).
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(2, 50, generator=g)
+    err = torch.stack([noise[0], noise[0] + 0.3 + 0.5 * noise[1]])
+    used = {}
+    for guarantee in ("expected", "full"):
+        st = AnytimeStrategy(2, min_samples=4, max_samples=50, alpha=0.05, guarantee=guarantee)
+        st.err = err
+        st.update()
+        used[guarantee] = int(st.used[1])
+    assert used["full"] < used["expected"]
 
 
 def test_strategy_decisions_on_a_hand_computed_case():
@@ -143,6 +189,9 @@ def test_options_validation_and_defaults():
     assert preset.max_sample_count == preset.max_samples == 100
     assert "alpha" not in ScoringOptions().fingerprint_dict()           # ttest store keys unchanged
     assert preset.fingerprint_dict()["alpha"] == 0.05
+    # guarantee keys a run only when it changes decisions: older anytime store entries stay valid.
+    assert "guarantee" not in preset.fingerprint_dict()
+    assert preset.replace(guarantee="full").fingerprint_dict()["guarantee"] == "full"
     for bad, needle in (({"alpha": 0.0}, "0 < alpha < 1"), ({"alpha": 1.5}, "0 < alpha < 1"),
                         ({"survivors": 0}, "survivors >= 1"), ({"min_samples": 1}, "1 < min_samples"),
                         ({"min_samples": 8, "max_samples": 6}, "min_samples <= max_samples")):

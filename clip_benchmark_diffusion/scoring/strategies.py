@@ -220,14 +220,17 @@ class AnytimeStrategy(SequentialStrategy):
     differences to the current leader are checked against the normal-mixture confidence sequence
     (``scoring/sequential.py``) at level ``alpha / (K - 1)``, one pooled variance per image: the
     best class is dropped with probability at most ``alpha``, however many looks and leader
-    changes happen. Elimination stops at ``survivors`` candidates; more than one survivor are all
+    changes happen (``guarantee="full"``: the class full evaluation on the ``max_samples`` samples
+    ranks first, by the finite-population sequence). Elimination stops at ``survivors`` candidates; more than one survivor are all
     scored on ``max_samples`` samples and ranked by mean error, so top-m stays meaningful.
     """
 
     def __init__(self, num_candidates: int, min_samples: int, max_samples: int, alpha: float,
-                 survivors: int = 1) -> None:
+                 survivors: int = 1, guarantee: str = "expected") -> None:
         super().__init__(num_candidates, min_samples, max_samples)
         self.alpha, self.survivors = alpha, survivors
+        # "full": the pairs are tested against full evaluation on the max_samples samples.
+        self.population = max_samples if guarantee == "full" else None
         self.num_compared: int | None = None   # K: the candidates alive at the first look
 
     def _test(self, n: int) -> None:
@@ -238,7 +241,7 @@ class AnytimeStrategy(SequentialStrategy):
         lead = errs.mean(1).argmin()
         others = torch.arange(len(idx)) != lead
         diffs = errs[others] - errs[lead]                      # (A - 1, n)
-        drop = eliminated_by_leader(diffs, self.alpha, self.num_compared)
+        drop = eliminated_by_leader(diffs, self.alpha, self.num_compared, population=self.population)
         room = len(idx) - self.survivors                       # never below ``survivors`` candidates
         if int(drop.sum()) > room:
             worst = torch.argsort(diffs.mean(1).masked_fill(~drop, -float("inf")), descending=True)[:room]
@@ -307,7 +310,7 @@ def _make(options: ScoringOptions, num_candidates: int) -> Strategy:
         return StagedStrategy(num_candidates, options.n_samples, options.to_keep)
     if options.strategy == "anytime":
         return AnytimeStrategy(num_candidates, options.min_samples, options.max_samples, options.alpha,
-                               options.survivors)
+                               options.survivors, options.guarantee)
     return TTestStrategy(num_candidates, options.min_samples, options.max_samples, options.p_value)
 
 
