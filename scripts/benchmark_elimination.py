@@ -140,6 +140,7 @@ def strategies(num_classes: int, n: int) -> dict[str, dict]:
         "anytime_s5": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.05, survivors=5),
         # Guaranteed against full evaluation on the same n samples (finite-population sequence).
         "anytime_full": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.05, guarantee="full"),
+        "anytime_full_a20": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.2, guarantee="full"),
         # Each (t, noise) sample's errors divided by their mean over the candidates scored on it.
         "full_norm": dict(strategy="full", n_samples=[n], sample_norm="mean"),
         "anytime_norm": dict(strategy="anytime", min_samples=4, max_samples=n, alpha=0.05, sample_norm="mean"),
@@ -350,6 +351,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.classes and "full" not in args.strategies.split(","):
+        raise SystemExit("--strategies must include full: every row is measured against it")
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -197,3 +197,24 @@ def test_options_validation_and_defaults():
                         ({"min_samples": 8, "max_samples": 6}, "min_samples <= max_samples")):
         with pytest.raises(UserError, match=needle):
             ScoringOptions().replace(strategy="anytime", **bad)
+
+
+def test_the_stock_command_scores_with_the_full_evaluation_guarantee(tmp_path):
+    # The 10-class setting chosen on validation (docs/elimination_benchmark.md), through clip_benchmark
+    # itself, on the first 20 shipped test images. Pinned from a replay of their full evaluation:
+    # 2,706 calls and 17 right; guarantee "expected" spends 3,204 calls on the same images.
+    import json
+
+    from cli_helpers import clip_benchmark_eval
+    from clip_benchmark_diffusion.demo.run import subset_dataset
+
+    data = subset_dataset(20, tmp_path / "data")
+    opts = "strategy=anytime,min_samples=3,alpha=0.5,guarantee=full"
+    proc = clip_benchmark_eval("--model", "diffusion_tiny", "--pretrained", "default", "--dataset", "wds/fashion_mnist",
+                               "--dataset_root", str(data), "--output", str(tmp_path / "out.json"), cwd=tmp_path,
+                               env={"CLIP_BENCHMARK_DIFFUSION_OPTIONS": opts})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert res["diffusion_classifier"]["scoring"]["guarantee"] == "full"
+    assert res["metrics"]["denoiser_calls_per_image"] * 20 == pytest.approx(2706)
+    assert res["metrics"]["acc1"] == pytest.approx(17 / 20)
