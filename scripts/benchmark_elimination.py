@@ -307,20 +307,25 @@ def plot(worlds: list[dict], real: dict | None, path: Path) -> None:
     panels = [(f"synthetic, K = {w['classes']}", w["rows"], w["bayes_accuracy"]) for w in worlds]
     if real is not None:
         panels.append(("diffusion_tiny (Fashion-MNIST, K = 10)", real["rows"], None))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    # One colour and marker per strategy in every panel and one legend: many strategies tie on
+    # accuracy, so text labels next to the points would overlap.
+    names = list(dict.fromkeys(name for _, rows, _ in panels for name in rows))
+    style = {name: (plt.cm.tab20(2 * i % 20 + i // 10 % 2), "osD^v<>ph*"[i % 10]) for i, name in enumerate(names)}
     for ax, (title, rows, bayes) in zip(axes[0], panels):
         for name, r in summarise(rows).items():
-            ax.scatter(r["calls"], 100 * r["top1"], s=36)
-            ax.annotate(name, (r["calls"], 100 * r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            color, marker = style[name]
+            ax.scatter(r["calls"], 100 * r["top1"], s=40, color=color, marker=marker, label=name, alpha=0.85)
         if bayes is not None:
             ax.axhline(100 * bayes, color="k", ls=":", lw=1, label="Bayes-optimal (closed form)")
-            ax.legend(fontsize=7, loc="lower right")
         ax.set_xscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("denoiser calls per image (mean)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("top-1 accuracy (%)")
-    fig.tight_layout()
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.collections + ax.lines}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

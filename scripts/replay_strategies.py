@@ -106,6 +106,7 @@ def replay_one(options: ScoringOptions, err: torch.Tensor) -> tuple[object, int]
 
 VARIANTS: dict[str, dict] = {
     # The recipe defaults and the benchmark's named strategies, with a few knobs around them.
+    "full": dict(strategy="full"),  # on all of the capture's samples
     "ttest_min10": dict(strategy="ttest", min_samples=10, p_value=2e-3),
     "ttest_min5": dict(strategy="ttest", min_samples=5, p_value=2e-3),
     "anytime": dict(strategy="anytime", min_samples=4, alpha=0.05),
@@ -116,6 +117,8 @@ VARIANTS: dict[str, dict] = {
     "anytime_full": dict(strategy="anytime", min_samples=4, alpha=0.05, guarantee="full"),
     "anytime_full_a20": dict(strategy="anytime", min_samples=4, alpha=0.2, guarantee="full"),
     "anytime_full_a50": dict(strategy="anytime", min_samples=4, alpha=0.5, guarantee="full"),
+    # The 10-class setting chosen on the validation capture (docs/elimination_benchmark.md, session 7).
+    "anytime_full_a50_m3": dict(strategy="anytime", min_samples=3, alpha=0.5, guarantee="full"),
 }
 
 
@@ -134,6 +137,8 @@ def replay(args: argparse.Namespace) -> None:
     for name in names:
         spec = dict(VARIANTS[name]) if name in VARIANTS else json.loads(name)
         spec.setdefault("max_samples", args.max_samples or N)
+        if spec["strategy"] == "full":
+            spec.setdefault("n_samples", [spec["max_samples"]])
         options = ScoringOptions(**{k: v for k, v in ScoringOptions().to_dict().items() if k not in spec},
                                  **{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
         outs = [replay_one(options, e) for e in err]
@@ -148,7 +153,11 @@ def replay(args: argparse.Namespace) -> None:
         ece_post = reliability(conf_post, right).ece
         rows[name] = {"options": spec, "top1": float(right.mean()), "lost": int((full_right & ~right).sum()),
                       "gained": int((~full_right & right).sum()), "calls_mean": float(calls.mean()),
-                      "calls_max": int(calls.max()), "ece_posterior": ece_post, "ece_temperature": ece_t}
+                      "calls_max": int(calls.max()), "ece_posterior": ece_post, "ece_temperature": ece_t,
+                      # benchmark_elimination.py --real reads these (as benchmark_strategies.py writes them)
+                      "per_image": {"target": target.tolist(), "top1": top1.tolist(), "calls": calls.tolist(),
+                                    "confidence": conf_post,
+                                    "target_rank": [int(o.rank[t]) for (o, _), t in zip(outs, target.tolist())]}}
         print(f"{name:<22} {100 * right.mean():>6.2f} {rows[name]['lost']:>5d} {rows[name]['gained']:>6d} "
               f"{calls.mean():>7.1f} {calls.max():>5d} {calls.mean() / (err.shape[1] * N):>7.3f} "
               f"{100 * ece_post:>8.2f} {'' if ece_t is None else f'{100 * ece_t:.2f}':>6}")
