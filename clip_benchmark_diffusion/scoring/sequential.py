@@ -14,10 +14,10 @@ M_n = 1 / a for |S_n| gives the boundary. No correction is needed for looking af
 Finite population (``population=N``): the question a benchmark asks is usually not "is this class
 worse in expectation" but "would full evaluation on these N samples rank it below the leader".
 Its answer is the mean mu of the N fixed paired differences, and a sequence that reads them in a
-random order without replacement has less and less left to learn as n nears N. Waudby-Smith & Ramdas (NeurIPS 2020,
-"Confidence sequences for sampling without replacement") centre each increment on the mean of the
-values still unseen, mu_k = (N mu - S_{k-1}) / (N - k + 1), which makes sum_k (d_k - mu_k) a
-martingale; it equals B_n - mu A_n with
+random order without replacement has less and less left to learn as n nears N. Waudby-Smith &
+Ramdas (NeurIPS 2020, "Confidence sequences for sampling without replacement") centre each
+increment on the mean of the values still unseen, mu_k = (N mu - S_{k-1}) / (N - k + 1), which
+makes sum_k (d_k - mu_k) a martingale; it equals B_n - mu A_n with
 
     A_n = sum_{k<=n} N / (N - k + 1),    B_n = S_n + sum_{k<=n} S_{k-1} / (N - k + 1),
 

@@ -221,8 +221,9 @@ class AnytimeStrategy(SequentialStrategy):
     (``scoring/sequential.py``) at level ``alpha / (K - 1)``, one pooled variance per image: the
     best class is dropped with probability at most ``alpha``, however many looks and leader
     changes happen (``guarantee="full"``: the class full evaluation on the ``max_samples`` samples
-    ranks first, by the finite-population sequence). Elimination stops at ``survivors`` candidates; more than one survivor are all
-    scored on ``max_samples`` samples and ranked by mean error, so top-m stays meaningful.
+    ranks first, by the finite-population sequence). Elimination stops at ``survivors``
+    candidates; more than one survivor are all scored on ``max_samples`` samples and ranked by
+    mean error, so top-m stays meaningful.
     """
 
     def __init__(self, num_candidates: int, min_samples: int, max_samples: int, alpha: float,
