@@ -27,7 +27,9 @@ import torch
 
 from clip_benchmark_diffusion.calibration import reliability
 from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.scoring.math import sample_weighting
 from clip_benchmark_diffusion.scoring.strategies import make_strategy
+from clip_benchmark_diffusion.scoring.timesteps import NoiseGrid
 
 
 
@@ -83,6 +85,9 @@ def capture(args: argparse.Namespace) -> None:
     # The recorded matrices must reproduce the run's own decisions image by image.
     assert torch.equal(err.mean(2).argmin(1), ranks.argmin(1)), "recorded errors do not match the run's ranking"
     torch.save({"err": err, "target": target, "classes": list(classes), "options": options.to_dict(),
+                # each sample's noise level (log-SNR, model time, tau), so a capture can be reweighted offline
+                "grid": {**engine.grid.describe(digits=8), "a": engine.grid.a.tolist(), "b": engine.grid.b.tolist()},
+                "objective": model.model.objective,
                 "model": args.model, "pretrained": args.pretrained, "dataset_root": args.dataset_root}, args.out)
     print(f"captured {tuple(err.shape)} class errors (images, classes, samples) to {args.out}; "
           f"full top-1 {100 * (ranks.argmin(1) == target).float().mean():.1f}%")
@@ -122,9 +127,41 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+def captured_grid(data: dict) -> NoiseGrid:
+    """The capture's noise levels (older captures kept only tau and log-SNR: rebuilt per family kind)."""
+    g = data.get("grid")
+    if g is None:
+        raise SystemExit(f"this capture predates recorded noise levels; capture again to reweight it")
+    tau, lam = torch.tensor(g["tau"], dtype=torch.float64), torch.tensor(g["log_snr"], dtype=torch.float64)
+    if "a" in g:
+        a, b = torch.tensor(g["a"], dtype=torch.float64), torch.tensor(g["b"], dtype=torch.float64)
+    elif data["objective"] == "flow":
+        a, b = 1 - tau, tau
+    else:
+        a, b = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+    return NoiseGrid(a=a, b=b, model_time=torch.tensor(g["model_time"], dtype=torch.float64), tau=tau)
+
+
+def reweighted(data: dict, weighting: str) -> torch.Tensor:
+    """The capture's (B, G, N) errors under another weighting on the same grid, exactly as the engine
+    would compute them: error = weight * l2(scale * diff) = weight * scale^2 * (the epsilon error)."""
+    opts = data["options"]
+    if opts["weighting"] != "uniform" or opts["loss"] != "l2":
+        raise SystemExit(f"reweighting needs a capture with weighting=uniform and loss=l2, not "
+                         f"{opts['weighting']}/{opts['loss']}")
+    if weighting == "elbo":
+        raise SystemExit("elbo places its own grid: capture again with CLIP_BENCHMARK_DIFFUSION_OPTIONS=weighting=elbo")
+    weight, scale = sample_weighting(captured_grid(data), weighting, data["objective"])
+    factor = weight if scale is None else weight * scale.pow(2)
+    return data["err"] * factor.to(data["err"].dtype)
+
+
 def replay(args: argparse.Namespace) -> None:
     data = torch.load(args.capture)
     err, target = data["err"], data["target"]
+    if args.weighting:
+        err = reweighted(data, args.weighting)
+        print(f"reweighted to {args.weighting!r} on the captured grid")
     N = err.shape[2]
     temperature = args.temperature
     full_top1 = err.mean(2).argmin(1)
@@ -186,6 +223,7 @@ def main() -> None:
     r.add_argument("--strategies", default="", help=f"semicolon list of {', '.join(VARIANTS)} or JSON option dicts")
     r.add_argument("--max-samples", type=int, default=0, help="cap per candidate (default: the capture's)")
     r.add_argument("--temperature", type=float, default=0.0, help="also the ECE of softmax(-error / T)")
+    r.add_argument("--weighting", default="", help="replay under this weighting (native, exp7) on the captured grid")
     r.add_argument("--out", default="")
     args = p.parse_args()
     if args.command == "capture":

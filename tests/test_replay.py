@@ -66,3 +66,37 @@ def test_sample_norm_decisions_ignore_any_positive_rescaling_of_a_sample_and_raw
         assert (torch.equal(a.rank, b.rank) and calls_a == calls_b) is same
         if same:
             assert torch.allclose(a.mean_error, b.mean_error)
+
+
+@pytest.mark.parametrize("objective", ["epsilon", "flow"])
+@pytest.mark.parametrize("weighting", ["native", "exp7"])
+def test_a_uniform_capture_reweighted_offline_equals_scoring_under_that_weighting(objective, weighting):
+    """``replay --weighting`` turns one capture into another weighting's errors on the same grid,
+    exactly as the engine computes them (weight * scale^2 on the l2 epsilon error)."""
+    replay = _script("replay_strategies")
+    g = torch.Generator().manual_seed(1)
+    protos = torch.randn(4, *ad.SHAPE, generator=g)
+    x = ad.images(protos, [0, 1, 2, 3], noise=0.8)
+    seeds = list(range(len(x)))
+    grid = ad.grid(12, objective)
+    base = ScoringOptions(batch_size=16).replace(strategy="full", n_samples=(12,), max_samples=12)
+
+    def errors(options):
+        engine = ScoringEngine(ad.oracle(objective), grid, objective, options, "cpu")
+        engine.checkpoint_s = 0.0
+        rec = replay._Recorder()
+        engine.score(x, seeds, ad.cands(protos), checkpoints=rec)
+        return torch.stack([rec.cerr[i][:, 0, :] for i in range(len(x))])
+
+    uniform = errors(base)
+    capture = {"err": uniform, "options": base.to_dict(), "objective": objective,
+               "grid": {**grid.describe(digits=8), "a": grid.a.tolist(), "b": grid.b.tolist()}}
+    expected = errors(base.replace(weighting=weighting))
+    # native on an epsilon model is its epsilon error; every other pair changes the errors
+    assert torch.allclose(uniform, expected) is (objective == "epsilon" and weighting == "native")
+    assert torch.allclose(replay.reweighted(capture, weighting), expected, rtol=1e-5)
+    # Older captures without a and b: rebuilt from tau (flow) or log-SNR (VP).
+    del capture["grid"]["a"], capture["grid"]["b"]
+    assert torch.allclose(replay.reweighted(capture, weighting), expected, rtol=1e-4)
+    with pytest.raises(SystemExit, match="its own grid"):
+        replay.reweighted(capture, "elbo")
