@@ -184,13 +184,18 @@ def test_best_probability_uses_each_candidates_own_samples():
 
 
 def test_options_validation_and_defaults():
-    assert ScoringOptions().replace(strategy="anytime").min_samples == 4
+    default = ScoringOptions()
+    assert (default.strategy, default.guarantee, default.alpha, default.min_samples) == ("anytime", "full", 0.05, 4)
+    assert default.fingerprint_dict()["guarantee"] == "full"
+    assert ScoringOptions().replace(strategy="ttest").replace(strategy="anytime").min_samples == 4
     assert ScoringOptions().replace(strategy="anytime", min_samples=6).min_samples == 6
     assert ScoringOptions().replace(strategy="anytime").replace(strategy="ttest").min_samples == 20
     preset = parse_option_source("anytime", ScoringOptions())
     assert (preset.strategy, preset.min_samples, preset.alpha, preset.survivors) == ("anytime", 4, 0.05, 1)
     assert preset.max_sample_count == preset.max_samples == 100
-    assert "alpha" not in ScoringOptions().fingerprint_dict()           # ttest store keys unchanged
+    ttest = ScoringOptions().replace(strategy="ttest")                  # the default before anytime
+    assert "alpha" not in ttest.fingerprint_dict() and "guarantee" not in ttest.fingerprint_dict()
+    assert ttest.min_samples == 20                                       # ttest store keys unchanged
     assert preset.fingerprint_dict()["alpha"] == 0.05
     # guarantee keys a run only when it changes decisions: older anytime store entries stay valid.
     assert "guarantee" not in preset.fingerprint_dict()
