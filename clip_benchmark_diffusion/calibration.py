@@ -59,6 +59,37 @@ def reliability(confidence: Sequence[float], correct: Sequence[bool], bins: int 
     return Reliability(edges, count, mean_conf, acc)
 
 
+@dataclass(frozen=True)
+class EceDifference:
+    """ECE(a) - ECE(b) on the same images, with a paired bootstrap interval."""
+
+    difference: float
+    low: float
+    high: float
+    level: float
+
+
+def ece_difference(conf_a: Sequence[float], right_a: Sequence[bool], conf_b: Sequence[float],
+                   right_b: Sequence[bool], level: float = 0.95, resamples: int = 2000,
+                   seed: int = 0) -> EceDifference:
+    """Paired bootstrap (images resampled together, percentile interval; ``scipy.stats.bootstrap``) of the
+    ECE difference: ECE on a thousand images moves by a point or more between resamples, so two
+    models' calibration is told apart only when the interval excludes 0."""
+    from scipy.stats import bootstrap
+
+    data = [np.asarray(x, dtype=float) for x in (conf_a, right_a, conf_b, right_b)]
+    if len({len(x) for x in data}) != 1:
+        raise ValueError("the two runs must cover the same images")
+
+    def stat(ca, ra, cb, rb):
+        return reliability(ca, ra > 0.5).ece - reliability(cb, rb > 0.5).ece
+
+    res = bootstrap(data, stat, paired=True, vectorized=False, n_resamples=resamples, confidence_level=level,
+                    method="percentile", random_state=np.random.default_rng(seed))
+    low, high = res.confidence_interval
+    return EceDifference(float(stat(*data)), float(low), float(high), level)
+
+
 def error_softmax(mean_error: np.ndarray, samples: np.ndarray, temperature: float) -> np.ndarray:
     """(..., G) probabilities softmax(-mean_error / temperature) over the scored candidates.
 

@@ -3,7 +3,7 @@
 Every rank runs the same clip_benchmark command, so every rank builds the same dataloader and
 sees the same batch of B images. Instead of a fixed split, ranks claim small chunks of the
 batch's image indices from a shared atomic counter (:class:`WorkClaimer`): a rank that drew
-cheap images (the t-test strategy stops early on easy ones) simply claims more. The results are
+cheap images (elimination stops early on easy ones) simply claims more. The results are
 then all-gathered, so every rank returns the full batch to clip_benchmark and computes the same
 metrics; rank 0 is the one that should write files.
 """

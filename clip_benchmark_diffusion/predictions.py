@@ -112,6 +112,12 @@ def comparison_lines(a: Run, b: Run) -> list[str]:
     lines += [f"{label}: expected calibration error {100 * rel.ece:.2f} points (mean top-1 confidence "
               f"{100 * sum(run.confidence) / len(run.confidence):.2f}%, {len(rel.count)} equal-width bins)"
               for label, run in ((label_a, a), (label_b, b)) if (rel := calibration(run)) is not None]
+    if calibration(a) is not None and calibration(b) is not None:
+        from clip_benchmark_diffusion.calibration import ece_difference
+
+        d = ece_difference(a.confidence, a.correct, b.confidence, b.correct)
+        lines.append(f"{label_a} - {label_b}: ECE {100 * d.difference:+.2f} points "
+                     f"({100 * d.level:.0f}% paired bootstrap CI {100 * d.low:+.2f} to {100 * d.high:+.2f})")
     return lines
 
 

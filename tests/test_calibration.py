@@ -60,6 +60,7 @@ def test_compare_prints_ece_and_draws_the_reliability_diagram(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "model_a: expected calibration error 15.00 points (mean top-1 confidence 81.67%" in proc.stdout
     assert "model_b: expected calibration error 0.00 points" in proc.stdout
+    assert "model_a - model_b: ECE +15.00 points (95% paired bootstrap CI" in proc.stdout
     assert png.stat().st_size > 10_000
 
 
@@ -201,3 +202,23 @@ def test_the_stock_command_writes_temperature_probabilities(tmp_path):
     assert np.all(conf[1e-9] == 1.0)
     assert np.all(np.abs(conf[1e3] - 0.1) < 1e-3)
     assert not np.allclose(conf[0.0], conf[1e-9]) and np.all(conf[0.0] < 1.0 + 1e-12)
+
+
+def test_ece_difference_interval_tells_calibrated_from_overconfident_and_not_from_itself():
+    from clip_benchmark_diffusion.calibration import ece_difference
+
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.5, 1.0, 1000)
+    right = rng.uniform(size=conf.size) < conf                                 # calibrated
+    over = np.clip(conf + 0.1, 0, 1)                                            # 10 points too sure
+    d = ece_difference(over, right, conf, right)
+    assert d.difference == pytest.approx(reliability(over, right).ece - reliability(conf, right).ece)
+    assert 0 < d.low < d.difference < d.high                                   # beyond chance
+    same = ece_difference(conf, right, conf, right)
+    assert same.difference == same.low == same.high == 0.0                     # paired: no spread at all
+    # An unrelated calibrated model: the interval covers 0.
+    right2 = rng.uniform(size=conf.size) < conf
+    other = ece_difference(conf, right, conf, right2)
+    assert other.low < 0 < other.high
+    with pytest.raises(ValueError, match="same images"):
+        ece_difference(conf, right, conf[:10], right[:10])
