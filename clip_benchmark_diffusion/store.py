@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 
@@ -41,6 +43,16 @@ _SCHEMA = (
 _PARTIALS = "CREATE TABLE IF NOT EXISTS partials(key TEXT PRIMARY KEY, data BLOB NOT NULL, created REAL NOT NULL)"
 _T = TypeVar("_T")
 
+# This process's open connections per store file (real path). POSIX advisory locks belong to
+# the process and are all dropped when *any* descriptor of the file is closed, so reading the header
+# of a store this process has open (the lease thread opens a second ScoreStore) would silently
+# release the main connection's locks; another process would then believe it was the last user
+# and delete the -wal and -shm files under it ("How To Corrupt An SQLite Database File", 2.2.1).
+# A connection registers before it connects, and the header is read under the same lock, so no
+# thread of this process can read it while another holds locks on the file.
+_LIVE: Counter[str] = Counter()
+_LIVE_LOCK = threading.Lock()
+
 
 class ScoreStore:
     """Per-image results keyed by :func:`image_key`; each ``put`` is durable on return.
@@ -53,6 +65,7 @@ class ScoreStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
         self._conn: sqlite3.Connection | None = None
+        self._live: str | None = None   # our entry in _LIVE while connected
         self._closed = False
         self._check_file()
         if self.path.exists():
@@ -73,6 +86,9 @@ class ScoreStore:
             store._verify()
 
     def _open(self) -> None:
+        with _LIVE_LOCK:
+            self._live = os.path.realpath(self.path)
+            _LIVE[self._live] += 1
         try:
             self._conn = _retry(self._connect, self.path)
             _retry(self._prepare, self.path)
@@ -135,6 +151,12 @@ class ScoreStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._live is not None:
+            with _LIVE_LOCK:
+                _LIVE[self._live] -= 1
+                if _LIVE[self._live] <= 0:
+                    del _LIVE[self._live]
+            self._live = None
 
     def __enter__(self) -> "ScoreStore":
         return self
@@ -168,11 +190,14 @@ class ScoreStore:
             except OSError as exc:
                 raise self._error(f"cannot create its folder ({exc.strerror})") from None
             return
-        try:
-            with open(self.path, "rb") as fh:
-                header = fh.read(len(_MAGIC))
-        except OSError as exc:
-            raise self._error(f"cannot be read ({exc.strerror})") from None
+        with _LIVE_LOCK:
+            if _LIVE.get(os.path.realpath(self.path), 0) > 0:
+                return  # this process has it open, so it is ours: never close a descriptor of it
+            try:
+                with open(self.path, "rb") as fh:
+                    header = fh.read(len(_MAGIC))
+            except OSError as exc:
+                raise self._error(f"cannot be read ({exc.strerror})") from None
         if header and header != _MAGIC:
             raise self._error("is not an SQLite database")
 

@@ -188,3 +188,25 @@ def test_default_store_path(tmp_path):
         assert default_store_path(out, {STORE_ENV: off}) is None
     assert default_store_path(out, {STORE_ENV: str(tmp_path / "x.sqlite")}) == tmp_path / "x.sqlite"
     assert default_store_path(out, {STORE_ENV: str(tmp_path)}) == tmp_path / FILENAME
+
+
+def test_a_second_store_in_one_process_keeps_the_first_ones_locks(tmp_path):
+    """POSIX locks belong to the process and any close() of the file drops them all: reading the header
+    of a store this process has open (the lease thread's second ScoreStore) once let another process
+    believe it was the last user and delete the -wal and -shm files under a live run (seen as "disk
+    I/O error" and a malformed store with two identical commands on one store)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / FILENAME
+    other = ("import sys; from clip_benchmark_diffusion.store import ScoreStore\n"
+             "with ScoreStore(sys.argv[1]) as s: assert s.get_many(['k']) == {'k': {'v': 1}}")
+    with ScoreStore(path) as first:
+        first.put("k", {"v": 1})
+        ScoreStore(path).close()
+        subprocess.run([sys.executable, "-c", other, str(path)], check=True)
+        assert Path(f"{path}-wal").exists() and Path(f"{path}-shm").exists()   # we still hold them
+        first.put("k2", {"v": 2})
+    with ScoreStore(path) as again:
+        again._verify()
+        assert len(again) == 2
