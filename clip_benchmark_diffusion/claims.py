@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from clip_benchmark_diffusion.partial_files import process_alive
-from clip_benchmark_diffusion.store import BUSY_TIMEOUT_S, ScoreStore, _retry
+from clip_benchmark_diffusion.store import BUSY_TIMEOUT_S, ScoreStore, _retry, register_connection, release_connection
 
 LEASE_S = 120.0       # a lease not renewed for this long is free to take over
 POLL_S = 0.5          # how often a process waiting on another's images looks again
@@ -40,12 +40,14 @@ class Claims:
     def __init__(self, path: str | Path, owner: str | None = None, lease_s: float = LEASE_S) -> None:
         self.path, self.owner, self.lease_s = Path(path), owner or this_owner(), lease_s
         self._conn: sqlite3.Connection | None = None
+        self._live: str | None = None
 
     @property
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             with ScoreStore(self.path) as store:  # refuses a foreign file; creates the store if missing
                 store.create()
+            self._live = register_connection(self.path)   # see store._LIVE: a header read would drop its locks
             self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                          check_same_thread=False)
             for table in _TABLES:
@@ -126,6 +128,9 @@ class Claims:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._live is not None:
+            release_connection(self._live)
+            self._live = None
 
 
 def score_shared(keys: list[str], store: ScoreStore, claims: Claims,

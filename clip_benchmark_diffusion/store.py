@@ -54,6 +54,23 @@ _LIVE: Counter[str] = Counter()
 _LIVE_LOCK = threading.Lock()
 
 
+def register_connection(path: str | Path) -> str:
+    """Count a connection this process is about to open on ``path`` (every connection to a store
+    file must be counted, or a header read elsewhere in the process can drop its locks); returns
+    the key to pass to :func:`release_connection` after closing it."""
+    key = os.path.realpath(path)
+    with _LIVE_LOCK:
+        _LIVE[key] += 1
+    return key
+
+
+def release_connection(key: str) -> None:
+    with _LIVE_LOCK:
+        _LIVE[key] -= 1
+        if _LIVE[key] <= 0:
+            del _LIVE[key]
+
+
 class ScoreStore:
     """Per-image results keyed by :func:`image_key`; each ``put`` is durable on return.
 
@@ -86,9 +103,7 @@ class ScoreStore:
             store._verify()
 
     def _open(self) -> None:
-        with _LIVE_LOCK:
-            self._live = os.path.realpath(self.path)
-            _LIVE[self._live] += 1
+        self._live = register_connection(self.path)
         try:
             self._conn = _retry(self._connect, self.path)
             _retry(self._prepare, self.path)
@@ -152,10 +167,7 @@ class ScoreStore:
             self._conn.close()
             self._conn = None
         if self._live is not None:
-            with _LIVE_LOCK:
-                _LIVE[self._live] -= 1
-                if _LIVE[self._live] <= 0:
-                    del _LIVE[self._live]
+            release_connection(self._live)
             self._live = None
 
     def __enter__(self) -> "ScoreStore":

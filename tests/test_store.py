@@ -210,3 +210,25 @@ def test_a_second_store_in_one_process_keeps_the_first_ones_locks(tmp_path):
     with ScoreStore(path) as again:
         again._verify()
         assert len(again) == 2
+
+
+def test_a_store_opened_beside_live_claims_keeps_their_locks(tmp_path):
+    """The same for the leases' own connection (claims.py): it counts as this process holding the file."""
+    import subprocess
+    import sys
+
+    from clip_benchmark_diffusion.claims import Claims
+
+    path = tmp_path / FILENAME
+    claims = Claims(path)
+    try:
+        assert claims.claim(["a", "b"], 1) == ["a"]
+        ScoreStore(path).get_many(["a"])                 # the model's store, opened after the leases
+        subprocess.run([sys.executable, "-c", "import sys; from clip_benchmark_diffusion.store import ScoreStore\n"
+                        "with ScoreStore(sys.argv[1]) as s: s.get_many(['a'])", str(path)], check=True)
+        assert Path(f"{path}-wal").exists() and Path(f"{path}-shm").exists()
+        assert claims.claim(["b"], 1) == ["b"]
+    finally:
+        claims.close()
+    with ScoreStore(path) as again:
+        again._verify()
