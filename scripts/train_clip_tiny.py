@@ -18,6 +18,8 @@ the validation hold-out, report top-1 over the 100 ordered pairs and each probe'
 Usage:
     python scripts/train_clip_tiny.py --steps 1000 --minutes 15 --val-per-class 0  # the shipped run
     python scripts/train_clip_tiny.py --data pairs --out DIR ...                   # issue 11
+
+``--checkpoint FILE`` / ``--stop-after STEP``: resumable runs, as in train_diffusion_tiny.py.
 """
 
 from __future__ import annotations
@@ -57,7 +59,12 @@ from clip_benchmark_diffusion.demo.pairs_training import (  # noqa: E402
     format_summary,
     load_pair_checks,
 )
-from clip_benchmark_diffusion.demo.training import load_training_data, parse_config, run_training  # noqa: E402
+from clip_benchmark_diffusion.demo.training import (  # noqa: E402
+    Checkpoint,
+    load_training_data,
+    parse_config,
+    run_training,
+)
 
 MODEL_NAME = CLIP_TINY_NAME  # "ViT-Tiny-4-28": ViT, 4x4 patches, 28x28 images
 WEIGHTS_NAME = CLIP_TINY_WEIGHTS.name
@@ -97,6 +104,9 @@ class TrainConfig:
     eval_images: int = 1000  # first N held-out images (a class-balanced prefix)
     data: str = "fashion_mnist"  # or "pairs": the two-garment scenes of issue 11
     eval_probe_scenes: int = 200  # pairs: validation probe scenes per check (one item per probe each)
+    checkpoint: str = ""  # resumable state: resumed from if it exists, written every checkpoint_every steps
+    checkpoint_every: int = 100
+    stop_after: int = 0  # end this invocation at that step, keeping the run in --checkpoint (0: run to the end)
 
 
 def write_config(out_dir: Path, preprocess_cfg: dict | None = None, data: str = "fashion_mnist") -> Path:
@@ -192,14 +202,15 @@ def fashion_batches(tokenizer, config: TrainConfig, gen: torch.Generator, pp: di
 
 
 def pairs_batches(tokenizer, config: TrainConfig, pp: dict):
-    """Two-garment scenes: a fresh batch of scenes and training captions per step."""
+    """Two-garment scenes: (batch function, its scene source), a fresh batch of scenes and training
+    captions per step."""
     source = PairBatches(config.seed, config.train_limit)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         pixels, captions = source.sample(config.batch_size)
         return normalize_rgb(torch.from_numpy(pixels), pp["mean"], pp["std"]), tokenizer(captions)
 
-    return batch
+    return batch, source
 
 
 def train(config: TrainConfig, out_dir: Path) -> dict:
@@ -225,6 +236,7 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
     print(f"params: total {n_params:,}  visual {n_visual:,}  preprocess {pp}", flush=True)
 
     gen = torch.Generator().manual_seed(config.seed)
+    source = None
     if config.data == "pairs":
         checks = load_pair_checks(config.eval_images, config.eval_probe_scenes)
         # Guard the fast path against drift from open_clip's real transform.
@@ -232,7 +244,7 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
         if not torch.allclose(reference, normalize_rgb(torch.from_numpy(checks.pixels[:1]), pp["mean"], pp["std"])[0],
                               atol=1e-5):
             raise RuntimeError("normalize_rgb() no longer matches open_clip's preprocessing")
-        next_batch = pairs_batches(tokenizer, config, pp)
+        next_batch, source = pairs_batches(tokenizer, config, pp)
     else:
         x_eval, y_eval, check_name, next_batch = fashion_batches(tokenizer, config, gen, pp, preprocess)
 
@@ -278,14 +290,34 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
             model.logit_scale.clamp_(0, math.log(100))
         return loss.item()
 
+    def state() -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_schedule": lr_schedule.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "scenes": source.state() if source is not None else ""}
+
+    def restore(saved: dict) -> None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        lr_schedule.load_state_dict(saved["lr_schedule"])
+        gen.set_state(saved["gen"])
+        torch.set_rng_state(saved["torch_rng"])
+        if source is not None:
+            source.restore(saved["scenes"])
+
+    checkpoint = (Checkpoint(Path(config.checkpoint), config.checkpoint_every, asdict(config), state, restore)
+                  if config.checkpoint else None)
     loop = run_training(config.steps, config.minutes, train_step, run_eval, config.log_every, config.eval_every,
-                        describe=lambda: f"logit_scale {model.logit_scale.exp().item():.1f}")
+                        describe=lambda: f"logit_scale {model.logit_scale.exp().item():.1f}",
+                        checkpoint=checkpoint, stop_after=config.stop_after)
+    if loop.stopped:
+        return {"config": asdict(config), "model_name": name, "steps_done": loop.steps_done, "stopped": True,
+                "train_minutes": round(loop.train_minutes, 2), "segments": loop.segments, "curve": loop.curve}
 
     write_config(out_dir, preprocess_cfg=dict(pp), data=config.data)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_NAME))
     summary = {
         "config": asdict(config), "model_name": name, "model_cfg": MODELS[config.data][1],
-        "steps_done": loop.steps_done, "train_minutes": round(loop.train_minutes, 2),
+        "steps_done": loop.steps_done, "train_minutes": round(loop.train_minutes, 2), "segments": loop.segments,
         "params": {"total": n_params, "visual": n_visual},
         "final_loss_mean_last_50": loop.mean_loss(50), "curve": loop.curve,
         "eval_templates": list(EVAL_WRAPPERS if config.data == "pairs" else EVAL_TEMPLATES),

@@ -21,6 +21,11 @@ report top-1 over the 100 ordered pairs and the accuracy of each caption-selecti
 Usage:
     python scripts/train_diffusion_tiny.py --steps 7000 --minutes 60 --eval-every 1000  # the shipped run
     python scripts/train_diffusion_tiny.py --data pairs --out DIR ...                   # issue 11
+
+``--checkpoint FILE`` keeps the whole training state (weights, optimiser, schedule, EMA, generators)
+every ``--checkpoint-every`` steps and resumes from it when it exists, so a run can be split across
+sessions (``--stop-after STEP``) or survive a kill; the split run ends bit for bit where the
+uninterrupted one does (tests/test_pairs_training.py).
 """
 
 from __future__ import annotations
@@ -53,7 +58,12 @@ from clip_benchmark_diffusion.demo.pairs_training import (  # noqa: E402
     format_summary,
     load_pair_checks,
 )
-from clip_benchmark_diffusion.demo.training import load_training_data, parse_config, run_training  # noqa: E402
+from clip_benchmark_diffusion.demo.training import (  # noqa: E402
+    Checkpoint,
+    load_training_data,
+    parse_config,
+    run_training,
+)
 from clip_benchmark_diffusion.scoring.timesteps import uniform_grid  # noqa: E402
 from clip_benchmark_diffusion.tokenizers import clip_bpe_tokenizer  # noqa: E402
 
@@ -82,6 +92,9 @@ class TrainConfig:
     data: str = "fashion_mnist"  # or "pairs": the two-garment scenes of issue 11
     base_channels: int = 16  # UNet widths (c, 2c, 4c)
     eval_probe_scenes: int = 200  # pairs: validation probe scenes per check (one item per probe each)
+    checkpoint: str = ""  # resumable state: resumed from if it exists, written every checkpoint_every steps
+    checkpoint_every: int = 100
+    stop_after: int = 0  # end this invocation at that step, keeping the run in --checkpoint (0: run to the end)
 
 
 DATA_SHAPES = {  # data -> (channels, UNet sample_size, context length)
@@ -223,7 +236,8 @@ def fashion_batches(tokenizer, config: TrainConfig, gen: torch.Generator):
 
 
 def pairs_batches(tokenizer, config: TrainConfig):
-    """Two-garment scenes: a fresh batch of scenes and training captions per step."""
+    """Two-garment scenes: (batch function, its scene source), a fresh batch of scenes and training
+    captions per step."""
     source = PairBatches(config.seed, config.train_limit)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +245,7 @@ def pairs_batches(tokenizer, config: TrainConfig):
         ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
         return scenes_to_unit_range(pixels), ids
 
-    return batch
+    return batch, source
 
 
 @torch.no_grad()
@@ -277,11 +291,12 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
     print(f"params: unet {n_unet:,}  text_encoder {n_text:,}", flush=True)
 
     gen = torch.Generator().manual_seed(config.seed)
+    source = None
     if config.data == "pairs":
         if config.val_per_class != 100:
             raise SystemExit("clip_benchmark_diffusion: --data pairs always holds out the 100-per-class validation split")
         checks = load_pair_checks(config.eval_images, config.eval_probe_scenes)
-        next_batch = pairs_batches(tokenizer, config)
+        next_batch, source = pairs_batches(tokenizer, config)
     else:
         x_eval, y_eval, check_name, next_batch = fashion_batches(tokenizer, config, gen)
 
@@ -316,10 +331,33 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
         ema.step(params)
         return loss.item()
 
+    def state() -> dict:
+        return {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                "ema": ema.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "scenes": source.state() if source is not None else ""}
+
+    def restore(saved: dict) -> None:
+        unet.load_state_dict(saved["unet"])
+        text_encoder.load_state_dict(saved["text_encoder"])
+        optimizer.load_state_dict(saved["optimizer"])
+        lr_schedule.load_state_dict(saved["lr_schedule"])
+        ema.load_state_dict(saved["ema"])
+        gen.set_state(saved["gen"])
+        torch.set_rng_state(saved["torch_rng"])
+        if source is not None:
+            source.restore(saved["scenes"])
+
+    checkpoint = (Checkpoint(Path(config.checkpoint), config.checkpoint_every, asdict(config), state, restore)
+                  if config.checkpoint else None)
     loop = run_training(
         config.steps, config.minutes, train_step, lambda step: run_eval(step, config.eval_timesteps, full=False),
         config.log_every, config.eval_every, describe=lambda: f"lr {lr_schedule.get_last_lr()[0]:.2e}",
+        checkpoint=checkpoint, stop_after=config.stop_after,
     )
+    if loop.stopped:
+        return {"config": asdict(config), "steps_done": loop.steps_done, "stopped": True,
+                "train_minutes": round(loop.train_minutes, 2), "segments": loop.segments, "curve": loop.curve}
     final = None
     if config.final_eval_timesteps:
         final = run_eval(loop.steps_done, config.final_eval_timesteps, full=True)
@@ -328,7 +366,7 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
     save_pipeline(out_dir, tokenizer, text_encoder, unet, scheduler)
     summary = {
         "config": asdict(config), "steps_done": loop.steps_done, "train_minutes": round(loop.train_minutes, 2),
-        "final_loss_mean_last_200": loop.mean_loss(200),
+        "segments": loop.segments, "final_loss_mean_last_200": loop.mean_loss(200),
         "params": {"unet": n_unet, "text_encoder": n_text}, "curve": loop.curve, "final": final,
         "eval_templates": list(EVAL_WRAPPERS if config.data == "pairs" else EVAL_TEMPLATES),
         "train_eval_template": TRAIN_EVAL_TEMPLATE if config.data != "pairs" else None,

@@ -83,3 +83,44 @@ def test_clip_pairs_run_saves_an_open_clip_model(tmp_path) -> None:
     tokenizer = open_clip.get_tokenizer(CLIP_PAIRS_NAME)
     acc = script.evaluate_pairs(model, tokenizer, checks, pp["mean"], pp["std"])
     assert {k: summary["curve"][-1][k] for k in acc} == acc
+
+
+RESUME_ARGS = {"train_diffusion_tiny": ["--batch-size", "4", "--eval-timesteps", "1", "--final-eval-timesteps", "0"],
+               "train_clip_tiny": ["--batch-size", "16"]}
+
+
+@pytest.mark.parametrize("name", sorted(RESUME_ARGS))
+def test_a_run_split_by_stop_after_ends_bit_for_bit_where_the_whole_run_does(tmp_path, name) -> None:
+    """The pair models take hours on these cores, so a run is split across sessions: the
+    checkpoint must carry every weight, optimiser moment, schedule step, EMA and generator state."""
+    from safetensors.torch import load_file
+
+    script = load_script(name)
+    args = ["--data", "pairs", *RESUME_ARGS[name], *SMALL_CHECKS[:-4], "--steps", "4", "--train-limit", "512"]
+    whole = script.main([*args, "--out", str(tmp_path / "whole")])
+    ckpt = tmp_path / "run.ckpt"
+    first = script.main([*args, "--out", str(tmp_path / "split"), "--checkpoint", str(ckpt), "--stop-after", "2"])
+    assert first["stopped"] and first["steps_done"] == 2 and ckpt.exists()
+    assert not (tmp_path / "split").joinpath("training_summary.json").exists()
+    second = script.main([*args, "--out", str(tmp_path / "split"), "--checkpoint", str(ckpt)])
+    assert second["steps_done"] == 4
+    assert [(s["from_step"], s["to_step"]) for s in second["segments"]] == [(0, 2), (2, 4)]
+    weights = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.safetensors"))
+    assert weights
+    for rel in weights:
+        a, b = load_file(tmp_path / "whole" / rel), load_file(tmp_path / "split" / rel)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+    assert second["curve"][-1] == whole["curve"][-1]
+
+
+def test_a_checkpoint_is_refused_under_other_settings(tmp_path, capsys) -> None:
+    script = load_script("train_clip_tiny")
+    args = ["--data", "pairs", "--batch-size", "16", *SMALL_CHECKS[:-4], "--steps", "4", "--train-limit", "512",
+            "--out", str(tmp_path / "out"), "--checkpoint", str(tmp_path / "run.ckpt")]
+    script.main([*args, "--stop-after", "1"])
+    before = (tmp_path / "run.ckpt").read_bytes()
+    with pytest.raises(SystemExit, match=r"belongs to another run \(lr 0.002 -> 0.001\)"):
+        script.main([*args, "--lr", "0.001"])
+    assert (tmp_path / "run.ckpt").read_bytes() == before
+    with pytest.raises(SystemExit, match="--stop-after needs --checkpoint"):
+        script.main([*args[:-2], "--stop-after", "1"])

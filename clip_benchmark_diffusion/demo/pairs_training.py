@@ -7,6 +7,7 @@ top-1 over the 100 ordered pairs with the held-out wrappers, and the accuracy of
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,13 @@ class PairBatches:
     def sample(self, n: int) -> tuple[np.ndarray, list[str]]:
         scenes = random_scenes(self.rng, self.labels, self.pool, n)
         return compose(self.images, scenes), training_captions(scenes, self.rng)
+
+    def state(self) -> str:
+        """The generator's state (JSON: its integers exceed 64 bits), for a training checkpoint."""
+        return json.dumps(self.rng.bit_generator.state)
+
+    def restore(self, state: str) -> None:
+        self.rng.bit_generator.state = json.loads(state)
 
 
 @dataclass(frozen=True)
