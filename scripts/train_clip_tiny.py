@@ -60,10 +60,10 @@ from clip_benchmark_diffusion.demo.pairs_training import (  # noqa: E402
     load_pair_checks,
 )
 from clip_benchmark_diffusion.demo.training import (  # noqa: E402
-    Checkpoint,
     load_training_data,
     parse_config,
     run_training,
+    training_checkpoint,
 )
 
 MODEL_NAME = CLIP_TINY_NAME  # "ViT-Tiny-4-28": ViT, 4x4 patches, 28x28 images
@@ -290,22 +290,7 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
             model.logit_scale.clamp_(0, math.log(100))
         return loss.item()
 
-    def state() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_schedule": lr_schedule.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "scenes": source.state() if source is not None else ""}
-
-    def restore(saved: dict) -> None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        lr_schedule.load_state_dict(saved["lr_schedule"])
-        gen.set_state(saved["gen"])
-        torch.set_rng_state(saved["torch_rng"])
-        if source is not None:
-            source.restore(saved["scenes"])
-
-    checkpoint = (Checkpoint(Path(config.checkpoint), config.checkpoint_every, asdict(config), state, restore)
-                  if config.checkpoint else None)
+    checkpoint = training_checkpoint(config, {"model": model}, optimizer, lr_schedule, gen, scenes=source)
     loop = run_training(config.steps, config.minutes, train_step, run_eval, config.log_every, config.eval_every,
                         describe=lambda: f"logit_scale {model.logit_scale.exp().item():.1f}",
                         checkpoint=checkpoint, stop_after=config.stop_after)

@@ -59,10 +59,10 @@ from clip_benchmark_diffusion.demo.pairs_training import (  # noqa: E402
     load_pair_checks,
 )
 from clip_benchmark_diffusion.demo.training import (  # noqa: E402
-    Checkpoint,
     load_training_data,
     parse_config,
     run_training,
+    training_checkpoint,
 )
 from clip_benchmark_diffusion.scoring.timesteps import uniform_grid  # noqa: E402
 from clip_benchmark_diffusion.tokenizers import clip_bpe_tokenizer  # noqa: E402
@@ -331,25 +331,8 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
         ema.step(params)
         return loss.item()
 
-    def state() -> dict:
-        return {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                "ema": ema.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "scenes": source.state() if source is not None else ""}
-
-    def restore(saved: dict) -> None:
-        unet.load_state_dict(saved["unet"])
-        text_encoder.load_state_dict(saved["text_encoder"])
-        optimizer.load_state_dict(saved["optimizer"])
-        lr_schedule.load_state_dict(saved["lr_schedule"])
-        ema.load_state_dict(saved["ema"])
-        gen.set_state(saved["gen"])
-        torch.set_rng_state(saved["torch_rng"])
-        if source is not None:
-            source.restore(saved["scenes"])
-
-    checkpoint = (Checkpoint(Path(config.checkpoint), config.checkpoint_every, asdict(config), state, restore)
-                  if config.checkpoint else None)
+    checkpoint = training_checkpoint(config, {"unet": unet, "text_encoder": text_encoder}, optimizer, lr_schedule,
+                                     gen, ema=ema, scenes=source)
     loop = run_training(
         config.steps, config.minutes, train_step, lambda step: run_eval(step, config.eval_timesteps, full=False),
         config.log_every, config.eval_every, describe=lambda: f"lr {lr_schedule.get_last_lr()[0]:.2e}",

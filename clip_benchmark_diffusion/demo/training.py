@@ -128,6 +128,33 @@ class Checkpoint:
         os.replace(tmp, self.path)
 
 
+def training_checkpoint(config, modules: dict, optimizer, lr_schedule, gen, ema=None,
+                        scenes=None) -> Checkpoint | None:
+    """The :class:`Checkpoint` of a run whose config has ``checkpoint`` and ``checkpoint_every``
+    (None without ``--checkpoint``): it keeps ``modules`` (name -> nn.Module), the optimiser, the
+    learning-rate schedule, the EMA (diffusers ``EMAModel``) if any, the torch generator ``gen``,
+    torch's global generator and the scene source (:class:`~.pairs_training.PairBatches`) if any."""
+    import torch
+
+    if not config.checkpoint:
+        return None
+    parts = {**modules, "optimizer": optimizer, "lr_schedule": lr_schedule, **({"ema": ema} if ema else {})}
+
+    def state() -> dict:
+        return {**{name: part.state_dict() for name, part in parts.items()}, "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "scenes": scenes.state() if scenes is not None else ""}
+
+    def restore(saved: dict) -> None:
+        for name, part in parts.items():
+            part.load_state_dict(saved[name])
+        gen.set_state(saved["gen"])
+        torch.set_rng_state(saved["torch_rng"])
+        if scenes is not None:
+            scenes.restore(saved["scenes"])
+
+    return Checkpoint(Path(config.checkpoint), config.checkpoint_every, asdict(config), state, restore)
+
+
 def run_training(steps: int, minutes: float, step: Callable[[], float], check: Callable[[int], dict],
                  log_every: int, check_every: int, describe: Callable[[], str] = lambda: "",
                  checkpoint: Checkpoint | None = None, stop_after: int = 0) -> LoopResult:
