@@ -55,8 +55,12 @@ def load_training_data(train_limit: int, val_per_class: int, check_images: int) 
     return TrainingData(images, labels, test_images, test_labels, "test")
 
 
-# Config fields a resumed run may change: they do not alter what the steps compute.
-RESUMABLE_CHANGES = frozenset({"threads", "log_every", "minutes", "stop_after", "checkpoint", "checkpoint_every"})
+# Config fields a resumed run may change: they do not alter what the steps compute (the checks run
+# on the EMA weights and put the training weights back; they draw from their own seeded generators).
+RESUMABLE_CHANGES = frozenset({
+    "threads", "log_every", "minutes", "stop_after", "checkpoint", "checkpoint_every",
+    "eval_every", "eval_images", "eval_timesteps", "eval_probe_scenes", "final_eval_timesteps",
+})
 
 
 @dataclass
