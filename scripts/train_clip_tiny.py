@@ -295,16 +295,14 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
                         describe=lambda: f"logit_scale {model.logit_scale.exp().item():.1f}",
                         checkpoint=checkpoint, stop_after=config.stop_after)
     if loop.stopped:
-        return {"config": asdict(config), "model_name": name, "steps_done": loop.steps_done, "stopped": True,
-                "train_minutes": round(loop.train_minutes, 2), "segments": loop.segments, "curve": loop.curve}
+        return {"config": asdict(config), "model_name": name, **loop.record()}
 
     write_config(out_dir, preprocess_cfg=dict(pp), data=config.data)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_NAME))
     summary = {
         "config": asdict(config), "model_name": name, "model_cfg": MODELS[config.data][1],
-        "steps_done": loop.steps_done, "train_minutes": round(loop.train_minutes, 2), "segments": loop.segments,
-        "params": {"total": n_params, "visual": n_visual},
-        "final_loss_mean_last_50": loop.mean_loss(50), "curve": loop.curve,
+        **loop.record(), "params": {"total": n_params, "visual": n_visual},
+        "final_loss_mean_last_50": loop.mean_loss(50),
         "eval_templates": list(EVAL_WRAPPERS if config.data == "pairs" else EVAL_TEMPLATES),
         "train_eval_template": TRAIN_EVAL_TEMPLATE if config.data != "pairs" else None,
     }

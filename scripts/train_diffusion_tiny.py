@@ -339,8 +339,7 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
         checkpoint=checkpoint, stop_after=config.stop_after,
     )
     if loop.stopped:
-        return {"config": asdict(config), "steps_done": loop.steps_done, "stopped": True,
-                "train_minutes": round(loop.train_minutes, 2), "segments": loop.segments, "curve": loop.curve}
+        return {"config": asdict(config), **loop.record()}
     final = None
     if config.final_eval_timesteps:
         final = run_eval(loop.steps_done, config.final_eval_timesteps, full=True)
@@ -348,9 +347,8 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
     ema.copy_to(params)
     save_pipeline(out_dir, tokenizer, text_encoder, unet, scheduler)
     summary = {
-        "config": asdict(config), "steps_done": loop.steps_done, "train_minutes": round(loop.train_minutes, 2),
-        "segments": loop.segments, "final_loss_mean_last_200": loop.mean_loss(200),
-        "params": {"unet": n_unet, "text_encoder": n_text}, "curve": loop.curve, "final": final,
+        "config": asdict(config), **loop.record(), "final_loss_mean_last_200": loop.mean_loss(200),
+        "params": {"unet": n_unet, "text_encoder": n_text}, "final": final,
         "eval_templates": list(EVAL_WRAPPERS if config.data == "pairs" else EVAL_TEMPLATES),
         "train_eval_template": TRAIN_EVAL_TEMPLATE if config.data != "pairs" else None,
     }

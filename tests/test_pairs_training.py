@@ -114,7 +114,7 @@ def test_a_run_split_by_stop_after_ends_bit_for_bit_where_the_whole_run_does(tmp
     assert second["curve"][-1] == whole["curve"][-1] and [c["step"] for c in second["curve"]] == [3, 4]
 
 
-def test_a_checkpoint_is_refused_under_other_settings(tmp_path, capsys) -> None:
+def test_a_checkpoint_is_refused_under_other_settings(tmp_path) -> None:
     script = load_script("train_clip_tiny")
     args = ["--data", "pairs", "--batch-size", "16", *SMALL_CHECKS[:-4], "--steps", "4", "--train-limit", "512",
             "--out", str(tmp_path / "out"), "--checkpoint", str(tmp_path / "run.ckpt")]

@@ -72,6 +72,11 @@ class LoopResult:
     segments: list[dict] = field(default_factory=list)  # one per invocation: steps and minutes it ran
     stopped: bool = False  # ended by ``stop_after``: the checkpoint holds the run, no final check was made
 
+    def record(self) -> dict:
+        """What a training summary reports of the loop: steps, minutes, invocations, checks."""
+        return {"steps_done": self.steps_done, "train_minutes": round(self.train_minutes, 2),
+                "segments": self.segments, "curve": self.curve, **({"stopped": True} if self.stopped else {})}
+
     def mean_loss(self, last: int) -> float:
         """Mean of the last ``last`` step losses (0.0 before any step)."""
         tail = self.losses[-last:]
