@@ -64,6 +64,11 @@ class ScoringOptions:
     # docs/elimination_benchmark.md. "full" is the default: it is what a benchmark compares with, and
     # it costs about a fifth fewer calls.
     guarantee: str = "full"
+    # anytime: the sample count near which the confidence sequence is tightest (it tunes the normal
+    # mixture; every value keeps the guarantee). 12, chosen on both embedded models' validation
+    # images (docs/elimination_benchmark.md, session 10): 5% fewer calls than the mixture used before,
+    # which was tightest near the 50-sample horizon at ten classes and later still at more.
+    tightest_at: float = 12.0
     # Per-sample error between target and prediction; Li et al.: l1 on small datasets, l2 on ImageNet.
     loss: str = "l2"
     # Noise-level weighting, defined on log-SNR so it means the same in every family: uniform (Li:
@@ -138,6 +143,8 @@ class ScoringOptions:
                 raise UserError(f"anytime needs 0 < alpha < 1 (the error level), got alpha={self.alpha}")
             if self.survivors < 1:
                 raise UserError(f"anytime needs survivors >= 1, got survivors={self.survivors}")
+            if not self.tightest_at > 0:  # also false for NaN
+                raise UserError(f"anytime needs tightest_at > 0 (a sample count, e.g. 12), got {self.tightest_at}")
         if self.shortlist_model and (not self.shortlist_pretrained or self.shortlist_k < 1):
             raise UserError("a shortlist needs shortlist_pretrained (the open_clip weights) and shortlist_k >= 1, "
                             f"got shortlist_pretrained={self.shortlist_pretrained!r}, shortlist_k={self.shortlist_k}")
@@ -193,6 +200,7 @@ class ScoringOptions:
         if self.strategy != "anytime":  # anytime-only fields: older runs' store keys stay valid
             data.pop("alpha")
             data.pop("survivors")
+            data.pop("tightest_at")
         if self.strategy != "anytime" or self.guarantee == "expected":  # keys as before the option existed
             data.pop("guarantee")
         if not self.shortlist_model:  # pure diffusion: keys as before shortlists existed

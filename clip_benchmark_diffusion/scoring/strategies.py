@@ -227,9 +227,10 @@ class AnytimeStrategy(SequentialStrategy):
     """
 
     def __init__(self, num_candidates: int, min_samples: int, max_samples: int, alpha: float,
-                 survivors: int = 1, guarantee: str = "expected") -> None:
+                 survivors: int = 1, guarantee: str = "expected",
+                 tightest_at: float = ScoringOptions.tightest_at) -> None:
         super().__init__(num_candidates, min_samples, max_samples)
-        self.alpha, self.survivors = alpha, survivors
+        self.alpha, self.survivors, self.tightest_at = alpha, survivors, tightest_at
         # "full": the pairs are tested against full evaluation on the max_samples samples.
         self.population = max_samples if guarantee == "full" else None
         self.num_compared: int | None = None   # K: the candidates alive at the first look
@@ -242,7 +243,8 @@ class AnytimeStrategy(SequentialStrategy):
         lead = errs.mean(1).argmin()
         others = torch.arange(len(idx)) != lead
         diffs = errs[others] - errs[lead]                      # (A - 1, n)
-        drop = eliminated_by_leader(diffs, self.alpha, self.num_compared, population=self.population)
+        drop = eliminated_by_leader(diffs, self.alpha, self.num_compared, tightest_at=self.tightest_at,
+                                    population=self.population)
         room = len(idx) - self.survivors                       # never below ``survivors`` candidates
         if int(drop.sum()) > room:
             worst = torch.argsort(diffs.mean(1).masked_fill(~drop, -float("inf")), descending=True)[:room]
@@ -311,7 +313,7 @@ def _make(options: ScoringOptions, num_candidates: int) -> Strategy:
         return StagedStrategy(num_candidates, options.n_samples, options.to_keep)
     if options.strategy == "anytime":
         return AnytimeStrategy(num_candidates, options.min_samples, options.max_samples, options.alpha,
-                               options.survivors, options.guarantee)
+                               options.survivors, options.guarantee, options.tightest_at)
     return TTestStrategy(num_candidates, options.min_samples, options.max_samples, options.p_value)
 
 
