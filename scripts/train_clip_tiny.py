@@ -25,6 +25,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -228,7 +229,12 @@ def train(config: TrainConfig, out_dir: Path) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     open_clip.add_model_config(write_config(out_dir, data=config.data))
-    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    # Random initialisation is the point here: open_clip's "no pretrained weights loaded" warning is not.
+    logging.disable(logging.WARNING)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name)
+    finally:
+        logging.disable(logging.NOTSET)
     tokenizer = open_clip.get_tokenizer(name)
     pp = model.visual.preprocess_cfg
     n_params = sum(p.numel() for p in model.parameters())
