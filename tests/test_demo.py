@@ -75,3 +75,9 @@ def _check_demo(tmp_path, images: int, pinned: bool) -> None:
         assert len(conf) == images and all(0.0 < c <= 1.0 for c in conf), conf
         assert len(set(conf)) > 1                                        # a real spread, not a constant
     assert compared.stdout.count("expected calibration error") == 2
+    # A pinned slice of the scoring path (as diffusers pins expected_slice): diffusion_tiny's first three
+    # images, whose calls depend on the boundary (tightest_at, alpha, min_samples) and whose confidences
+    # on the recipe's temperature (a 1% change of T moves the second by 3e-4).
+    first = [json.loads(line) for line in predictions_path(paths[0]).read_text().splitlines()[:3]]
+    assert [r["denoiser_calls"] for r in first] == [139, 152, 81]
+    assert [r["confidence"] for r in first[1:]] == pytest.approx([0.991538, 0.998330], abs=2e-5)
