@@ -99,3 +99,14 @@ def test_the_shipped_pairs_clip_through_the_stock_command(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     acc = {p: json.loads((tmp_path / f"sugar_crepe_{p}.json").read_text())["metrics"]["acc"] for p in ("swap_obj", "swap_att")}
     assert acc == pytest.approx({"swap_obj": 34 / 40, "swap_att": 36 / 40})
+
+
+@pytest.mark.skipif(__import__("clip_benchmark_diffusion.demo", fromlist=["DIFFUSION_PAIRS_DIR"])
+                    .DIFFUSION_PAIRS_DIR.joinpath("model_index.json").is_file(), reason="the diffusion pair is shipped")
+def test_the_command_refuses_in_one_line_while_the_diffusion_pair_is_untrained(tmp_path):
+    from cli_helpers import assert_clean_failure
+
+    proc = console("clip_benchmark_diffusion", "demo", "--compositional", "--images", "10", "--items", "10",
+                   "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert_clean_failure(proc, "diffusion_pairs model is not trained yet", "--data pairs")
+    assert not (tmp_path / "out").exists()                                # refused before anything is written

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clip_benchmark_diffusion.compare import Accuracy, PairedComparison
-from clip_benchmark_diffusion.demo import CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS
+from clip_benchmark_diffusion.demo import CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS, DIFFUSION_PAIRS_DIR
 from clip_benchmark_diffusion.demo.pairs import N_PAIR_CLASSES, PROBES
 from clip_benchmark_diffusion.demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR
 from clip_benchmark_diffusion.demo.run import _console, subset_dataset
@@ -162,6 +162,12 @@ def main(out: str = "runs/compositional", images: int = 1000, items: int = 500, 
         raise UserError("--images and --items must be positive")
     if "," not in diffusion or "," not in clip:
         raise UserError("--diffusion-model and --clip-model take NAME,PRETRAINED as clip_benchmark's --pretrained_model")
+    for given, default, present, script in ((diffusion, DEFAULT_DIFFUSION, (DIFFUSION_PAIRS_DIR / "model_index.json").is_file(),
+                                             "train_diffusion_tiny.py"),
+                                            (clip, DEFAULT_CLIP, CLIP_PAIRS_WEIGHTS.is_file(), "train_clip_tiny.py")):
+        if given == default and not present:
+            raise UserError(f"the pair's {given.split(',')[0]} model is not trained yet: run scripts/{script} --data pairs "
+                            "(docs/compositional.md), or name another with --diffusion-model / --clip-model")
     out_dir = Path(out)
     results = out_dir / "results"
     classification = subset_dataset(images, out_dir / "data" / "fashion_pairs_100", source=PAIRS_DATASET_DIR)
