@@ -66,7 +66,7 @@ class ScoringOptions:
     guarantee: str = "full"
     # anytime: the sample count near which the confidence sequence is tightest (it tunes the normal
     # mixture; every value keeps the guarantee). 12, chosen on both embedded models' validation
-    # images (docs/elimination_benchmark.md, session 10): 5% fewer calls than the mixture used before,
+    # images (docs/elimination_benchmark.md, session 10): 4-5% fewer calls there than the mixture used before,
     # which was tightest near the 50-sample horizon at ten classes and later still at more.
     tightest_at: float = 12.0
     # Per-sample error between target and prediction; Li et al.: l1 on small datasets, l2 on ImageNet.
