@@ -16,6 +16,7 @@ import re
 import pytest
 
 from cli_helpers import console, quick_options
+from clip_benchmark_diffusion.demo import CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS, DIFFUSION_PAIRS_DIR
 from clip_benchmark_diffusion.demo.pairs import PROBES
 
 
@@ -83,13 +84,11 @@ def test_compositional_table_is_clip_benchmarks_own_figures(tiny_sd_32, random_p
         assert table[label][kind] == pytest.approx(100 * value, abs=0.051)
 
 
-@pytest.mark.skipif(not (__import__("clip_benchmark_diffusion.demo", fromlist=["CLIP_PAIRS_WEIGHTS"])
-                         .CLIP_PAIRS_WEIGHTS.is_file()), reason="the trained CLIP pair model is not shipped")
+@pytest.mark.skipif(not CLIP_PAIRS_WEIGHTS.is_file(), reason="the trained CLIP pair model is not shipped")
 def test_the_shipped_pairs_clip_through_the_stock_command(tmp_path):
     # The trained ViT-Tiny-4-28x56 (session 10) by name through clip_benchmark itself, on the first 40
     # items of the two binding probes; pinned from that command (all 500 items: 85.4% and 96.2%).
     from cli_helpers import clip_benchmark_eval
-    from clip_benchmark_diffusion.demo import CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS
     from clip_benchmark_diffusion.demo.compositional import probe_subset
 
     probes = probe_subset(40, tmp_path / "probes")
@@ -101,8 +100,7 @@ def test_the_shipped_pairs_clip_through_the_stock_command(tmp_path):
     assert acc == pytest.approx({"swap_obj": 34 / 40, "swap_att": 36 / 40})
 
 
-@pytest.mark.skipif(__import__("clip_benchmark_diffusion.demo", fromlist=["DIFFUSION_PAIRS_DIR"])
-                    .DIFFUSION_PAIRS_DIR.joinpath("model_index.json").is_file(), reason="the diffusion pair is shipped")
+@pytest.mark.skipif((DIFFUSION_PAIRS_DIR / "model_index.json").is_file(), reason="the diffusion pair is shipped")
 def test_the_command_refuses_in_one_line_while_the_diffusion_pair_is_untrained(tmp_path):
     from cli_helpers import assert_clean_failure
 
