@@ -1,7 +1,7 @@
 """``clip_benchmark_diffusion demo --compositional``: issue 11's table, diffusion vs CLIP on the same scenes.
 
-Two stock ``clip_benchmark eval`` commands, each holding both models: one on the 100-class set
-(``wds/fashion_pairs_100``), one on the four caption-selection probes (``sugar_crepe/<probe>``).
+Two stock ``clip_benchmark eval`` commands, each holding both models: one on the four caption-selection
+probes (``sugar_crepe/<probe>``), one on the 100-class set (``wds/fashion_pairs_100``).
 With per-item predictions dumped, every row gets each model's accuracy with a 95% Wilson interval
 and the exact McNemar test of the paired difference (:mod:`clip_benchmark_diffusion.compare`).
 """
@@ -25,7 +25,6 @@ from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV, Run, compare_runs, read_run
 
 CLASSIFICATION = "wds/fashion_pairs_100"
-# Not registered yet: the lead adds a recipe once the family handles non-square sample sizes.
 DEFAULT_DIFFUSION = "diffusion_pairs,default"
 DEFAULT_CLIP = f"{CLIP_PAIRS_NAME},{CLIP_PAIRS_WEIGHTS}"
 ROW_LABELS = {
@@ -68,14 +67,16 @@ def probe_subset(items: int, dest: Path) -> Path:
 
 def stock_commands(diffusion: str, clip: str, classification_root: Path, probes_root: Path, results: Path,
                    batch_size: int) -> list[list[str]]:
-    """The two ``clip_benchmark eval`` command lines (classification, then all probes)."""
+    """The two ``clip_benchmark eval`` command lines: all probes, then classification. The probes come
+    first because caption selection is not kept in the score store: if the long 100-class run is cut
+    short, a rerun resumes it from the store without having lost the probes' work."""
     common = ["--pretrained_model", diffusion, clip, "--batch_size", str(batch_size), "--num_workers", "0",
               "--output", str(results / "{dataset}_{model}_{pretrained}.json")]
     return [
-        [_console("clip_benchmark"), "eval", "--dataset", CLASSIFICATION, "--dataset_root", str(classification_root),
-         *common],
         [_console("clip_benchmark"), "eval", "--dataset", *(f"sugar_crepe/{p}" for p in PROBES),
          "--dataset_root", str(probes_root), *common],
+        [_console("clip_benchmark"), "eval", "--dataset", CLASSIFICATION, "--dataset_root", str(classification_root),
+         *common],
     ]
 
 
