@@ -6,7 +6,8 @@ import torch
 
 from clip_benchmark_diffusion.adapter.shortlist import (ShortlistSpec, Shortlister, merge_ranks, recall_at_k,
                                                         shortlist_mask)
-from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, CLIP_TINY_NAME, CLIP_TINY_WEIGHTS, DATASET_DIR
+from clip_benchmark_diffusion.demo import (CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS, CLIP_TINY_DIR, CLIP_TINY_NAME,
+                                          CLIP_TINY_WEIGHTS, DATASET_DIR)
 from clip_benchmark_diffusion.errors import UserError
 
 
@@ -44,6 +45,27 @@ def test_demo_clip_shortlists_the_shipped_images():
     recall = recall_at_k(shortlist_mask(scores, spec.k), y)
     assert 0.8 <= top1 <= recall <= 1.0, (top1, recall)                # chance is 0.1 and 0.3
     assert recall >= 0.97, recall
+
+
+@pytest.mark.skipif(not CLIP_PAIRS_WEIGHTS.is_file(), reason="the trained CLIP pair model is not shipped")
+def test_a_non_square_clip_shortlists_the_pair_scenes():
+    # The pair CLIP's size comes from its JSON config as a list, [28, 56] (open_clip's own configs give
+    # tuples); it once reached F.interpolate as a list of lists and crashed the hybrid.
+    from clip_benchmark.datasets.builder import build_dataset
+
+    from clip_benchmark_diffusion.adapter.transform import image_transform
+    from clip_benchmark_diffusion.demo.pairs_data import PAIRS_DATASET_DIR
+
+    shortlister = Shortlister(ShortlistSpec(CLIP_PAIRS_NAME, str(CLIP_PAIRS_WEIGHTS), k=5))
+    assert shortlister.size == (28, 56)
+    ds = build_dataset(dataset_name="wds/fashion_pairs_100", root=str(PAIRS_DATASET_DIR),
+                       transform=image_transform((28, 56), 3), split="test", download=False)
+    pairs = [pair for _, pair in zip(range(100), ds)]
+    x, y = torch.stack([p[0] for p in pairs]), torch.tensor([int(p[1]) for p in pairs])
+    scores = shortlister.scores(x, shortlister.class_embeddings([[t.format(c=c) for t in ds.templates] for c in ds.classes]))
+    assert scores.shape == (100, 100)
+    top1, recall = float((scores.argmax(1) == y).float().mean()), recall_at_k(shortlist_mask(scores, 5), y)
+    assert 0.4 <= top1 <= recall and recall >= 0.8, (top1, recall)     # chance: 0.01 and 0.05
 
 
 def test_bad_shortlister_is_a_user_error():

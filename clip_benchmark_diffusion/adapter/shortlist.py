@@ -50,7 +50,8 @@ class Shortlister:
                             f"{exc}") from None
         self.tokenizer = open_clip.get_tokenizer(spec.model)
         cfg = self.model.visual.preprocess_cfg
-        self.size = cfg["size"] if isinstance(cfg["size"], tuple) else (cfg["size"], cfg["size"])
+        size = cfg["size"]  # an int, or (H, W): a tuple from open_clip's own configs, a list from a JSON one
+        self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.mean = torch.tensor(cfg["mean"], device=self.device)[:, None, None]
         self.std = torch.tensor(cfg["std"], device=self.device)[:, None, None]
 
