@@ -8,11 +8,7 @@ and the exact McNemar test of the paired difference (:mod:`clip_benchmark_diffus
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +16,9 @@ from clip_benchmark_diffusion.compare import Accuracy, PairedComparison
 from clip_benchmark_diffusion.demo import CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS, DIFFUSION_PAIRS_DIR
 from clip_benchmark_diffusion.demo.pairs import N_PAIR_CLASSES, PROBES
 from clip_benchmark_diffusion.demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR
-from clip_benchmark_diffusion.demo.run import _console, subset_dataset
+from clip_benchmark_diffusion.demo.run import _console, run_stock, subset_dataset
 from clip_benchmark_diffusion.errors import UserError
-from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV, Run, compare_runs, read_run
+from clip_benchmark_diffusion.predictions import Run, compare_runs, read_run
 
 CLASSIFICATION = "wds/fashion_pairs_100"
 DEFAULT_DIFFUSION = "diffusion_pairs,default"
@@ -78,25 +74,6 @@ def stock_commands(diffusion: str, clip: str, classification_root: Path, probes_
         [_console("clip_benchmark"), "eval", "--dataset", CLASSIFICATION, "--dataset_root", str(classification_root),
          *common],
     ]
-
-
-def run_stock(commands: list[list[str]]) -> float:
-    """Run the commands with per-item predictions dumped; returns their wall seconds.
-
-    On 100 classes and a few hundred images some classes are never predicted, and clip_benchmark's
-    per-class report then has scikit-learn warn "Precision is ill-defined" once per model: noise
-    nobody running the demo can act on (the table does not use that report), so it is filtered.
-    """
-    filters = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore:Precision is ill-defined",
-                                     "ignore:Recall is ill-defined"]))
-    env = {**os.environ, PREDICTIONS_ENV: "1", "PYTHONWARNINGS": filters}
-    start = time.perf_counter()
-    for cmd in commands:
-        print("$ " + " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            sys.exit(f"clip_benchmark_diffusion: the clip_benchmark command failed (exit {proc.returncode})")
-    return time.perf_counter() - start
 
 
 def load_runs(results: Path) -> dict[str, dict[str, Run]]:
