@@ -8,7 +8,10 @@ Temperature scaling (Guo et al. 2017) turns a diffusion classifier's per-class e
 class's mean paired gap to the top-1, ``Outcome.gap``) into class probabilities the way CLIP's
 learned logit scale turns its similarities into a softmax:
 p(g | x) = softmax_g(-e_g / T) over the candidates that were scored, with the one scalar T chosen
-to maximise the likelihood of held-out validation labels (never test labels).
+to maximise the likelihood of held-out validation labels (never test labels). One more parameter,
+a power k on the scaled gap, p(g | x) = softmax_g(-sign(e_g) |e_g / T|^k), bends the confidence
+curve (k < 1 makes small gaps count for more relative to large ones); k = 1 is plain temperature
+scaling, and both are fitted together by ``fit_calibration``.
 """
 from __future__ import annotations
 
@@ -90,19 +93,26 @@ def ece_difference(conf_a: Sequence[float], right_a: Sequence[bool], conf_b: Seq
     return EceDifference(float(stat(*data)), float(low), float(high), level)
 
 
-def error_softmax(mean_error: np.ndarray, samples: np.ndarray, temperature: float) -> np.ndarray:
-    """(..., G) probabilities softmax(-mean_error / temperature) over the scored candidates.
+def error_softmax(mean_error: np.ndarray, samples: np.ndarray, temperature: float,
+                  power: float = 1.0) -> np.ndarray:
+    """(..., G) probabilities softmax(-sign(e) |e / temperature|^power) over the scored candidates
+    (power 1: softmax(-mean_error / temperature)).
 
     ``samples`` (same shape) is how many (t, noise) samples each candidate's mean used; a
     candidate with none (outside a shortlist) gets probability 0.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    return np.exp(_log_probs(np.asarray(mean_error, dtype=float), np.asarray(samples) > 0, temperature))
+    if not 0 < power < np.inf:
+        raise ValueError(f"power must be positive and finite, got {power}")
+    return np.exp(_log_probs(np.asarray(mean_error, dtype=float), np.asarray(samples) > 0, temperature, power))
 
 
-def _log_probs(err: np.ndarray, scored: np.ndarray, temperature: float) -> np.ndarray:
-    logits = np.where(scored, -err / temperature, -np.inf)
+def _log_probs(err: np.ndarray, scored: np.ndarray, temperature: float, power: float = 1.0) -> np.ndarray:
+    z = err / temperature
+    if power != 1.0:
+        z = np.sign(z) * np.abs(z) ** power
+    logits = np.where(scored, -z, -np.inf)
     return log_softmax(logits, axis=-1)
 
 
@@ -111,6 +121,37 @@ def fit_temperature(mean_error: np.ndarray, samples: np.ndarray, labels: np.ndar
     ``error_softmax`` of ``mean_error`` / ``samples`` (N, G); images whose label was never scored
     are left out (no T can explain them). T is searched on a log scale around the spread of the
     errors, so the result does not depend on their units."""
+    err, scored, y, scale = _fit_inputs(mean_error, samples, labels)
+    rows = np.arange(len(y))
+
+    def nll(log_t: float) -> float:
+        return float(-_log_probs(err, scored, scale * np.exp(log_t))[rows, y].mean())
+
+    best = minimize_scalar(nll, bounds=(-12.0, 12.0), method="bounded", options={"xatol": 1e-6})
+    return float(scale * np.exp(best.x))
+
+
+def fit_calibration(mean_error: np.ndarray, samples: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(T, power) minimising the same negative log-likelihood as ``fit_temperature`` under
+    ``error_softmax(..., T, power)``; starts from the temperature-only fit (power 1)."""
+    from scipy.optimize import minimize
+
+    err, scored, y, scale = _fit_inputs(mean_error, samples, labels)
+    rows = np.arange(len(y))
+    t0 = fit_temperature(mean_error, samples, labels)
+
+    def nll(p: np.ndarray) -> float:
+        log_t, log_k = np.clip(p, -12.0, 12.0)
+        return float(-_log_probs(err, scored, scale * np.exp(log_t), float(np.exp(log_k)))[rows, y].mean())
+
+    best = minimize(nll, np.array([np.log(t0 / scale), 0.0]), method="Nelder-Mead",
+                    options={"xatol": 1e-6, "fatol": 1e-10, "maxiter": 2000})
+    log_t, log_k = best.x
+    return float(scale * np.exp(log_t)), float(np.exp(log_k))
+
+
+def _fit_inputs(mean_error: np.ndarray, samples: np.ndarray, labels: np.ndarray):
+    """The images whose label was scored, and the scale of their errors (median top-2 gap)."""
     err = np.asarray(mean_error, dtype=float)
     scored = np.asarray(samples) > 0
     y = np.asarray(labels, dtype=int)
@@ -123,9 +164,4 @@ def fit_temperature(mean_error: np.ndarray, samples: np.ndarray, labels: np.ndar
     gaps = np.sort(np.where(scored, err, np.inf), axis=1)
     scale = float(np.median(np.diff(gaps[:, :2], axis=1)[np.isfinite(gaps[:, 1])])) if gaps.shape[1] > 1 else 1.0
     scale = scale if np.isfinite(scale) and scale > 0 else float(np.nanstd(np.where(scored, err, np.nan))) or 1.0
-
-    def nll(log_t: float) -> float:
-        return float(-_log_probs(err, scored, scale * np.exp(log_t))[rows, y].mean())
-
-    best = minimize_scalar(nll, bounds=(-12.0, 12.0), method="bounded", options={"xatol": 1e-6})
-    return float(scale * np.exp(best.x))
+    return err, scored, y, scale

@@ -114,6 +114,9 @@ class ScoringOptions:
     # test labels (scripts/fit_temperature.py), as CLIP's logit scale is learned. Scores do not
     # depend on it, so stored scores stay valid when it changes.
     temperature: float = 0.0
+    # With temperature > 0: softmax(-(gap / temperature) ** temperature_power), the power fitted with
+    # the temperature on the same validation images (1: plain temperature scaling). Scores do not depend on it.
+    temperature_power: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
@@ -155,6 +158,9 @@ class ScoringOptions:
         if not self.temperature >= 0 or self.temperature == float("inf"):  # also catches NaN
             raise UserError(f"scoring option temperature={self.temperature!r} must be 0 (the sampling posterior) "
                             "or a positive number fitted by scripts/fit_temperature.py")
+        if not 0 < self.temperature_power < float("inf"):  # also catches NaN
+            raise UserError(f"scoring option temperature_power={self.temperature_power!r} must be a positive number "
+                            "(1: plain temperature scaling), fitted by scripts/fit_temperature.py")
         if self.resolution < 0 or self.max_sequence_length < 0:
             raise UserError("resolution and max_sequence_length must be 0 (the model's default) or positive")
 
@@ -195,6 +201,7 @@ class ScoringOptions:
         data.pop("max_classes")
         data.pop("lookahead")
         data.pop("temperature")  # only turns stored mean errors into probabilities
+        data.pop("temperature_power")
         if self.sample_norm == "none":  # keys as before the option existed
             data.pop("sample_norm")
         if self.strategy != "anytime":  # anytime-only fields: older runs' store keys stay valid

@@ -2,11 +2,12 @@
 
 Scores the validation split (the 1,000 train images the demo models never trained on; written by
 ``scripts/build_fashion_mnist.py --validation`` if the folder is missing) with the recipe's own
-scoring through clip_benchmark's zero-shot code in-process, then picks the T that maximises the
-likelihood of the validation labels under softmax(-gap / T) (each class's mean paired
+scoring through clip_benchmark's zero-shot code in-process, then picks the T and power k that maximise the
+likelihood of the validation labels under softmax(-(gap / T)^k) (each class's mean paired
 difference to the top-1 class over the samples it saw)
-(``clip_benchmark_diffusion.calibration.fit_temperature``). Prints T (to put into the recipe's
-``temperature`` scoring option) and, on the same validation images, the expected calibration error
+(``clip_benchmark_diffusion.calibration.fit_calibration``). Prints T and k (to put into the recipe's
+``temperature`` and ``temperature_power`` scoring options), the two forms (k fixed at 1, k fitted)
+compared on random halves of the validation images, and, on the same validation images, the expected calibration error
 of the sampling posterior and of the fitted softmax (in-sample for the latter: the honest figure
 is the test-set ECE that ``compare`` prints afterwards).
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_benchmark_diffusion.calibration import error_softmax, fit_temperature, reliability
+from clip_benchmark_diffusion.calibration import error_softmax, fit_calibration, fit_temperature, reliability
 
 
 
@@ -42,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--capture", default="", help="replay the recipe's strategy over this capture instead of scoring")
+    p.add_argument("--refit", default="", help="refit from the per-image gaps of an earlier run's JSON (nothing scored)")
     p.add_argument("--out", default="", help="JSON with the fit and the per-image errors (default runs/temperature_<model>.json)")
     return p.parse_args()
 
@@ -63,6 +65,9 @@ def from_capture(args: argparse.Namespace):
 
 def main() -> None:
     args = parse_args()
+    if args.refit:
+        refit(args)
+        return
     if args.capture:
         outcomes, calls, labels, options = from_capture(args)
         report(args, outcomes, calls, labels, options)
@@ -91,29 +96,78 @@ def main() -> None:
     report(args, [r.outcome for r in model.record.results], model.record.calls, target.numpy(), model.options)
 
 
+CV_SPLITS = 20
+
+
+def cross_validate(err: np.ndarray, samples: np.ndarray, labels: np.ndarray, top1: np.ndarray,
+                   splits: int = CV_SPLITS) -> dict[str, tuple[float, float]]:
+    """Temperature alone vs temperature and power, each fitted on a random half of the validation
+    images and scored (NLL, ECE in points) on the other half: which form to put into the recipe."""
+    rng = np.random.default_rng(0)
+    out: dict[str, list[tuple[float, float]]] = {"temperature": [], "temperature + power": []}
+    for _ in range(splits):
+        idx = rng.permutation(len(labels))
+        a, b = idx[: len(idx) // 2], idx[len(idx) // 2:]
+        fits = {"temperature": (fit_temperature(err[a], samples[a], labels[a]), 1.0),
+                "temperature + power": fit_calibration(err[a], samples[a], labels[a])}
+        for name, (t, k) in fits.items():
+            prob = error_softmax(err[b], samples[b], t, k)
+            rows = np.arange(len(b))
+            nll = float(-np.log(np.clip(prob[rows, labels[b]], 1e-300, None)).mean())
+            out[name].append((nll, 100 * reliability(prob[rows, top1[b]], top1[b] == labels[b]).ece))
+    return {k: tuple(np.mean(v, axis=0).tolist()) for k, v in out.items()}
+
+
+def refit(args: argparse.Namespace) -> None:
+    """The fit and its cross-validation again from a JSON this script wrote (same images, same gaps)."""
+    data = json.loads(Path(args.refit).read_text())
+    if data["model"] != args.model:
+        raise SystemExit(f"{args.refit} holds {data['model']}, not {args.model}")
+    per = data["per_image"]
+    err, samples = np.asarray(per["gap"], dtype=float), np.asarray(per["samples"])
+    top1 = np.asarray(per["top1"]) if "top1" in per else np.where(samples > 0, err, np.inf).argmin(axis=1)
+    from clip_benchmark_diffusion.options import ScoringOptions
+
+    fit_and_write(args, err, samples, top1, np.asarray(per["target"]), data.get("calls_per_image", 0.0),
+                  None, ScoringOptions.from_dict(data["scoring"]))
+
+
 def report(args: argparse.Namespace, outcomes, calls, labels: np.ndarray, options) -> None:
     err = np.stack([o.gaps().double().nan_to_num(0.0).numpy() for o in outcomes])
     samples = np.stack([o.samples.numpy() for o in outcomes])
     top1 = np.array([int(o.rank.argmin()) for o in outcomes])
+    fit_and_write(args, err, samples, top1, labels, float(np.mean(calls)),
+                  reliability([o.confidence for o in outcomes], top1 == labels).ece, options)
+
+
+def fit_and_write(args: argparse.Namespace, err: np.ndarray, samples: np.ndarray, top1: np.ndarray,
+                  labels: np.ndarray, calls_per_image: float, ece_posterior: float | None, options) -> None:
     right = top1 == labels
-    temperature = fit_temperature(err, samples, labels)
-    prob = error_softmax(err, samples, temperature)
+    temperature, power = fit_calibration(err, samples, labels)
+    prob = error_softmax(err, samples, temperature, power)
     rows = np.arange(len(labels))
     nll = float(-np.log(np.clip(prob[rows, labels], 1e-300, None)).mean())
-    ece_posterior = reliability([o.confidence for o in outcomes], right).ece
     ece_softmax = reliability(prob[rows, top1], right).ece
-    print(f"{args.model}: {len(labels)} validation images, top-1 {100 * right.mean():.1f}%, "
-          f"{np.mean(calls):.0f} denoiser calls/img")
-    print(f"fitted temperature {temperature:.6g} (validation NLL {nll:.4f}); validation ECE: sampling posterior "
-          f"{100 * ece_posterior:.2f} points, fitted softmax {100 * ece_softmax:.2f} points (in-sample)")
+    calls = f", {calls_per_image:.0f} denoiser calls/img" if calls_per_image else ""
+    print(f"{args.model}: {len(labels)} validation images, top-1 {100 * right.mean():.1f}%{calls}")
+    posterior = "" if ece_posterior is None else f"sampling posterior {100 * ece_posterior:.2f} points, "
+    print(f"fitted temperature {temperature:.6g}, temperature_power {power:.4g} (validation NLL {nll:.4f}); "
+          f"validation ECE: {posterior}fitted softmax {100 * ece_softmax:.2f} points (in-sample)")
+    cv = cross_validate(err, samples, labels, top1)
+    for name, (cv_nll, cv_ece) in cv.items():
+        print(f"  {name}: held-out half NLL {cv_nll:.4f}, ECE {cv_ece:.2f} points "
+              f"(mean of {CV_SPLITS} random halves of these validation images)")
     out = Path(args.out or f"runs/temperature_{args.model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "model": args.model, "pretrained": args.pretrained, "images": len(labels), "temperature": temperature,
+        "temperature_power": power, "cross_validated": {k: {"nll": v[0], "ece": v[1]} for k, v in cv.items()},
         "validation_nll": nll, "validation_top1": float(right.mean()),
         "validation_ece_posterior": ece_posterior, "validation_ece_softmax_in_sample": ece_softmax,
         "scoring": options.to_dict(),
-        "per_image": {"target": labels.tolist(), "gap": err.tolist(), "samples": samples.tolist()},
+        "calls_per_image": calls_per_image,
+        "per_image": {"target": labels.tolist(), "top1": top1.tolist(), "gap": err.tolist(),
+                      "samples": samples.tolist()},
     }) + "\n")
     print(f"wrote {out}")
 

@@ -121,6 +121,46 @@ def test_fit_temperature_recovers_the_temperature_that_generated_the_labels():
     assert fit_temperature(err, samples, rng.integers(0, g, n)) > 20 * t0
 
 
+def test_error_softmax_power_bends_the_scaled_gap_and_power_one_is_plain_temperature_scaling():
+    from clip_benchmark_diffusion.calibration import error_softmax
+
+    err, samples = np.array([0.0, 0.003, 0.012]), np.array([50, 50, 50])
+    z = np.exp(-np.array([0.0, 1.5, 6.0]) ** 0.7)           # |gap / T| ** power, T = 0.002
+    assert error_softmax(err, samples, 0.002, 0.7) == pytest.approx(z / z.sum())
+    assert error_softmax(err, samples, 0.002, 1.0) == pytest.approx(error_softmax(err, samples, 0.002))
+    # Odd in the gap: a negative paired gap (a class that beat the top-1 on the few samples it saw) stays favoured.
+    neg = error_softmax(np.array([0.0, -0.003]), np.array([50, 4]), 0.002, 0.7)
+    assert neg[1] == pytest.approx(1 / (1 + np.exp(-(1.5 ** 0.7))))
+    for bad in (0.0, -1.0, np.inf):
+        with pytest.raises(ValueError, match="power"):
+            error_softmax(err, samples, 0.002, bad)
+
+
+def test_fit_calibration_recovers_the_temperature_and_power_that_generated_the_labels():
+    from clip_benchmark_diffusion.calibration import fit_calibration, fit_temperature
+
+    rng = np.random.default_rng(1)
+    n, g, t0, k0 = 6000, 10, 0.003, 0.6
+    err = np.abs(0.006 * rng.standard_normal((n, g)))
+    logits = -(err / t0) ** k0
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    labels = np.array([rng.choice(g, p=row) for row in p])
+    samples = np.full((n, g), 50)
+    t, k = fit_calibration(err, samples, labels)
+    assert k == pytest.approx(k0, rel=0.1) and t == pytest.approx(t0, rel=0.3)
+    # Units: 1,000x larger errors, 1,000x larger T, the same power.
+    t_big, k_big = fit_calibration(1000 * err, samples, labels)
+    assert t_big == pytest.approx(1000 * t, rel=1e-2) and k_big == pytest.approx(k, rel=1e-2)
+    # Data made by plain temperature scaling: the power comes out near 1 and T near fit_temperature's.
+    logits = -err / t0
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    labels = np.array([rng.choice(g, p=row) for row in p])
+    t1, k1 = fit_calibration(err, samples, labels)
+    assert k1 == pytest.approx(1.0, abs=0.1) and t1 == pytest.approx(fit_temperature(err, samples, labels), rel=0.2)
+
+
 def test_run_record_confidences_use_the_temperature_on_the_top1_class_of_the_ranking():
     import torch
 
@@ -139,6 +179,8 @@ def test_run_record_confidences_use_the_temperature_on_the_top1_class_of_the_ran
     assert record.confidences(0.0) == [pytest.approx(0.9)]          # the sampling posterior
     z = np.exp(-np.array([0.002, 0.0, 0.011]) / 0.001)
     assert record.confidences(0.001) == [pytest.approx(z[1] / z.sum())]
+    z = np.exp(-(np.array([0.002, 0.0, 0.011]) / 0.001) ** 0.7)
+    assert record.confidences(0.001, 0.7) == [pytest.approx(z[1] / z.sum())]
     # A result stored before gaps existed falls back to the unpaired difference of means.
     old = dataclasses.replace(outcome, gap=None)
     record = RunRecord()
@@ -172,9 +214,13 @@ def test_the_temperature_leaves_the_score_store_key_alone_and_refuses_bad_values
 
     base = ScoringOptions()
     assert base.replace(temperature=0.004).fingerprint_dict() == base.fingerprint_dict()
+    assert base.replace(temperature=0.004, temperature_power=0.7).fingerprint_dict() == base.fingerprint_dict()
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(UserError, match="temperature"):
             base.replace(temperature=bad)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="temperature_power"):
+            base.replace(temperature_power=bad)
 
 
 

@@ -133,6 +133,7 @@ CASES: list[tuple[str, Callable[[Mistake], object], str]] = [
     ("options file not UTF-8", lambda m: m.options_text('{"seed": "\u00e9"}'.encode("latin-1")), "is not UTF-8"),
     ("lookahead -1", lambda m: m.options(lookahead=-1), "lookahead=-1 must be 0 or more"),
     ("temperature -1", lambda m: m.options(temperature=-1), "temperature=-1.0 must be 0 (the sampling posterior)"),
+    ("temperature_power 0", lambda m: m.options(temperature=0.001, temperature_power=0), "temperature_power=0"),
     ("sample_norm unknown", lambda m: m.options(sample_norm="max"), "sample_norm"),
     ("guarantee unknown", lambda m: m.options(strategy="anytime", guarantee="exact"), "guarantee"),
     # templates and class names

@@ -59,9 +59,9 @@ class RunRecord:
         self.results.extend(results)
         self.calls.extend(r.denoiser_calls for r in results)
 
-    def confidences(self, temperature: float) -> list[float | None]:
+    def confidences(self, temperature: float, power: float = 1.0) -> list[float | None]:
         """Per image, the probability of its top-1 class (``Outcome.top1_probability``)."""
-        return [r.outcome.top1_probability(temperature) for r in self.results]
+        return [r.outcome.top1_probability(temperature, power) for r in self.results]
 
 
 class DiffusionClassifier(CaptionSelectionMixin, nn.Module):

@@ -226,7 +226,7 @@ def _write_predictions(final: Path, predictions: tuple[Any, Any, float], model: 
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices.tolist()
     if model is not None:
         calls = model.record.calls
-        confidence = model.record.confidences(model.options.temperature)
+        confidence = model.record.confidences(model.options.temperature, model.options.temperature_power)
     else:
         calls = [None] * len(top)
         confidence = torch.softmax(logits.float() * (scale / 100.0), dim=1).max(1).values.tolist()

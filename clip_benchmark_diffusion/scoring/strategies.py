@@ -38,14 +38,14 @@ class Outcome:
             return self.gap
         return torch.where(self.samples > 0, self.mean_error - self.mean_error[self.rank.argmin()], float("nan"))
 
-    def top1_probability(self, temperature: float) -> float | None:
+    def top1_probability(self, temperature: float, power: float = 1.0) -> float | None:
         """The top-1 class's probability: the sampling posterior (``temperature`` 0) or the
         temperature-scaled softmax of the paired gaps (``calibration.error_softmax``)."""
         if not temperature:
             return self.confidence
         from clip_benchmark_diffusion.calibration import error_softmax
 
-        prob = error_softmax(self.gaps().double().nan_to_num(0.0).numpy(), self.samples.numpy(), temperature)
+        prob = error_softmax(self.gaps().double().nan_to_num(0.0).numpy(), self.samples.numpy(), temperature, power)
         return float(prob[int(self.rank.argmin())])
 
     @property
