@@ -185,7 +185,7 @@ def replay(args: argparse.Namespace) -> None:
         conf_post = [o.confidence for o, _ in outs]
         ece_t = None
         if temperature:
-            conf_t = [o.top1_probability(temperature) for o, _ in outs]
+            conf_t = [o.top1_probability(temperature, args.temperature_power) for o, _ in outs]
             ece_t = reliability(conf_t, right).ece
         ece_post = reliability(conf_post, right).ece
         rows[name] = {"options": spec, "top1": float(right.mean()), "lost": int((full_right & ~right).sum()),
@@ -200,6 +200,7 @@ def replay(args: argparse.Namespace) -> None:
               f"{100 * ece_post:>8.2f} {'' if ece_t is None else f'{100 * ece_t:.2f}':>6}")
     if args.out:
         Path(args.out).write_text(json.dumps({"capture": args.capture, "images": err.shape[0], "temperature": temperature,
+                                              "temperature_power": args.temperature_power,
                                               "full_top1": float((full_top1 == target).float().mean()),
                                               "rows": rows}, indent=2) + "\n")
 
@@ -222,7 +223,8 @@ def main() -> None:
     r.add_argument("capture")
     r.add_argument("--strategies", default="", help=f"semicolon list of {', '.join(VARIANTS)} or JSON option dicts")
     r.add_argument("--max-samples", type=int, default=0, help="cap per candidate (default: the capture's)")
-    r.add_argument("--temperature", type=float, default=0.0, help="also the ECE of softmax(-error / T)")
+    r.add_argument("--temperature", type=float, default=0.0, help="also the ECE of softmax(-(error / T)^k)")
+    r.add_argument("--temperature-power", type=float, default=1.0, help="k in the above (a recipe's temperature_power)")
     r.add_argument("--weighting", default="", help="replay under this weighting (native, exp7) on the captured grid")
     r.add_argument("--out", default="")
     args = p.parse_args()

@@ -268,3 +268,39 @@ def test_ece_difference_interval_tells_calibrated_from_overconfident_and_not_fro
     assert other.low < 0 < other.high
     with pytest.raises(ValueError, match="same images"):
         ece_difference(conf, right, conf[:10], right[:10])
+
+
+def test_fit_temperature_script_refits_from_its_own_json_and_compares_the_forms_on_held_out_halves(
+        tmp_path, monkeypatch, capsys):
+    import sys
+
+    from cli_helpers import load_script
+    from clip_benchmark_diffusion.options import ScoringOptions
+
+    rng = np.random.default_rng(2)
+    n, g, t0, k0 = 1500, 10, 0.003, 0.6
+    gap = np.abs(0.006 * rng.standard_normal((n, g)))
+    logits = -(gap / t0) ** k0
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    target = np.array([rng.choice(g, p=row) for row in p])
+    top1 = gap.argmin(1)
+    src = tmp_path / "temperature_diffusion_tiny.json"
+    src.write_text(json.dumps({"model": "diffusion_tiny", "scoring": ScoringOptions().to_dict(), "per_image": {
+        "target": target.tolist(), "gap": gap.tolist(), "samples": np.full((n, g), 50).tolist(),
+        "top1": top1.tolist()}}))
+    out = tmp_path / "refit.json"
+    script = load_script("fit_temperature")
+    monkeypatch.setattr(sys, "argv", ["fit_temperature.py", "--model", "diffusion_tiny", "--refit", str(src),
+                                      "--out", str(out)])
+    script.main()
+    printed = capsys.readouterr().out
+    assert "temperature_power 0.6" in printed and "held-out half NLL" in printed
+    data = json.loads(out.read_text())
+    assert data["temperature_power"] == pytest.approx(k0, rel=0.15)
+    cv = data["cross_validated"]
+    assert cv["temperature + power"]["nll"] < cv["temperature"]["nll"]     # the data were made with k = 0.6
+    # the wrong model's JSON is refused in one line
+    monkeypatch.setattr(sys, "argv", ["fit_temperature.py", "--model", "diffusion_tiny_flow", "--refit", str(src)])
+    with pytest.raises(SystemExit, match="holds diffusion_tiny, not diffusion_tiny_flow"):
+        script.main()
