@@ -136,16 +136,21 @@ def test_error_softmax_power_bends_the_scaled_gap_and_power_one_is_plain_tempera
             error_softmax(err, samples, 0.002, bad)
 
 
+def _labels_drawn_from(err: np.ndarray, temperature: float, power: float, rng) -> np.ndarray:
+    """One label per row, drawn from softmax(-(err / temperature) ** power)."""
+    logits = -(err / temperature) ** power
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return np.array([rng.choice(err.shape[1], p=row) for row in p])
+
+
 def test_fit_calibration_recovers_the_temperature_and_power_that_generated_the_labels():
     from clip_benchmark_diffusion.calibration import fit_calibration, fit_temperature
 
     rng = np.random.default_rng(1)
     n, g, t0, k0 = 6000, 10, 0.003, 0.6
     err = np.abs(0.006 * rng.standard_normal((n, g)))
-    logits = -(err / t0) ** k0
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    labels = np.array([rng.choice(g, p=row) for row in p])
+    labels = _labels_drawn_from(err, t0, k0, rng)
     samples = np.full((n, g), 50)
     t, k = fit_calibration(err, samples, labels)
     assert k == pytest.approx(k0, rel=0.1) and t == pytest.approx(t0, rel=0.3)
@@ -153,10 +158,7 @@ def test_fit_calibration_recovers_the_temperature_and_power_that_generated_the_l
     t_big, k_big = fit_calibration(1000 * err, samples, labels)
     assert t_big == pytest.approx(1000 * t, rel=1e-2) and k_big == pytest.approx(k, rel=1e-2)
     # Data made by plain temperature scaling: the power comes out near 1 and T near fit_temperature's.
-    logits = -err / t0
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    labels = np.array([rng.choice(g, p=row) for row in p])
+    labels = _labels_drawn_from(err, t0, 1.0, rng)
     t1, k1 = fit_calibration(err, samples, labels)
     assert k1 == pytest.approx(1.0, abs=0.1) and t1 == pytest.approx(fit_temperature(err, samples, labels), rel=0.2)
 
@@ -280,10 +282,7 @@ def test_fit_temperature_script_refits_from_its_own_json_and_compares_the_forms_
     rng = np.random.default_rng(2)
     n, g, t0, k0 = 1500, 10, 0.003, 0.6
     gap = np.abs(0.006 * rng.standard_normal((n, g)))
-    logits = -(gap / t0) ** k0
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    target = np.array([rng.choice(g, p=row) for row in p])
+    target = _labels_drawn_from(gap, t0, k0, rng)
     top1 = gap.argmin(1)
     src = tmp_path / "temperature_diffusion_tiny.json"
     src.write_text(json.dumps({"model": "diffusion_tiny", "scoring": ScoringOptions().to_dict(), "per_image": {
