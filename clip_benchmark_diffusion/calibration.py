@@ -122,13 +122,16 @@ def fit_temperature(mean_error: np.ndarray, samples: np.ndarray, labels: np.ndar
     are left out (no T can explain them). T is searched on a log scale around the spread of the
     errors, so the result does not depend on their units."""
     err, scored, y, scale = _fit_inputs(mean_error, samples, labels)
+    return float(scale * np.exp(_fit_log_temperature(err, scored, y, scale)))
+
+
+def _fit_log_temperature(err: np.ndarray, scored: np.ndarray, y: np.ndarray, scale: float) -> float:
     rows = np.arange(len(y))
 
     def nll(log_t: float) -> float:
         return float(-_log_probs(err, scored, scale * np.exp(log_t))[rows, y].mean())
 
-    best = minimize_scalar(nll, bounds=(-12.0, 12.0), method="bounded", options={"xatol": 1e-6})
-    return float(scale * np.exp(best.x))
+    return float(minimize_scalar(nll, bounds=(-12.0, 12.0), method="bounded", options={"xatol": 1e-6}).x)
 
 
 def fit_calibration(mean_error: np.ndarray, samples: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -138,13 +141,13 @@ def fit_calibration(mean_error: np.ndarray, samples: np.ndarray, labels: np.ndar
 
     err, scored, y, scale = _fit_inputs(mean_error, samples, labels)
     rows = np.arange(len(y))
-    t0 = fit_temperature(mean_error, samples, labels)
 
     def nll(p: np.ndarray) -> float:
         log_t, log_k = np.clip(p, -12.0, 12.0)
         return float(-_log_probs(err, scored, scale * np.exp(log_t), float(np.exp(log_k)))[rows, y].mean())
 
-    best = minimize(nll, np.array([np.log(t0 / scale), 0.0]), method="Nelder-Mead",
+    start = np.array([_fit_log_temperature(err, scored, y, scale), 0.0])
+    best = minimize(nll, start, method="Nelder-Mead",
                     options={"xatol": 1e-6, "fatol": 1e-10, "maxiter": 2000})
     log_t, log_k = best.x
     return float(scale * np.exp(log_t)), float(np.exp(log_k))
@@ -159,7 +162,7 @@ def _fit_inputs(mean_error: np.ndarray, samples: np.ndarray, labels: np.ndarray)
     keep = scored[rows, y]
     if keep.sum() < 2:
         raise ValueError("need at least two images whose true class was scored")
-    err, scored, y, rows = err[keep], scored[keep], y[keep], np.arange(int(keep.sum()))
+    err, scored, y = err[keep], scored[keep], y[keep]
     # Each image's gap between its best and its second-best error sets the scale of T.
     gaps = np.sort(np.where(scored, err, np.inf), axis=1)
     scale = float(np.median(np.diff(gaps[:, :2], axis=1)[np.isfinite(gaps[:, 1])])) if gaps.shape[1] > 1 else 1.0
