@@ -108,6 +108,14 @@ def error_softmax(mean_error: np.ndarray, samples: np.ndarray, temperature: floa
     return np.exp(_log_probs(np.asarray(mean_error, dtype=float), np.asarray(samples) > 0, temperature, power))
 
 
+def error_nll(mean_error: np.ndarray, samples: np.ndarray, labels: np.ndarray, temperature: float,
+              power: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``labels`` (N,) under ``error_softmax`` (what the fits minimise)."""
+    y = np.asarray(labels, dtype=int)
+    log_p = _log_probs(np.asarray(mean_error, dtype=float), np.asarray(samples) > 0, temperature, power)
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+
 def _log_probs(err: np.ndarray, scored: np.ndarray, temperature: float, power: float = 1.0) -> np.ndarray:
     z = err / temperature
     if power != 1.0:

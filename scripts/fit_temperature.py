@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_benchmark_diffusion.calibration import error_softmax, fit_calibration, fit_temperature, reliability
+from clip_benchmark_diffusion.calibration import error_nll, error_softmax, fit_calibration, fit_temperature, reliability
 
 
 
@@ -112,9 +112,8 @@ def cross_validate(err: np.ndarray, samples: np.ndarray, labels: np.ndarray, top
                 "temperature + power": fit_calibration(err[a], samples[a], labels[a])}
         for name, (t, k) in fits.items():
             prob = error_softmax(err[b], samples[b], t, k)
-            rows = np.arange(len(b))
-            nll = float(-np.log(np.clip(prob[rows, labels[b]], 1e-300, None)).mean())
-            out[name].append((nll, 100 * reliability(prob[rows, top1[b]], top1[b] == labels[b]).ece))
+            nll = error_nll(err[b], samples[b], labels[b], t, k)
+            out[name].append((nll, 100 * reliability(prob[np.arange(len(b)), top1[b]], top1[b] == labels[b]).ece))
     return {k: tuple(np.mean(v, axis=0).tolist()) for k, v in out.items()}
 
 
@@ -146,7 +145,7 @@ def fit_and_write(args: argparse.Namespace, err: np.ndarray, samples: np.ndarray
     temperature, power = fit_calibration(err, samples, labels)
     prob = error_softmax(err, samples, temperature, power)
     rows = np.arange(len(labels))
-    nll = float(-np.log(np.clip(prob[rows, labels], 1e-300, None)).mean())
+    nll = error_nll(err, samples, labels, temperature, power)
     ece_softmax = reliability(prob[rows, top1], right).ece
     calls = f", {calls_per_image:.0f} denoiser calls/img" if calls_per_image else ""
     print(f"{args.model}: {len(labels)} validation images, top-1 {100 * right.mean():.1f}%{calls}")
