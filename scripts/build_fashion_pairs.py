@@ -13,9 +13,14 @@ From the official Fashion-MNIST *test* split (Debian's dataset-fashion-mnist), s
 Positive captions and class-name templates use held-out wrappers (``EVAL_WRAPPERS``). The two sets
 use disjoint source images. Defaults rebuild the shipped folders byte for byte.
 
+``--validation`` writes the same 100-class set from the *train* split's validation hold-out (the
+1,000 images no demo model trained on; ``--per-class`` at most 5, no probes) instead: the images
+that a recipe's temperature is fitted on (``scripts/fit_temperature.py --dataset wds/fashion_pairs_100``).
+
 Usage:
     python scripts/build_fashion_pairs.py                                  # the shipped sets
     python scripts/build_fashion_pairs.py --out /data/pairs --per-class 40 --probe-scenes 2000
+    python scripts/build_fashion_pairs.py --validation --out runs/fashion_pairs_validation --per-class 2
 Then:
     clip_benchmark eval --dataset wds/fashion_pairs_100 --dataset_root <out>/fashion_pairs_100 ...
     clip_benchmark eval --dataset sugar_crepe/swap_att --dataset_root <out>/fashion_pairs_probes ...
@@ -51,14 +56,18 @@ from clip_benchmark_diffusion.demo.pairs_data import (
     SHIPPED_PER_CLASS,
     SHIPPED_PROBE_SCENES,
     TEST_SEED,
+    VALIDATION_SEED,
     EvalSets,
     shipped_eval_sets,
+    validation_eval_sets,
 )
 from clip_benchmark_diffusion.errors import UserError
 
 # Each source image is used once: a garment class's 1,000 test images allow 50 scenes per pair
 # class (every pair class uses each garment once on one side: 20 uses per scene round).
 MAX_PER_CLASS = 50
+# The validation hold-out has 100 images per garment: 5 rounds of the 100 pair classes use them all.
+MAX_VALIDATION_PER_CLASS = 5
 
 _LICENSE = """\
 # Fashion-MNIST two-garment scenes ({what})
@@ -69,13 +78,18 @@ arXiv:1708.07747), <https://github.com/zalandoresearch/fashion-mnist>, released 
 {notice}
 ## Provenance
 
-- Source: Debian package `dataset-fashion-mnist`, `{debian}/t10k-*-ubyte.gz` (the official test split).
+- Source: Debian package `dataset-fashion-mnist`, `{debian}/{source}.
 - Written by `scripts/build_fashion_pairs.py` of clip_benchmark_diffusion (seed {seed}): each scene
-  is two test images side by side (28x56 RGB PNG), each multiplied by a colour's channel mask
+  is two {split} images side by side (28x56 RGB PNG), each multiplied by a colour's channel mask
   ({colours}), so the maximum over channels is the source image exactly. Scenes and captions:
-  `clip_benchmark_diffusion/demo/pairs.py`; which images: `pairs_data.py`. Each test image is used
+  `clip_benchmark_diffusion/demo/pairs.py`; which images: `pairs_data.py`. Each {split} image is used
   at most once across the classification set and the probes.
 {body}"""
+_SOURCES = {
+    "test": "t10k-*-ubyte.gz` (the official test split)",
+    "validation": ("train-*-ubyte.gz` (the validation hold-out of the train split, `validation_indices` in "
+                   "`fashion_mnist.py`: images no demo model trained on)"),
+}
 
 
 class _ClassificationScenes:
@@ -124,8 +138,9 @@ def write_classification(sets: EvalSets, out_dir: Path) -> int:
             f"{', '.join(GARMENTS)}), in rounds of one scene per class (every 100-prefix is balanced), "
             f"colours uniform and independent. Sample `s{{i:07d}}` is the i-th scene.\n"
             f"- `zeroshot_classification_templates.txt` holds wrappers never seen in training.\n\n"
-            "## Test-split indices (left/right) of the scenes, in order\n\n```\n" + "\n".join(rows) + "\n```\n")
-    (out_dir / "LICENSE.md").write_text(_license("100-class zero-shot classification", body))
+            f"## {_INDEX_NAMES[sets.split]} indices (left/right) of the scenes, in order\n\n```\n" + "\n".join(rows)
+            + "\n```\n")
+    (out_dir / "LICENSE.md").write_text(_license("100-class zero-shot classification", body, sets.split))
     return len(scenes)
 
 
@@ -163,13 +178,22 @@ def write_probes(sets: EvalSets, out_dir: Path) -> int:
     return len(scenes)
 
 
-def _license(what: str, body: str) -> str:
-    return _LICENSE.format(what=what, notice=MIT_NOTICE, debian=DEBIAN_DIR, seed=TEST_SEED,
-                           colours=", ".join(COLOURS), body=body)
+_INDEX_NAMES = {"test": "Test-split", "validation": "Train-split (validation hold-out)"}
 
 
-def check_sizes(per_class: int, probe_scenes: int) -> None:
-    """Sizes that would reuse a test image are a user error, found before any work."""
+def _license(what: str, body: str, split: str = "test") -> str:
+    seed = TEST_SEED if split == "test" else VALIDATION_SEED
+    return _LICENSE.format(what=what, notice=MIT_NOTICE, debian=DEBIAN_DIR, source=_SOURCES[split], seed=seed,
+                           split=split, colours=", ".join(COLOURS), body=body)
+
+
+def check_sizes(per_class: int, probe_scenes: int, validation: bool = False) -> None:
+    """Sizes that would reuse a source image are a user error, found before any work."""
+    if validation:
+        if not 1 <= per_class <= MAX_VALIDATION_PER_CLASS:
+            raise UserError(f"--per-class must be 1..{MAX_VALIDATION_PER_CLASS} with --validation (the hold-out has "
+                            f"100 images per garment, each used once), got {per_class}")
+        return
     if not 1 <= per_class <= MAX_PER_CLASS:
         raise UserError(f"--per-class must be 1..{MAX_PER_CLASS} (each test image is used once), got {per_class}")
     # Probe scenes take two different garments: about 2/10 of scenes use a given garment.
@@ -179,18 +203,34 @@ def check_sizes(per_class: int, probe_scenes: int) -> None:
         raise UserError(f"--probe-scenes must be 1..{limit} with --per-class {per_class}, got {probe_scenes}")
 
 
+def build_validation(out: Path, per_class: int) -> Path:
+    """The 100-class set from the validation hold-out, in ``out/fashion_pairs_100``; returns that folder."""
+    check_sizes(per_class, 0, validation=True)
+    folder = out / PAIRS_DATASET_DIR.name
+    write_classification(validation_eval_sets(per_class, 0), folder)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEMO_DIR,
                         help="parent folder of fashion_pairs_100/ and fashion_pairs_probes/ (default: shipped)")
     parser.add_argument("--per-class", type=int, default=SHIPPED_PER_CLASS, help="classification scenes per class")
     parser.add_argument("--probe-scenes", type=int, default=SHIPPED_PROBE_SCENES, help="items per probe")
+    parser.add_argument("--validation", action="store_true",
+                        help="only the 100-class set, from the train split's validation hold-out (needs --out)")
     args = parser.parse_args(argv)
     try:
-        check_sizes(args.per_class, args.probe_scenes)
+        check_sizes(args.per_class, args.probe_scenes, args.validation)
+        if args.validation and args.out == DEMO_DIR:
+            raise UserError("--validation needs --out: the shipped folders hold test scenes")
     except UserError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if args.validation:
+        out = build_validation(args.out, args.per_class)
+        print(f"wrote {args.per_class * N_PAIR_CLASSES} validation classification scenes to {out}")
+        return 0
     sets = shipped_eval_sets(args.per_class, args.probe_scenes)
     n_cls = write_classification(sets, args.out / PAIRS_DATASET_DIR.name)
     n_probe = write_probes(sets, args.out / PROBES_DIR.name)

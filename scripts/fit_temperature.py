@@ -14,6 +14,10 @@ is the test-set ECE that ``compare`` prints afterwards).
     python scripts/fit_temperature.py --model diffusion_tiny
     python scripts/fit_temperature.py --model diffusion_tiny_flow --threads 2
     python scripts/fit_temperature.py --capture runs/errors_val.pt   # from a replay_strategies.py capture
+    python scripts/fit_temperature.py --model diffusion_pairs --dataset wds/fashion_pairs_100 --images 200
+
+``--dataset wds/fashion_pairs_100`` fits on two-garment scenes made from the same validation hold-out
+(``scripts/build_fashion_pairs.py --validation``, built here if missing).
 
 With ``--capture`` nothing is scored again: the recipe's strategy is replayed over a full
 evaluation's per-sample errors of the validation images (``scripts/replay_strategies.py``), which
@@ -32,12 +36,35 @@ from clip_benchmark_diffusion.calibration import error_nll, error_softmax, fit_c
 
 
 
+# Each dataset's validation folder (built from the train split's hold-out when missing).
+VALIDATION_ROOTS = {
+    "wds/fashion_mnist": "runs/fashion_mnist_validation",
+    "wds/fashion_pairs_100": "runs/fashion_pairs_validation/fashion_pairs_100",
+}
+# Scenes per pair class in a pairs validation folder built here: 200 scenes (the hold-out allows 5 per class).
+PAIRS_VALIDATION_PER_CLASS = 2
+
+
+def build_validation_folder(dataset: str, root: Path) -> None:
+    """Write the validation images of ``dataset`` to ``root`` (a sibling script's builder)."""
+    if dataset == "wds/fashion_pairs_100":
+        from build_fashion_pairs import build_validation as build_pairs  # a sibling: scripts/ is sys.path[0]
+
+        build_pairs(root.parent, PAIRS_VALIDATION_PER_CLASS)
+        return
+    from build_fashion_mnist import build_validation  # a sibling: scripts/ is sys.path[0]
+
+    build_validation(root)
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="diffusion_tiny", help="recipe name (options after @ are overridden)")
     p.add_argument("--pretrained", default="default")
-    p.add_argument("--validation-root", default="runs/fashion_mnist_validation",
-                   help="the validation wds folder (built here if missing)")
+    p.add_argument("--dataset", default="wds/fashion_mnist", choices=sorted(VALIDATION_ROOTS),
+                   help="which kind of validation images")
+    p.add_argument("--validation-root", default="",
+                   help="the validation wds folder (built here if missing; default: the dataset's under runs/)")
     p.add_argument("--images", type=int, default=1000, help="first N validation images")
     p.add_argument("--batch-size", type=int, default=100, help="images per dataloader batch")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -74,11 +101,9 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    root = Path(args.validation_root)
+    root = Path(args.validation_root or VALIDATION_ROOTS[args.dataset])
     if not (root / "test" / "0.tar").exists():
-        from build_fashion_mnist import build_validation  # a sibling: scripts/ is sys.path[0]
-
-        build_validation(root)
+        build_validation_folder(args.dataset, root)
     import benchmark_strategies as bench  # a sibling: scripts/ is sys.path[0]
     from clip_benchmark.metrics import zeroshot_classification as zc
 
@@ -88,7 +113,7 @@ def main() -> None:
     ensure_installed()
     model, transform, tokenizer = load_diffusion_classifier(args.model, args.pretrained, device=args.device)
     model.eval()
-    batches, classes, templates = bench.load_images("wds/fashion_mnist", str(root), "test", transform,
+    batches, classes, templates = bench.load_images(args.dataset, str(root), "test", transform,
                                                     args.images, args.batch_size)
     model.begin_task("zeroshot_classification", expected_images=sum(len(y) for _, y in batches))
     clf = zc.zero_shot_classifier(model, tokenizer, classes, templates, args.device)

@@ -202,3 +202,39 @@ def test_build_script_refuses_sizes_that_reuse_images(tmp_path: Path, capsys) ->
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("clip_benchmark_diffusion: --per-class must be 1..50")
     assert not list(tmp_path.iterdir())
+
+
+@needs_fashion_mnist("train-images-idx3-ubyte.gz")
+def test_validation_folder_holds_hold_out_scenes_that_clip_benchmark_reads(tmp_path: Path) -> None:
+    """``--validation`` (what fit_temperature.py fits on): the validation sets' classification scenes
+    as a wds folder, pixel for pixel, labelled as the shipped set is, never a test or training image."""
+    from clip_benchmark.datasets.builder import build_dataset
+
+    from clip_benchmark_diffusion.demo.pairs import compose
+    from clip_benchmark_diffusion.demo.pairs_data import validation_eval_sets
+
+    assert load_script("build_fashion_pairs").main(["--validation", "--out", str(tmp_path), "--per-class", "1"]) == 0
+    folder = tmp_path / "fashion_pairs_100"
+    ds = build_dataset(dataset_name="wds/fashion_pairs_100", root=str(folder), transform=None, split="test",
+                       download=False)
+    assert ds.classes == list(PAIR_CLASSNAMES) and ds.templates == list(EVAL_WRAPPERS)
+    sets = validation_eval_sets(per_class=1, n_probe_scenes=0)
+    pixels = compose(sets.images, sets.classification)
+    got = [(np.asarray(image), int(label)) for image, label in ds]
+    assert [label for _, label in got] == sets.classification.pair_class.tolist()
+    for (image, _), expected in zip(got, pixels):
+        np.testing.assert_array_equal(image, expected)
+    assert "validation hold-out of the train split" in (folder / "LICENSE.md").read_text()
+    test_images, _ = load_split("test")
+    test_rows = {row.tobytes() for row in test_images.reshape(len(test_images), -1)}
+    assert not [i for i in sets.classification.left_index if sets.images[i].tobytes() in test_rows]
+
+
+def test_validation_build_refuses_sizes_past_the_hold_out_and_the_shipped_folder(tmp_path: Path, capsys) -> None:
+    script = load_script("build_fashion_pairs")
+    assert script.main(["--validation", "--out", str(tmp_path), "--per-class", "6"]) == 2
+    assert script.main(["--validation", "--per-class", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("clip_benchmark_diffusion: --per-class must be 1..5 with --validation")
+    assert err[1] == "clip_benchmark_diffusion: --validation needs --out: the shipped folders hold test scenes"
+    assert not list(tmp_path.iterdir())
