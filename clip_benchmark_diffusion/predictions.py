@@ -99,19 +99,25 @@ def compare_runs(a: Run, b: Run) -> tuple[Accuracy, Accuracy, PairedComparison]:
 
 
 def comparison_lines(a: Run, b: Run) -> list[str]:
-    """Human-readable summary: each model's top-1 with its 95% interval, then the paired test."""
+    """Human-readable summary: each model's top-1 with its 95% interval, then the paired test, then
+    calibration (:func:`calibration_lines`)."""
     acc_a, acc_b, paired = compare_runs(a, b)
-    label_a, label_b = a.model, b.model
-    if label_a == label_b:  # two checkpoints of one recipe: name them by their weights too
-        label_a, label_b = (f"{run.model} ({run.result.get('pretrained', run.path.stem)})" for run in (a, b))
+    label_a, label_b = _labels(a, b)
     lines = [f"{label}: top-1 {100 * acc.value:.2f}% (95% CI {100 * acc.low:.1f}-{100 * acc.high:.1f}, "
              f"{acc.correct}/{acc.total})" for label, acc in ((label_a, acc_a), (label_b, acc_b))]
     lines.append(f"{label_a} - {label_b}: {100 * paired.difference:+.2f} points on the same {paired.total} images; "
                  f"{paired.a_only} right only by the first, {paired.b_only} only by the second; "
                  f"exact McNemar p = {paired.p_value:.3g}")
-    lines += [f"{label}: expected calibration error {100 * rel.ece:.2f} points (mean top-1 confidence "
-              f"{100 * sum(run.confidence) / len(run.confidence):.2f}%, {len(rel.count)} equal-width bins)"
-              for label, run in ((label_a, a), (label_b, b)) if (rel := calibration(run)) is not None]
+    return lines + calibration_lines(a, b)
+
+
+def calibration_lines(a: Run, b: Run) -> list[str]:
+    """Each model's expected calibration error and, when both have confidences, their difference
+    with a paired bootstrap interval (the runs must hold the same images in the same order)."""
+    label_a, label_b = _labels(a, b)
+    lines = [f"{label}: expected calibration error {100 * rel.ece:.2f} points (mean top-1 confidence "
+             f"{100 * sum(run.confidence) / len(run.confidence):.2f}%, {len(rel.count)} equal-width bins)"
+             for label, run in ((label_a, a), (label_b, b)) if (rel := calibration(run)) is not None]
     if calibration(a) is not None and calibration(b) is not None:
         from clip_benchmark_diffusion.calibration import ece_difference
 
@@ -119,6 +125,12 @@ def comparison_lines(a: Run, b: Run) -> list[str]:
         lines.append(f"{label_a} - {label_b}: ECE {100 * d.difference:+.2f} points "
                      f"({100 * d.level:.0f}% paired bootstrap CI {100 * d.low:+.2f} to {100 * d.high:+.2f})")
     return lines
+
+
+def _labels(a: Run, b: Run) -> tuple[str, str]:
+    if a.model == b.model:  # two checkpoints of one recipe: name them by their weights too
+        return tuple(f"{run.model} ({run.result.get('pretrained', run.path.stem)})" for run in (a, b))
+    return a.model, b.model
 
 
 def calibration(run: Run) -> Reliability | None:

@@ -15,6 +15,7 @@ import re
 import pytest
 
 from cli_helpers import console, quick_options
+from clip_benchmark_diffusion.calibration import reliability
 from clip_benchmark_diffusion.demo import CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS, DIFFUSION_PAIRS_DIR
 from clip_benchmark_diffusion.demo.pairs import PROBES
 
@@ -64,6 +65,11 @@ def test_compositional_table_is_clip_benchmarks_own_figures(tiny_sd_32, random_p
             table[m.group(1).strip()] = (int(m.group(2)), float(m.group(4)), float(m.group(5)))
     assert len(table) == 5, proc.stdout
     assert (tmp_path / "run" / "compositional.png").stat().st_size > 0
+    # The 100-class row's calibration, each model's ECE from its own per-image probabilities, and the diagram.
+    ece = {m.group(1): float(m.group(2))
+           for m in re.finditer(r"^(.+?): expected calibration error ([\d.]+) points", proc.stdout, re.M)}
+    assert len(ece) == 2 and re.search(r"ECE [+-][\d.]+ points \(95% paired bootstrap CI", proc.stdout), proc.stdout
+    assert (tmp_path / "run" / "compositional_reliability.png").stat().st_size > 0
     for path in results.glob("*.json"):
         result = json.loads(path.read_text())
         rows = [json.loads(x) for x in path.with_suffix(".predictions.jsonl").read_text().splitlines()]
@@ -71,6 +77,8 @@ def test_compositional_table_is_clip_benchmarks_own_figures(tiny_sd_32, random_p
         if result["dataset"] == "wds/fashion_pairs_100":
             n, value = 100, result["metrics"]["acc1"]
             label = "100 ordered pairs (top-1)"
+            rel = reliability([r["confidence"] for r in rows], [r["top5"][0] == r["target"] for r in rows])
+            assert ece[result["model"]] == pytest.approx(100 * rel.ece, abs=0.006)
         else:
             probe = result["dataset"].split("/")[1]
             assert probe in PROBES

@@ -18,7 +18,8 @@ from clip_benchmark_diffusion.demo.pairs import N_PAIR_CLASSES, PROBES
 from clip_benchmark_diffusion.demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR
 from clip_benchmark_diffusion.demo.run import _console, run_stock, subset_dataset
 from clip_benchmark_diffusion.errors import UserError
-from clip_benchmark_diffusion.predictions import Run, compare_runs, read_run
+from clip_benchmark_diffusion.reliability_plot import draw_reliability
+from clip_benchmark_diffusion.predictions import Run, calibration_lines, compare_runs, read_run
 
 CLASSIFICATION = "wds/fashion_pairs_100"
 DEFAULT_DIFFUSION = "diffusion_pairs,default"
@@ -158,9 +159,15 @@ def main(out: str = "runs/compositional", images: int = 1000, items: int = 500, 
     classification = subset_dataset(images, out_dir / "data" / "fashion_pairs_100", source=PAIRS_DATASET_DIR)
     probes = probe_subset(items, out_dir / "data" / "fashion_pairs_probes")
     wall = run_stock(stock_commands(diffusion, clip, classification, probes, results, batch_size))
-    rows = table_rows(load_runs(results))
+    runs = load_runs(results)
+    rows = table_rows(runs)
     names = diffusion.split(",", 1)[0], clip.split(",", 1)[0]
     print("\n" + format_table(rows, *names) + "\n")
+    classification_runs = runs["fashion_pairs_100"]
+    print(f"{ROW_LABELS['fashion_pairs_100']}, per-image top-1 probabilities:")
+    print("\n".join(calibration_lines(classification_runs["diffusion"], classification_runs["clip"])) + "\n")
     figure = draw(rows, out_dir / "compositional.png", *names)
-    print(f"stock commands' wall time {wall:.0f} s; results in {results}, figure {figure}")
+    reliability = draw_reliability({run.model: run for run in classification_runs.values()},
+                                   out_dir / "compositional_reliability.png")
+    print(f"stock commands' wall time {wall:.0f} s; results in {results}, figures {figure}, {reliability}")
     return 0
