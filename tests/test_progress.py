@@ -42,3 +42,25 @@ def test_a_terminal_gets_a_tqdm_bar():
 
     assert type(progress_bar(10, "x", stream=io.StringIO())) is LogProgress
     assert type(progress_bar(10, "x", stream=Tty())).__module__.startswith("tqdm")
+
+
+def test_a_long_first_batch_still_logs_its_calls(tiny_sd, tmp_path):
+    # Many classes: no image of the first batch is decided for a long time. The log still gets a line
+    # per LOG_EVERY_SECONDS (here every round) with the denoiser calls so far, before the first image.
+    import torch
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    from cli_helpers import quick_options
+    from tiny_models import load_tiny_classifier
+
+    opts = quick_options(tmp_path, strategy="staged", n_samples=[2, 4], to_keep=[2, 1], batch_size=4)
+    model, _, tokenizer = load_tiny_classifier(tiny_sd, opts)
+    model.begin_task("zeroshot_classification", expected_images=2)
+    model._bar = LogProgress(2, "diffusion scoring", "img", out := io.StringIO(), seconds=0.0)  # a line per round
+    clf = zc.zero_shot_classifier(model, tokenizer, ["zero", "one"], ["a {c}"], "cpu")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    zc.run_classification(model, clf, [(images, torch.tensor([0, 1]))], "cpu")
+    lines = out.getvalue().splitlines()
+    # stage 1: 2 images x 2 classes x 2 samples = 8 calls, no image decided; stage 2: 2 more samples each
+    assert lines[0].startswith("diffusion scoring: 0/2 img (0%)") and "denoiser_calls=8," in lines[0], lines
+    assert lines[-1].startswith("diffusion scoring: 2/2 img (100%)") and "calls_per_img=8," in lines[-1], lines

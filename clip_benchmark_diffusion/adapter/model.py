@@ -306,10 +306,16 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
                           members=torch.arange(len(self._groups))[:, None])
 
     def _on_progress(self, info: dict) -> None:
+        """After each round of the engine. The bar counts images when their batch returns; at many
+        classes one batch can run for half an hour before its first image is decided (100 classes x
+        64 images on a CPU), so each round also gives the bar a chance to say it is alive
+        (``update(0)``: a log line every ``LOG_EVERY_SECONDS``, a tqdm redraw) with the calls so far."""
         if self._bar is not None:
             stats = self.engine.stats  # calls so far include those of images still being scored
-            self._bar.set_postfix(calls_per_img=f"{stats.denoiser_calls / max(stats.images, 1):.0f}",
-                                  cands_left=f"{info['candidates_left']:.1f}", refresh=False)
+            cost = ({"calls_per_img": f"{stats.denoiser_calls / stats.images:.0f}"} if stats.images
+                    else {"denoiser_calls": stats.denoiser_calls})
+            self._bar.set_postfix(**cost, cands_left=f"{info['candidates_left']:.1f}", refresh=False)
+            self._bar.update(0)
 
     def cost_summary(self) -> dict[str, float]:
         """Denoiser calls per image (mean, max) and seconds per image, as recorded when each was scored.
