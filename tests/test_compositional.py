@@ -131,6 +131,26 @@ def test_the_shipped_pairs_diffusion_model_through_the_stock_command(tmp_path):
     assert acc == pytest.approx({"swap_att": 14 / 20, "replace_obj": 17 / 20})
 
 
+@pytest.mark.skipif(not (DIFFUSION_PAIRS_DIR / "model_index.json").is_file(), reason="the diffusion pair is not shipped")
+def test_the_shipped_pairs_diffusion_model_classifies_with_its_recipe_probabilities(tmp_path):
+    # The 100-class task through the stock command on the first 2 shipped scenes, at the recipe's scoring:
+    # pins the calls (the anytime boundary at 100 classes) and the top-1 probabilities, which come from the
+    # temperature and power fitted on validation scenes (a 1% change of T moves them by more than the slack).
+    from cli_helpers import clip_benchmark_eval
+    from clip_benchmark_diffusion.demo.pairs_data import PAIRS_DATASET_DIR
+    from clip_benchmark_diffusion.demo.run import subset_dataset
+
+    data = subset_dataset(2, tmp_path / "data", source=PAIRS_DATASET_DIR)
+    proc = clip_benchmark_eval("--pretrained_model", "diffusion_pairs,default", "--dataset", "wds/fashion_pairs_100",
+                               "--dataset_root", str(data), "--output", str(tmp_path / "r.json"), cwd=tmp_path,
+                               env={"CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "r.predictions.jsonl").read_text().splitlines()]
+    # (label, top-1, calls): both wrong, the label 4th in each top-5; the same as in the 200-scene run
+    assert [(r["target"], r["top5"][0], r["denoiser_calls"]) for r in rows] == [(61, 13, 1580), (64, 48, 2182)]
+    assert [r["confidence"] for r in rows] == pytest.approx([0.240096, 0.089450], abs=2e-5)
+
+
 def test_the_command_refuses_in_one_line_when_a_pair_model_is_missing(tmp_path, monkeypatch):
     # A checkout without the shipped diffusion pair (e.g. one trimmed of its weights): one line naming
     # the training command, before any data is written. In-process, with the shipped folder hidden.
