@@ -167,7 +167,7 @@ def main(out: str = "runs/compositional", images: int = 1000, items: int = 500, 
     print(f"{ROW_LABELS['fashion_pairs_100']}, per-image top-1 probabilities:")
     print("\n".join(calibration_lines(classification_runs["diffusion"], classification_runs["clip"])) + "\n")
     figure = draw(rows, out_dir / "compositional.png", *names)
-    reliability = draw_reliability({run.model: run for run in classification_runs.values()},
-                                   out_dir / "compositional_reliability.png")
+    ordered = (classification_runs["diffusion"], classification_runs["clip"])  # diffusion first: the bars' colours
+    reliability = draw_reliability({run.model: run for run in ordered}, out_dir / "compositional_reliability.png")
     print(f"stock commands' wall time {wall:.0f} s; results in {results}, figures {figure}, {reliability}")
     return 0
