@@ -33,6 +33,7 @@ import json
 import shutil
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,9 @@ def write_classification(sets: EvalSets, out_dir: Path) -> int:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     dataset = _ClassificationScenes(sets)
-    convert_dataset(dataset, "test", str(out_dir), image_format="png", verbose=False)
+    with warnings.catch_warnings():  # its DataLoader asks for 8 workers on any machine: nothing a user can act on
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        convert_dataset(dataset, "test", str(out_dir), image_format="png", verbose=False)
     for shard in sorted((out_dir / "test").glob("*.tar")):
         _fix_tar_times(shard)
     scenes = sets.classification

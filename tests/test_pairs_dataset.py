@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -213,7 +214,10 @@ def test_validation_folder_holds_hold_out_scenes_that_clip_benchmark_reads(tmp_p
     from clip_benchmark_diffusion.demo.pairs import compose
     from clip_benchmark_diffusion.demo.pairs_data import validation_eval_sets
 
-    assert load_script("build_fashion_pairs").main(["--validation", "--out", str(tmp_path), "--per-class", "1"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_script("build_fashion_pairs").main(["--validation", "--out", str(tmp_path), "--per-class", "1"]) == 0
+    assert not [w for w in caught if "DataLoader" in str(w.message)]  # clip_benchmark's writer's worker warning
     folder = tmp_path / "fashion_pairs_100"
     ds = build_dataset(dataset_name="wds/fashion_pairs_100", root=str(folder), transform=None, split="test",
                        download=False)
