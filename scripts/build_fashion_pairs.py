@@ -206,12 +206,10 @@ def check_sizes(per_class: int, probe_scenes: int, validation: bool = False) -> 
         raise UserError(f"--probe-scenes must be 1..{limit} with --per-class {per_class}, got {probe_scenes}")
 
 
-def build_validation(out: Path, per_class: int) -> Path:
-    """The 100-class set from the validation hold-out, in ``out/fashion_pairs_100``; returns that folder."""
+def build_validation(folder: Path, per_class: int) -> int:
+    """The 100-class set from the validation hold-out, written to ``folder``; returns the scene count."""
     check_sizes(per_class, 0, validation=True)
-    folder = out / PAIRS_DATASET_DIR.name
-    write_classification(validation_eval_sets(per_class, 0), folder)
-    return folder
+    return write_classification(validation_eval_sets(per_class, 0), folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     if args.validation:
-        out = build_validation(args.out, args.per_class)
-        print(f"wrote {args.per_class * N_PAIR_CLASSES} validation classification scenes to {out}")
+        folder = args.out / PAIRS_DATASET_DIR.name
+        print(f"wrote {build_validation(folder, args.per_class)} validation classification scenes to {folder}")
         return 0
     sets = shipped_eval_sets(args.per_class, args.probe_scenes)
     n_cls = write_classification(sets, args.out / PAIRS_DATASET_DIR.name)

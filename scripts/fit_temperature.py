@@ -50,7 +50,7 @@ def build_validation_folder(dataset: str, root: Path) -> None:
     if dataset == "wds/fashion_pairs_100":
         from build_fashion_pairs import build_validation as build_pairs  # a sibling: scripts/ is sys.path[0]
 
-        build_pairs(root.parent, PAIRS_VALIDATION_PER_CLASS)
+        build_pairs(root, PAIRS_VALIDATION_PER_CLASS)
         return
     from build_fashion_mnist import build_validation  # a sibling: scripts/ is sys.path[0]
 

@@ -18,8 +18,8 @@ from clip_benchmark_diffusion.demo.pairs import N_PAIR_CLASSES, PROBES
 from clip_benchmark_diffusion.demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR
 from clip_benchmark_diffusion.demo.run import _console, run_stock, subset_dataset
 from clip_benchmark_diffusion.errors import UserError
-from clip_benchmark_diffusion.reliability_plot import draw_reliability
 from clip_benchmark_diffusion.predictions import Run, calibration_lines, compare_runs, read_run
+from clip_benchmark_diffusion.reliability_plot import draw_reliability
 
 CLASSIFICATION = "wds/fashion_pairs_100"
 DEFAULT_DIFFUSION = "diffusion_pairs,default"
