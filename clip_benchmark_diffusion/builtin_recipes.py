@@ -6,16 +6,6 @@ from typing import Callable
 from clip_benchmark_diffusion.hookspecs import hookimpl
 from clip_benchmark_diffusion.registry import Recipe
 
-# The embedded models' shared scoring: anytime-valid elimination tested against full evaluation on
-# the same 50 samples (guarantee "full", alpha 0.05, first test after 4 samples) and one conditioning
-# per class (mean prompt embedding). On both models' 400 validation images it lost nothing against
-# full evaluation at 0.27-0.32x its calls, fewer than the t-test after 10 samples (0.35-0.41x), so
-# it replaced that (scripts/replay_strategies.py; docs/elimination_benchmark.md). The same for every
-# embedded model, so they are compared on equal terms.
-TINY_SCORING = {"strategy": "anytime", "guarantee": "full", "alpha": 0.05, "min_samples": 4, "max_samples": 50,
-                "template_ensemble": "embedding_mean", "batch_size": 200}
-
-
 @hookimpl
 def register_models(register: Callable[[Recipe], None]) -> None:
     register(Recipe(
@@ -47,45 +37,6 @@ def register_models(register: Callable[[Recipe], None]) -> None:
                       "sd14": "CompVis/stable-diffusion-v1-4"},
         prediction_type="epsilon",
         resolution=512,
-    ))
-    register(Recipe(
-        name="diffusion_tiny",
-        family="stable_diffusion",
-        default_weights="demo:diffusion_tiny",
-        description="The embedded demo: a pixel-space diffusion model trained here on Fashion-MNIST",
-        prediction_type="epsilon",
-        resolution=28,
-        # Temperature and power fitted on all 1,000 validation images (train images held out of training; session 13,
-        # the recipe's own scoring), never test labels; the power was kept because it lowered the held-out NLL on
-        # random halves of those images (0.2567 -> 0.2510):
-        #   python scripts/fit_temperature.py --model diffusion_tiny --images 1000 --threads 1
-        scoring={**TINY_SCORING, "temperature": 2.12e-4, "temperature_power": 0.721},
-    ))
-    register(Recipe(
-        name="diffusion_tiny_flow",
-        family="sd3",
-        default_weights="demo:diffusion_tiny_flow",
-        description=("The embedded flow demo: an SD3-format rectified-flow transformer (pixel space, two CLIP "
-                     "text encoders, no T5) trained here on Fashion-MNIST"),
-        resolution=28,
-        # Without T5 the pipeline appends max_sequence_length zero tokens, and the model was trained with one.
-        # Temperature and power fitted on all 1,000 validation images (never test labels; session 13, for the retrained
-        # weights); the power lowered the held-out NLL on random halves of those images (0.3596 -> 0.3515):
-        #   python scripts/fit_temperature.py --model diffusion_tiny_flow --images 1000 --threads 1
-        scoring={**TINY_SCORING, "max_sequence_length": 1, "temperature": 3.86e-4, "temperature_power": 0.700},
-    ))
-    register(Recipe(
-        name="diffusion_pairs",
-        family="stable_diffusion",
-        default_weights="demo:diffusion_pairs",
-        description=("The compositional demo: diffusion_tiny's UNet trained here on two-garment Fashion-MNIST "
-                     "scenes (28x56 RGB, colours and order in the captions)"),
-        prediction_type="epsilon",
-        # Temperature and power fitted on 200 validation scenes (train images held out of training, session 14,
-        # the recipe's own scoring), never test scenes; the power kept by the same rule as the 10-class recipes
-        # (it lowered the held-out NLL on random halves of those scenes, 2.6306 -> 2.5598):
-        #   python scripts/fit_temperature.py --model diffusion_pairs --dataset wds/fashion_pairs_100 --images 200
-        scoring={**TINY_SCORING, "temperature": 3.18e-5, "temperature_power": 0.662},
     ))
     register(Recipe(
         name="diffusion_sdxl",

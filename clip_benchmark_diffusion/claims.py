@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from clip_benchmark_diffusion.partial_files import process_alive
-from clip_benchmark_diffusion.store import BUSY_TIMEOUT_S, ScoreStore, _retry, register_connection, release_connection
+from clip_benchmark_diffusion.store import BUSY_TIMEOUT_S, ScoreStore, with_retries, register_connection, release_connection
 
 LEASE_S = 120.0       # a lease not renewed for this long is free to take over
 POLL_S = 0.5          # how often a process waiting on another's images looks again
@@ -51,12 +51,12 @@ class Claims:
             self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                          check_same_thread=False)
             for table in _TABLES:
-                _retry(lambda: self._conn.execute(table), self.path)
+                with_retries(lambda: self._conn.execute(table), self.path)
         return self._conn
 
     def claim(self, keys: list[str], limit: int) -> list[str]:
         """Lease up to ``limit`` of ``keys`` that are not stored and not leased by a live other owner."""
-        return _retry(lambda: self._claim(list(dict.fromkeys(keys)), limit), self.path)
+        return with_retries(lambda: self._claim(list(dict.fromkeys(keys)), limit), self.path)
 
     def _claim(self, keys: list[str], limit: int) -> list[str]:
         db, now = self._db, time.time()
@@ -85,19 +85,19 @@ class Claims:
     def renew(self) -> None:
         """Extend this owner's leases and its presence by one lease."""
         expires = time.time() + self.lease_s
-        _retry(lambda: self._db.execute("UPDATE claims SET expires = ? WHERE owner = ?", (expires, self.owner)),
+        with_retries(lambda: self._db.execute("UPDATE claims SET expires = ? WHERE owner = ?", (expires, self.owner)),
                self.path)
-        _retry(lambda: self._db.execute("INSERT OR REPLACE INTO owners(owner, expires) VALUES (?, ?)",
+        with_retries(lambda: self._db.execute("INSERT OR REPLACE INTO owners(owner, expires) VALUES (?, ?)",
                                         (self.owner, expires)), self.path)
 
     def owners_present(self) -> int:
         """Live owners scoring from this store, this one included (after :meth:`renew`)."""
         now = time.time()
-        rows = _retry(lambda: self._db.execute("SELECT owner, expires FROM owners").fetchall(), self.path)
+        rows = with_retries(lambda: self._db.execute("SELECT owner, expires FROM owners").fetchall(), self.path)
         return 1 + sum(1 for owner, expires in rows if owner != self.owner and not self._free(owner, expires, now))
 
     def release(self, keys: list[str]) -> None:
-        _retry(lambda: self._db.executemany("DELETE FROM claims WHERE key = ? AND owner = ?",
+        with_retries(lambda: self._db.executemany("DELETE FROM claims WHERE key = ? AND owner = ?",
                                             [(k, self.owner) for k in keys]), self.path)
 
     @contextmanager
@@ -122,7 +122,7 @@ class Claims:
     def leave(self) -> None:
         """No longer present: the others stop leaving a share for this owner."""
         if self._conn is not None:
-            _retry(lambda: self._db.execute("DELETE FROM owners WHERE owner = ?", (self.owner,)), self.path)
+            with_retries(lambda: self._db.execute("DELETE FROM owners WHERE owner = ?", (self.owner,)), self.path)
 
     def close(self) -> None:
         if self._conn is not None:

@@ -22,20 +22,6 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    if args.compositional:
-        from clip_benchmark_diffusion.demo.compositional import DEFAULT_CLIP, DEFAULT_DIFFUSION
-        from clip_benchmark_diffusion.demo.compositional import main as compositional_main
-
-        return compositional_main(out=args.out if args.out != "runs/demo" else "runs/compositional",
-                                  images=args.images, items=args.items, batch_size=args.batch_size,
-                                  diffusion=args.diffusion_model or DEFAULT_DIFFUSION,
-                                  clip=args.clip_model or DEFAULT_CLIP)
-    from clip_benchmark_diffusion.demo.run import main as demo_main
-
-    return demo_main(images=args.images, out=args.out, batch_size=args.batch_size)
-
-
 def _compare(args: argparse.Namespace) -> int:
     from clip_benchmark_diffusion.predictions import comparison_lines, read_run
 
@@ -66,10 +52,23 @@ def _eval(argv: list[str]) -> int:
     return cb_cli.main() or 0
 
 
+def _plugin_commands() -> set[str]:
+    """The subcommands plugins add (their names only)."""
+    from clip_benchmark_diffusion.plugins import plugin_manager
+
+    probe = argparse.ArgumentParser(add_help=False).add_subparsers()
+    plugin_manager().hook.register_commands(subparsers=probe)
+    return set(probe.choices)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:
         return _eval(argv[1:])
+    if argv[:1] == ["demo"] and "demo" not in _plugin_commands():
+        print("clip_benchmark_diffusion: the demo is a separate distribution in this repository; install it with "
+              "`pip install -e demo` (make demo and make test do)", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="clip_benchmark_diffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list-models", help="registered diffusion recipes and their defaults, as JSON")
@@ -77,17 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_list_models)
     sub.add_parser("plugins", help="loaded plugins, as JSON").set_defaults(func=_plugins)
     sub.add_parser("eval", help="the same as `clip_benchmark eval` (all its flags)")
-    p = sub.add_parser("demo", help="the embedded diffusion model vs its CLIP counterpart, offline")
-    p.add_argument("--images", type=int, default=200, help="first N of the 1,000 shipped test images")
-    p.add_argument("--out", default="runs/demo", help="folder for results, CSV and figure")
-    p.add_argument("--batch-size", type=int, default=100, help="dataloader batch size")
-    p.add_argument("--compositional", action="store_true",
-                   help="issue 11: two-garment scenes, 100 ordered-pair classes and four caption-selection probes, "
-                        "diffusion vs CLIP trained on the same data (--images: first N of the 1,000 scenes)")
-    p.add_argument("--items", type=int, default=500, help="--compositional: first N of each probe's 500 items")
-    p.add_argument("--diffusion-model", help="--compositional: NAME,PRETRAINED of the diffusion model")
-    p.add_argument("--clip-model", help="--compositional: NAME,PRETRAINED of the CLIP model")
-    p.set_defaults(func=_demo)
+    from clip_benchmark_diffusion.plugins import plugin_manager
+
+    plugin_manager().hook.register_commands(subparsers=sub)   # plugins' commands (the demo's `demo`)
     p = sub.add_parser("compare", help="two results on the same images: 95%% intervals and a paired McNemar test")
     p.add_argument("first", help="result JSON of clip_benchmark eval, run with CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS=1")
     p.add_argument("second", help="result JSON of the other model on the same dataset")

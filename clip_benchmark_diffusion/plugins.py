@@ -31,6 +31,7 @@ def plugin_manager() -> pluggy.PluginManager:
                 continue
             if pm.get_plugin(ep.name) is None:
                 pm.register(ep.load(), name=ep.name)
+        pm.check_pending()   # a misspelt hook implementation fails loudly instead of registering nothing
         _manager = pm
     return _manager
 
@@ -38,3 +39,19 @@ def plugin_manager() -> pluggy.PluginManager:
 def loaded_plugins() -> list[str]:
     """Names of the plugins that are loaded, for ``clip_benchmark_diffusion plugins``."""
     return sorted(name for name, _ in plugin_manager().list_name_plugin())
+
+
+def locate_weights(value: str) -> str | None:
+    """The folder a plugin maps ``value`` to (first answer wins), or None when no plugin claims it."""
+    return plugin_manager().hook.locate_weights(value=value)
+
+
+def register_open_clip_configs() -> None:
+    """Make every plugin's open_clip model configs known to open_clip by name (cheap: small JSON files)."""
+    configs: list[str] = []
+    plugin_manager().hook.register_open_clip_configs(register=configs.append)
+    if configs:
+        import open_clip
+
+        for config in configs:
+            open_clip.add_model_config(config)

@@ -83,23 +83,68 @@ class ModelSpec:
     options: ScoringOptions
     # The text after "@" (preset or options file), or None.
     option_source: str | None
+    # The whole --model value as given (recipe and option source).
+    model: str = ""
 
     @property
     def family(self) -> "Family":
         return get_family(self.recipe.family)
 
-    def resolve_source(self, pretrained: str | None, cache_dir: str | None = None) -> "WeightsSource":
-        """``--pretrained`` (tag, Hub id, folder or clip_benchmark's default) as checked weights."""
-        from clip_benchmark_diffusion.weights import resolve_weights, training_timesteps
 
-        source = resolve_weights(self.recipe.resolve_weights(pretrained), self.family, cache_dir)
-        if self.family.time == "vp":
-            steps = training_timesteps(source, cache_dir)
-            if steps is not None and self.options.max_sample_count > steps:
-                raise UserError(f"the scoring options ask for {self.options.max_sample_count} samples per class, but "
-                                f"the model has only {steps} training timesteps; lower n_samples / max_samples "
-                                f"to at most {steps}")
-        return source
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A run's model, resolved once: the parsed ``--model`` and the checked ``--pretrained`` weights.
+
+    The plan of a run carries it to the loader, so the model spec is parsed and the weights
+    located (with their Hub reads) once per run.
+    """
+
+    spec: ModelSpec
+    # --pretrained as given (clip_benchmark's default, a tag, a Hub id or a folder).
+    pretrained: str | None
+    source: "WeightsSource"
+
+    @property
+    def family(self) -> "Family":
+        return self.spec.family
+
+    def matches(self, model: str, pretrained: str | None) -> bool:
+        """True when this resolution answers ``--model model --pretrained pretrained``."""
+        return (model, pretrained) == (self.spec.model, self.pretrained)
+
+
+def resolve(model: str, pretrained: str | None, cache_dir: str | None = None) -> ResolvedModel:
+    """Parse ``--model``, locate ``--pretrained`` and check that the weights fit the recipe; UserError
+    before any weight is read."""
+    from clip_benchmark_diffusion.weights import locate_weights, training_timesteps
+
+    spec = parse_model_spec(model)
+    family = spec.family
+    source = locate_weights(spec.recipe.resolve_weights(pretrained), cache_dir)
+    _check_family(source, family)
+    if family.time == "vp":
+        steps = training_timesteps(source, cache_dir)
+        if steps is not None and spec.options.max_sample_count > steps:
+            raise UserError(f"the scoring options ask for {spec.options.max_sample_count} samples per class, but "
+                            f"the model has only {steps} training timesteps; lower n_samples / max_samples "
+                            f"to at most {steps}")
+    return ResolvedModel(spec=spec, pretrained=pretrained, source=source)
+
+
+def _check_family(source: "WeightsSource", family: "Family") -> None:
+    """Refuse a model index that lacks the family's components or belongs to another family."""
+    index = source.index
+    kind = index.get("_class_name", "this pipeline")
+    owner = family_of_pipeline(kind) if isinstance(kind, str) else None
+    if owner is not None and owner.name != family.name:
+        recipes = [r for r in REGISTRY.names() if REGISTRY.get(r).family == owner.name]
+        raise UserError(f"--pretrained {source.location!r} is a {kind} ({owner.name} family), but the recipe is of "
+                        f"the {family.name} family; use {' or '.join(recipes[:3]) or 'a recipe of that family'}")
+    missing = [c for c in family.required if not (isinstance(index.get(c), list) and index[c] and index[c][0])]
+    if missing:
+        raise UserError(f"--pretrained {source.location!r} is not a text-to-image diffusion model of the "
+                        f"{family.name} family: {kind} has no "
+                        f"{', '.join(missing)}; use a pipeline of that family ({family.pipeline})")
 
 
 class _Registry:
@@ -193,4 +238,4 @@ def parse_model_spec(model: str) -> ModelSpec:
     options = recipe.default_options()
     if sep:
         options = parse_option_source(source, options)
-    return ModelSpec(recipe=recipe, options=env_overrides(options), option_source=source or None)
+    return ModelSpec(recipe=recipe, options=env_overrides(options), option_source=source or None, model=model)

@@ -105,8 +105,8 @@ class ScoreStore:
     def _open(self) -> None:
         self._live = register_connection(self.path)
         try:
-            self._conn = _retry(self._connect, self.path)
-            _retry(self._prepare, self.path)
+            self._conn = with_retries(self._connect, self.path)
+            with_retries(self._prepare, self.path)
         except sqlite3.Error as exc:
             self.close()
             raise self._error(_one_line(exc)) from None
@@ -124,20 +124,20 @@ class ScoreStore:
         for start in range(0, len(unique), _IN_CHUNK):
             part = unique[start : start + _IN_CHUNK]
             sql = f"SELECT key, payload FROM scores WHERE key IN ({','.join('?' * len(part))})"
-            rows = _retry(lambda: self._db.execute(sql, part).fetchall(), self.path)
+            rows = with_retries(lambda: self._db.execute(sql, part).fetchall(), self.path)
             found.update((key, json.loads(payload)) for key, payload in rows)
         return found
 
     def put(self, key: str, payload: dict) -> None:
         """Insert or replace one entry in its own transaction (committed on return); drops its partial."""
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        _retry(lambda: self._db.execute("INSERT OR REPLACE INTO scores(key, payload, created) VALUES (?, ?, ?)",
+        with_retries(lambda: self._db.execute("INSERT OR REPLACE INTO scores(key, payload, created) VALUES (?, ?, ?)",
                                         (key, text, time.time())), self.path)
-        _retry(lambda: self._db.execute("DELETE FROM partials WHERE key = ?", (key,)), self.path)
+        with_retries(lambda: self._db.execute("DELETE FROM partials WHERE key = ?", (key,)), self.path)
 
     def put_partial(self, key: str, data: bytes) -> None:
         """Keep the partial work of an image not decided yet (replaced by each newer one)."""
-        _retry(lambda: self._db.execute("INSERT OR REPLACE INTO partials(key, data, created) VALUES (?, ?, ?)",
+        with_retries(lambda: self._db.execute("INSERT OR REPLACE INTO partials(key, data, created) VALUES (?, ?, ?)",
                                         (key, data, time.time())), self.path)
 
     def get_partials(self, keys: list[str]) -> dict[str, bytes]:
@@ -149,7 +149,7 @@ class ScoreStore:
         for start in range(0, len(unique), _IN_CHUNK):
             part = unique[start : start + _IN_CHUNK]
             sql = f"SELECT key, data FROM partials WHERE key IN ({','.join('?' * len(part))})"
-            found.update(_retry(lambda: self._db.execute(sql, part).fetchall(), self.path))
+            found.update(with_retries(lambda: self._db.execute(sql, part).fetchall(), self.path))
         return found
 
     def create(self) -> None:
@@ -159,7 +159,7 @@ class ScoreStore:
     def __len__(self) -> int:
         if self._conn is None and not self.path.exists():
             return 0
-        return _retry(lambda: self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0], self.path)
+        return with_retries(lambda: self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0], self.path)
 
     def close(self) -> None:
         self._closed = True
@@ -243,7 +243,7 @@ class ScoreStore:
         if "scores" not in tables:
             raise self._error("has no scores table")
         if "partials" not in tables:  # added after schema 1 was released: created on first open
-            _retry(lambda: self._db.execute(_PARTIALS), self.path)
+            with_retries(lambda: self._db.execute(_PARTIALS), self.path)
         # A no-op on stores we created; WAL lets readers and one writer work at the same time, and
         # NORMAL is still durable against a crash of the process (only an OS crash may lose the
         # last commits, never corrupt the file).
@@ -253,7 +253,7 @@ class ScoreStore:
     def _verify(self) -> None:
         """SQLite's quick_check: a file damaged past its first page is found now, not at the first batch."""
         try:
-            problems = [r[0] for r in _retry(lambda: self._db.execute("PRAGMA quick_check").fetchall(), self.path)]
+            problems = [r[0] for r in with_retries(lambda: self._db.execute("PRAGMA quick_check").fetchall(), self.path)]
         except sqlite3.DatabaseError as exc:
             raise self._error(f"is damaged ({' '.join(str(exc).split())})") from None
         if problems != ["ok"]:
@@ -299,7 +299,7 @@ def _is_lock_error(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _retry(fn: Callable[[], _T], path: Path) -> _T:
+def with_retries(fn: Callable[[], _T], path: Path) -> _T:
     """``fn()``, retried while SQLite reports a lock.
 
     The busy timeout covers most waits, but SQLite returns SQLITE_BUSY at once in some cases

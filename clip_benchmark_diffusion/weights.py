@@ -1,24 +1,19 @@
-"""Resolve ``--pretrained`` to a local diffusers folder or a Hub id, and check it before compute.
+"""Locate ``--pretrained``: a plugin's own scheme, a local diffusers folder or a Hub id, with its model index.
 
-Both kinds are checked the same way, before any weight is read: ``model_index.json`` must be a
-JSON object naming every component the recipe's family needs, and a folder of another known
-family (an SD3 folder under an SD2 recipe) is refused with the recipe to use instead.
+Both kinds are read the same way, before any weight is: ``model_index.json`` must be a JSON
+object. Which family the index belongs to is the registry's question
+(:func:`clip_benchmark_diffusion.registry.resolve`); this module knows nothing of recipes or families.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from clip_benchmark_diffusion.errors import UserError
 
-if TYPE_CHECKING:
-    from clip_benchmark_diffusion.families.base import Family
-
-DEMO_PREFIX = "demo:"
-DEMO_MODELS = Path(__file__).parent / "demo" / "models"
 
 
 @dataclass(frozen=True)
@@ -27,18 +22,23 @@ class WeightsSource:
 
     location: str
     local: bool
+    # The parsed model_index.json (read once, when the weights are located).
+    index: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def describe(self) -> str:
         return self.location
 
 
-def resolve_weights(value: str, family: "Family", cache_dir: str | None = None) -> WeightsSource:
-    """Classify ``value`` (already mapped through the recipe's tags) and check its model index."""
-    if value.startswith(DEMO_PREFIX):
-        path = DEMO_MODELS / value[len(DEMO_PREFIX):]
+def locate_weights(value: str, cache_dir: str | None = None) -> WeightsSource:
+    """Classify ``value`` (already mapped through the recipe's tags) and read its model index."""
+    from clip_benchmark_diffusion.plugins import locate_weights as plugin_folder
+
+    located = plugin_folder(value)   # a plugin's own scheme (NAME:...), first answer wins
+    if located is not None:
+        path = Path(located)
         if not path.is_dir():
-            raise UserError(f"the demo model {value!r} is not installed at {path}")
-        return _checked(WeightsSource(str(path.resolve()), local=True), _local_index(path), family)
+            raise UserError(f"the weights {value!r} are not installed at {path}")
+        return WeightsSource(str(path.resolve()), local=True, index=_local_index(path))
     parts = value.split("/")
     hub_like = len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
     # "models/x" where ./models exists is a folder the user meant, not a Hub id.
@@ -48,11 +48,11 @@ def resolve_weights(value: str, family: "Family", cache_dir: str | None = None) 
         if not path.exists():
             raise UserError(f"--pretrained folder {value!r} does not exist; give a diffusers model "
                             "folder (with model_index.json), a Hub id like org/name, or a known tag")
-        return _checked(WeightsSource(str(path.resolve()), local=True), _local_index(path), family)
+        return WeightsSource(str(path.resolve()), local=True, index=_local_index(path))
     if not hub_like:
         raise UserError(f"--pretrained {value!r} is neither a known weights tag, a Hub id (org/name) nor an "
                         "existing folder; run `clip_benchmark_diffusion list-models` for the tags")
-    return _checked(WeightsSource(location=value, local=False), _hub_index(value, cache_dir), family)
+    return WeightsSource(location=value, local=False, index=_hub_index(value, cache_dir))
 
 
 def training_timesteps(source: WeightsSource, cache_dir: str | None = None) -> int | None:
@@ -103,21 +103,3 @@ def _parse_index(index_file: Path) -> dict:
     if not isinstance(index, dict):
         raise UserError(f"{index_file} must hold a JSON object (it holds a {type(index).__name__}); re-save the model")
     return index
-
-
-def _checked(source: WeightsSource, index: dict, family: "Family") -> WeightsSource:
-    """Refuse a model index that lacks the family's components or belongs to another family."""
-    from clip_benchmark_diffusion.registry import REGISTRY, family_of_pipeline
-
-    kind = index.get("_class_name", "this pipeline")
-    owner = family_of_pipeline(kind) if isinstance(kind, str) else None
-    if owner is not None and owner.name != family.name:
-        recipes = [r for r in REGISTRY.names() if REGISTRY.get(r).family == owner.name]
-        raise UserError(f"--pretrained {source.location!r} is a {kind} ({owner.name} family), but the recipe is of "
-                        f"the {family.name} family; use {' or '.join(recipes[:3]) or 'a recipe of that family'}")
-    missing = [c for c in family.required if not (isinstance(index.get(c), list) and index[c] and index[c][0])]
-    if missing:
-        raise UserError(f"--pretrained {source.location!r} is not a text-to-image diffusion model of the "
-                        f"{family.name} family: {kind} has no "
-                        f"{', '.join(missing)}; use a pipeline of that family ({family.pipeline})")
-    return source

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from clip_benchmark_diffusion.demo import DATASET_DIR
+from clip_benchmark_diffusion_demo import DATASET_DIR
 from clip_benchmark_diffusion.options import OPTIONS_ENV, ScoringOptions, env_overrides
 
 def strategies(m: int) -> dict[str, dict]:

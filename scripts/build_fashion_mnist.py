@@ -1,6 +1,6 @@
 """Write Fashion-MNIST test images as a clip_benchmark webdataset folder.
 
-Default: the shipped demo set ``clip_benchmark_diffusion/demo/fashion_mnist_1k/``, a fixed,
+Default: the shipped demo set ``demo/clip_benchmark_diffusion_demo/fashion_mnist_1k/``, a fixed,
 seeded, class-balanced subset of 1,000 official test images (100 per class), interleaved so any
 prefix of 10k images is balanced. ``--full OUT_DIR`` writes all 10,000 test images in their
 official order instead; ``--validation OUT_DIR`` the 1,000 train images that the training
@@ -24,9 +24,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from clip_benchmark_diffusion.demo import DATASET_DIR
-from clip_benchmark_diffusion.demo.captions import CLASSNAMES, EVAL_TEMPLATES
-from clip_benchmark_diffusion.demo.fashion_mnist import (
+from clip_benchmark_diffusion_demo import DATASET_DIR
+from clip_benchmark_diffusion_demo.captions import CLASSNAMES, EVAL_TEMPLATES
+from clip_benchmark_diffusion_demo.fashion_mnist import (
     DEBIAN_DIR,
     DEMO_PER_CLASS,
     DEMO_SEED,
@@ -104,7 +104,7 @@ def build_demo(out_dir: Path = DATASET_DIR) -> np.ndarray:
     selection = (
         f"{DEMO_PER_CLASS} images per class ({len(indices)} in all), drawn without replacement with "
         f"`numpy.random.default_rng({DEMO_SEED})` by `balanced_interleaved_indices` in "
-        "`clip_benchmark_diffusion/demo/fashion_mnist.py`, then interleaved round-robin (one image "
+        "`demo/clip_benchmark_diffusion_demo/fashion_mnist.py`, then interleaved round-robin (one image "
         "of every class per round, classes shuffled within a round), so the first 10k samples "
         "of the shard are class-balanced."
     )
@@ -127,7 +127,7 @@ def build_validation(out_dir: Path) -> None:
     images, labels = load_split("train")
     indices = validation_indices(labels)
     selection = (
-        f"the validation split of `validation_indices` in `clip_benchmark_diffusion/demo/fashion_mnist.py` "
+        f"the validation split of `validation_indices` in `demo/clip_benchmark_diffusion_demo/fashion_mnist.py` "
         f"({len(indices)} train images, class-balanced, seed {VALIDATION_SEED}); training scripts run "
         "with `--val-per-class 100` never train on them. Not for reporting: for choosing between runs."
     )

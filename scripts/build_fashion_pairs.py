@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clip_benchmark_diffusion.demo import DEMO_DIR
-from clip_benchmark_diffusion.demo.fashion_mnist import DEBIAN_DIR, MIT_NOTICE
-from clip_benchmark_diffusion.demo.pairs import (
+from clip_benchmark_diffusion_demo import DEMO_DIR
+from clip_benchmark_diffusion_demo.fashion_mnist import DEBIAN_DIR, MIT_NOTICE
+from clip_benchmark_diffusion_demo.pairs import (
     COLOURS,
     EVAL_WRAPPERS,
     GARMENTS,
@@ -51,7 +51,7 @@ from clip_benchmark_diffusion.demo.pairs import (
     RELATIONS,
     compose,
 )
-from clip_benchmark_diffusion.demo.pairs_data import (
+from clip_benchmark_diffusion_demo.pairs_data import (
     PAIRS_DATASET_DIR,
     PROBES_DIR,
     SHIPPED_PER_CLASS,
@@ -83,7 +83,7 @@ arXiv:1708.07747), <https://github.com/zalandoresearch/fashion-mnist>, released 
 - Written by `scripts/build_fashion_pairs.py` of clip_benchmark_diffusion (seed {seed}): each scene
   is two {split} images side by side (28x56 RGB PNG), each multiplied by a colour's channel mask
   ({colours}), so the maximum over channels is the source image exactly. Scenes and captions:
-  `clip_benchmark_diffusion/demo/pairs.py`; which images: `pairs_data.py`. Each {split} image is used
+  `demo/clip_benchmark_diffusion_demo/pairs.py`; which images: `pairs_data.py`. Each {split} image is used
   at most once across the classification set and the probes.
 {body}"""
 _SOURCES = {

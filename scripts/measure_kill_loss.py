@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-s", default="", help="seconds between the engine's checkpoints; inf: none")
     args = p.parse_args()
-    from clip_benchmark_diffusion.demo.run import subset_dataset
+    from clip_benchmark_diffusion_demo.run import subset_dataset
 
     work = Path(tempfile.mkdtemp(prefix="kill_loss_"))
     data = subset_dataset(args.images, work / "data")

@@ -230,7 +230,7 @@ def main() -> None:
     args = p.parse_args()
     if args.command == "capture":
         if args.dataset_root is None:
-            from clip_benchmark_diffusion.demo import DATASET_DIR
+            from clip_benchmark_diffusion_demo import DATASET_DIR
             args.dataset_root = str(DATASET_DIR)
         capture(args)
     else:

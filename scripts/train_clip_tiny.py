@@ -37,22 +37,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from clip_benchmark_diffusion.demo import (  # noqa: E402
+from clip_benchmark_diffusion_demo import (  # noqa: E402
     CLIP_PAIRS_DIR,
     CLIP_PAIRS_NAME,
     CLIP_TINY_DIR,
     CLIP_TINY_NAME,
     CLIP_TINY_WEIGHTS,
 )
-from clip_benchmark_diffusion.demo.captions import (  # noqa: E402
+from clip_benchmark_diffusion_demo.captions import (  # noqa: E402
     CLASSNAMES,
     EVAL_TEMPLATES,
     TRAIN_EVAL_TEMPLATE,
     TRAIN_TEMPLATES,
     captions_for,
 )
-from clip_benchmark_diffusion.demo.pairs import EVAL_WRAPPERS, PAIR_CLASSNAMES  # noqa: E402
-from clip_benchmark_diffusion.demo.pairs_training import (  # noqa: E402
+from clip_benchmark_diffusion_demo.pairs import EVAL_WRAPPERS, PAIR_CLASSNAMES  # noqa: E402
+from pair_training import (  # noqa: E402
     PAIRS_CONTEXT_LENGTH,
     PairBatches,
     PairChecks,
@@ -60,7 +60,7 @@ from clip_benchmark_diffusion.demo.pairs_training import (  # noqa: E402
     format_summary,
     load_pair_checks,
 )
-from clip_benchmark_diffusion.demo.training import (  # noqa: E402
+from tiny_training import (  # noqa: E402
     load_training_data,
     parse_config,
     run_training,

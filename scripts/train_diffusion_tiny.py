@@ -44,13 +44,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from clip_benchmark_diffusion.demo import DIFFUSION_PAIRS_DIR, DIFFUSION_TINY_DIR  # noqa: E402
-from clip_benchmark_diffusion.demo.captions import EVAL_TEMPLATES, TRAIN_EVAL_TEMPLATE, TRAIN_TEMPLATES  # noqa: E402
-from clip_benchmark_diffusion.demo.classifier_check import caption_ids, paired_class_errors  # noqa: E402
-from clip_benchmark_diffusion.demo.fashion_mnist import to_unit_range  # noqa: E402
-from clip_benchmark_diffusion.demo.pairs import EVAL_WRAPPERS, PAIR_CLASSNAMES  # noqa: E402
-from clip_benchmark_diffusion.demo.pairs_data import scenes_to_unit_range  # noqa: E402
-from clip_benchmark_diffusion.demo.pairs_training import (  # noqa: E402
+from clip_benchmark_diffusion_demo import DIFFUSION_PAIRS_DIR, DIFFUSION_TINY_DIR  # noqa: E402
+from clip_benchmark_diffusion_demo.captions import EVAL_TEMPLATES, TRAIN_EVAL_TEMPLATE, TRAIN_TEMPLATES  # noqa: E402
+from clip_benchmark_diffusion_demo.classifier_check import caption_ids, paired_class_errors  # noqa: E402
+from clip_benchmark_diffusion_demo.fashion_mnist import to_unit_range  # noqa: E402
+from clip_benchmark_diffusion_demo.pairs import EVAL_WRAPPERS, PAIR_CLASSNAMES  # noqa: E402
+from clip_benchmark_diffusion_demo.pairs_data import scenes_to_unit_range  # noqa: E402
+from pair_training import (  # noqa: E402
     PAIRS_CONTEXT_LENGTH,
     PairBatches,
     PairChecks,
@@ -58,7 +58,7 @@ from clip_benchmark_diffusion.demo.pairs_training import (  # noqa: E402
     format_summary,
     load_pair_checks,
 )
-from clip_benchmark_diffusion.demo.training import (  # noqa: E402
+from tiny_training import (  # noqa: E402
     load_training_data,
     parse_config,
     run_training,

@@ -38,17 +38,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from clip_benchmark_diffusion.demo import DIFFUSION_TINY_FLOW_DIR  # noqa: E402
-from clip_benchmark_diffusion.demo.captions import EVAL_TEMPLATES, TRAIN_EVAL_TEMPLATE, TRAIN_TEMPLATES  # noqa: E402
-from clip_benchmark_diffusion.demo.classifier_check import (  # noqa: E402
+from clip_benchmark_diffusion_demo import DIFFUSION_TINY_FLOW_DIR  # noqa: E402
+from clip_benchmark_diffusion_demo.captions import EVAL_TEMPLATES, TRAIN_EVAL_TEMPLATE, TRAIN_TEMPLATES  # noqa: E402
+from clip_benchmark_diffusion_demo.classifier_check import (  # noqa: E402
     caption_texts,
     ema_weights,
     eval_mode,
     paired_class_errors,
     template_accuracies,
 )
-from clip_benchmark_diffusion.demo.fashion_mnist import to_unit_range  # noqa: E402
-from clip_benchmark_diffusion.demo.training import load_training_data, parse_config, run_training  # noqa: E402
+from clip_benchmark_diffusion_demo.fashion_mnist import to_unit_range  # noqa: E402
+from tiny_training import load_training_data, parse_config, run_training  # noqa: E402
 from clip_benchmark_diffusion.errors import UserError  # noqa: E402
 from clip_benchmark_diffusion.tokenizers import clip_bpe_tokenizer  # noqa: E402
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The training scripts' helpers (tiny_training, pair_training) live beside the scripts, apart from the library.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 # Tiny models run fastest on one thread, and a second process beside the tests (a training run)
 # makes multi-threaded CPU kernels stall; subprocesses inherit this too.

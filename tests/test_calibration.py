@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import assert_clean_failure, console
-from clip_benchmark_diffusion.demo import CLIP_TINY_DIR
+from clip_benchmark_diffusion_demo import CLIP_TINY_DIR
 from clip_benchmark_diffusion.calibration import reliability
 from clip_benchmark_diffusion.predictions import predictions_path
 
@@ -232,7 +232,7 @@ def test_the_stock_command_writes_temperature_probabilities(tmp_path):
     """The recipe option reaches the predictions file: a tiny T makes every top-1 certain, a huge T
     spreads it over the 10 classes, and the store is shared (scores do not depend on T)."""
     from cli_helpers import clip_benchmark_eval
-    from clip_benchmark_diffusion.demo.run import subset_dataset
+    from clip_benchmark_diffusion_demo.run import subset_dataset
     from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV
 
     data = subset_dataset(10, tmp_path / "data")

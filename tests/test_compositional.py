@@ -16,8 +16,8 @@ import pytest
 
 from cli_helpers import console, quick_options
 from clip_benchmark_diffusion.calibration import reliability
-from clip_benchmark_diffusion.demo import CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS, DIFFUSION_PAIRS_DIR
-from clip_benchmark_diffusion.demo.pairs import PROBES
+from clip_benchmark_diffusion_demo import CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS, DIFFUSION_PAIRS_DIR
+from clip_benchmark_diffusion_demo.pairs import PROBES
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_the_shipped_pairs_clip_through_the_stock_command(tmp_path):
     # The trained ViT-Tiny-4-28x56 (session 10) by name through clip_benchmark itself, on the first 40
     # items of the two binding probes; pinned from that command (all 500 items: 85.4% and 96.2%).
     from cli_helpers import clip_benchmark_eval
-    from clip_benchmark_diffusion.demo.compositional import probe_subset
+    from clip_benchmark_diffusion_demo.compositional import probe_subset
 
     probes = probe_subset(40, tmp_path / "probes")
     proc = clip_benchmark_eval("--pretrained_model", f"{CLIP_PAIRS_NAME},{CLIP_PAIRS_WEIGHTS}",
@@ -119,7 +119,7 @@ def test_the_shipped_pairs_diffusion_model_through_the_stock_command(tmp_path):
     # its default scoring (every caption, 50 shared-noise samples), on the first 20 items of two probes.
     # Pinned from that command; all 500 items are in docs/compositional.md.
     from cli_helpers import clip_benchmark_eval
-    from clip_benchmark_diffusion.demo.compositional import probe_subset
+    from clip_benchmark_diffusion_demo.compositional import probe_subset
 
     probes = probe_subset(20, tmp_path / "probes")
     proc = clip_benchmark_eval("--pretrained_model", "diffusion_pairs,default",
@@ -137,8 +137,8 @@ def test_the_shipped_pairs_diffusion_model_classifies_with_its_recipe_probabilit
     # pins the calls (the anytime boundary at 100 classes) and the top-1 probabilities, which come from the
     # temperature and power fitted on validation scenes (a 1% change of T moves them by more than the slack).
     from cli_helpers import clip_benchmark_eval
-    from clip_benchmark_diffusion.demo.pairs_data import PAIRS_DATASET_DIR
-    from clip_benchmark_diffusion.demo.run import subset_dataset
+    from clip_benchmark_diffusion_demo.pairs_data import PAIRS_DATASET_DIR
+    from clip_benchmark_diffusion_demo.run import subset_dataset
 
     data = subset_dataset(2, tmp_path / "data", source=PAIRS_DATASET_DIR)
     proc = clip_benchmark_eval("--pretrained_model", "diffusion_pairs,default", "--dataset", "wds/fashion_pairs_100",
@@ -154,7 +154,7 @@ def test_the_shipped_pairs_diffusion_model_classifies_with_its_recipe_probabilit
 def test_the_command_refuses_in_one_line_when_a_pair_model_is_missing(tmp_path, monkeypatch):
     # A checkout without the shipped diffusion pair (e.g. one trimmed of its weights): one line naming
     # the training command, before any data is written. In-process, with the shipped folder hidden.
-    from clip_benchmark_diffusion.demo import compositional
+    from clip_benchmark_diffusion_demo import compositional
     from clip_benchmark_diffusion.errors import UserError
 
     monkeypatch.setattr(compositional, "DIFFUSION_PAIRS_DIR", tmp_path / "absent")

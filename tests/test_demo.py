@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cli_helpers import console
-from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, DIFFUSION_TINY_DIR
+from clip_benchmark_diffusion_demo import CLIP_TINY_DIR, DIFFUSION_TINY_DIR
 from clip_benchmark_diffusion.predictions import predictions_path
 
 pytestmark = pytest.mark.skipif(not (DIFFUSION_TINY_DIR / "model_index.json").is_file()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from cli_helpers import load_script
-from clip_benchmark_diffusion.demo import DATASET_DIR
-from clip_benchmark_diffusion.demo.captions import CLASSNAMES, EVAL_TEMPLATES, TRAIN_TEMPLATES
-from clip_benchmark_diffusion.demo.fashion_mnist import (
+from clip_benchmark_diffusion_demo import DATASET_DIR
+from clip_benchmark_diffusion_demo.captions import CLASSNAMES, EVAL_TEMPLATES, TRAIN_TEMPLATES
+from clip_benchmark_diffusion_demo.fashion_mnist import (
     balanced_interleaved_indices,
     demo_test_indices,
     load_split,
@@ -80,7 +80,7 @@ def test_build_script_reproduces_the_shipped_shard(tmp_path: Path) -> None:
 def test_validation_split_is_held_out_of_training_and_balanced(tmp_path: Path) -> None:
     from clip_benchmark.datasets.builder import build_dataset
 
-    from clip_benchmark_diffusion.demo.fashion_mnist import train_validation_split, validation_indices
+    from clip_benchmark_diffusion_demo.fashion_mnist import train_validation_split, validation_indices
 
     images, labels = load_split("train")
     held = validation_indices(labels)

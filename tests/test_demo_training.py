@@ -67,7 +67,7 @@ def test_diffusion_folder_loads_and_scores(diffusion_run) -> None:
     assert states.shape == (1, 16, 64) and eps.shape == (1, 1, 28, 28)
 
     # The saved weights are the ones the training-time evaluation scored, on held-out train images.
-    from clip_benchmark_diffusion.demo.fashion_mnist import to_unit_range, train_validation_split
+    from clip_benchmark_diffusion_demo.fashion_mnist import to_unit_range, train_validation_split
 
     assert summary["config"]["val_per_class"] == 100
     *_, val_images, val_labels = train_validation_split(100)
@@ -97,7 +97,7 @@ def test_clip_training_writes_an_open_clip_model(tmp_path, caplog) -> None:
     local_model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
 
     # clip_benchmark hands a grayscale PNG over as PIL RGB; the transform must match training's.
-    from clip_benchmark_diffusion.demo.fashion_mnist import train_validation_split
+    from clip_benchmark_diffusion_demo.fashion_mnist import train_validation_split
 
     *_, images, labels = train_validation_split(100)  # the checks ran on held-out train images
     images, labels = images[:50], labels[:50]
@@ -116,8 +116,8 @@ def test_clip_training_writes_an_open_clip_model(tmp_path, caplog) -> None:
 def test_shipped_clip_tiny_reproduces_its_recorded_accuracy() -> None:
     import open_clip
 
-    from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, CLIP_TINY_NAME
-    from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_indices, load_split
+    from clip_benchmark_diffusion_demo import CLIP_TINY_DIR, CLIP_TINY_NAME
+    from clip_benchmark_diffusion_demo.fashion_mnist import demo_test_indices, load_split
 
     script = load_script("train_clip_tiny")
     summary = json.loads((CLIP_TINY_DIR / "training_summary.json").read_text())
@@ -139,8 +139,8 @@ def test_shipped_diffusion_tiny_classifies() -> None:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from clip_benchmark_diffusion.demo import DIFFUSION_TINY_DIR as d
-    from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_indices, load_split, to_unit_range
+    from clip_benchmark_diffusion_demo import DIFFUSION_TINY_DIR as d
+    from clip_benchmark_diffusion_demo.fashion_mnist import demo_test_indices, load_split, to_unit_range
 
     script = load_script("train_diffusion_tiny")
     images, labels = load_split("test")
@@ -213,7 +213,7 @@ def test_flow_folder_reloads_as_sd3_and_scores(flow_run) -> None:
     assert v.shape == (2, 1, 28, 28)
 
     # The saved weights are the ones the training-time check scored, on held-out train images.
-    from clip_benchmark_diffusion.demo.fashion_mnist import to_unit_range, train_validation_split
+    from clip_benchmark_diffusion_demo.fashion_mnist import to_unit_range, train_validation_split
 
     *_, val_images, val_labels = train_validation_split(100)
     acc = script.evaluate(pipe, to_unit_range(val_images[:10]), torch.from_numpy(val_labels[:10]),

@@ -64,7 +64,7 @@ def test_our_console_command_lists_models_and_runs_eval(tiny_sd, digits_wds, tmp
 
 def test_results_land_in_an_output_folder_that_does_not_exist_yet(tiny_sd, digits_wds, tmp_path):
     """Stock clip_benchmark opens --output only after the compute, so a missing folder lost the run."""
-    from clip_benchmark_diffusion.demo import CLIP_TINY_DIR, CLIP_TINY_NAME
+    from clip_benchmark_diffusion_demo import CLIP_TINY_DIR, CLIP_TINY_NAME
 
     opts = quick_options(tmp_path, strategy="full", n_samples=[1])
     out = tmp_path / "new" / "folder"

@@ -100,3 +100,31 @@ def test_startup_hook_imports_nothing_heavy():
     assert proc.stdout.strip() == "[]", proc.stdout
     assert "clip_benchmark_diffusion._startup" in subprocess.run(
         [sys.executable, "-c", "import sys; print(list(sys.modules))"], capture_output=True, text=True).stdout
+
+
+def test_a_run_parses_its_model_and_resolves_its_weights_once(tiny_sd, tmp_path, inproc, monkeypatch):
+    """The plan resolves the model (spec, weights, model index) and hands it to the loader: one
+    parse and one weights look-up per run, not one per check."""
+    from cli_helpers import quick_options
+    from wds_data import write_digits_wds
+
+    from clip_benchmark_diffusion import registry, weights
+
+    calls = {"parse": 0, "locate": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(registry, "parse_model_spec", counted("parse", registry.parse_model_spec))
+    monkeypatch.setattr(weights, "locate_weights", counted("locate", weights.locate_weights))
+    data = write_digits_wds(tmp_path / "digits", per_class=1)
+    opts = quick_options(tmp_path, max_samples=3, min_samples=2)
+    proc = inproc("--dataset", "wds/digits", "--dataset_root", str(data), "--model", f"diffusion_sd2@{opts}",
+                  "--pretrained", str(tiny_sd), "--output", str(tmp_path / "r.json"), "--batch_size", "10",
+                  cwd=tmp_path, env={"CLIP_BENCHMARK_DIFFUSION_STORE": "off"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "r.json").exists()
+    assert calls == {"parse": 1, "locate": 1}

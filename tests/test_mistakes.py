@@ -256,12 +256,12 @@ def _stop_after(monkeypatch, images: int, fault: Callable[[], None]) -> None:
 
 
 def _disk_full() -> None:
-    from clip_benchmark_diffusion.store import _retry
+    from clip_benchmark_diffusion.store import with_retries
 
     def full():
         raise sqlite3.OperationalError("database or disk is full")
 
-    _retry(full, Path(STORE))
+    with_retries(full, Path(STORE))
 
 
 def _ctrl_c() -> None:

@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 
 from cli_helpers import assert_clean_failure, quick_options
-from clip_benchmark_diffusion.demo import DIFFUSION_TINY_DIR
+from clip_benchmark_diffusion_demo import DIFFUSION_TINY_DIR
 
 
 def _json(path: Path, edit: Callable[[dict], object]) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cli_helpers import load_script
-from clip_benchmark_diffusion.demo.fashion_mnist import load_split
-from clip_benchmark_diffusion.demo.pairs import (
+from clip_benchmark_diffusion_demo.fashion_mnist import load_split
+from clip_benchmark_diffusion_demo.pairs import (
     COLOURS,
     EVAL_WRAPPERS,
     GARMENTS,
@@ -26,7 +26,7 @@ from clip_benchmark_diffusion.demo.pairs import (
     training_captions,
     untint,
 )
-from clip_benchmark_diffusion.demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR
+from clip_benchmark_diffusion_demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR
 
 from wds_data import needs_fashion_mnist  # noqa: E402
 
@@ -144,7 +144,7 @@ def test_shipped_scenes_are_the_recorded_test_images() -> None:
     from clip_benchmark.datasets.builder import build_dataset
     from PIL import Image
 
-    from clip_benchmark_diffusion.demo.pairs_data import training_pool
+    from clip_benchmark_diffusion_demo.pairs_data import training_pool
 
     images, labels = load_split("test")
     used: list[int] = []
@@ -174,8 +174,8 @@ def test_shipped_scenes_are_the_recorded_test_images() -> None:
 
 @needs_debian
 def test_validation_sets_come_from_the_hold_out_only() -> None:
-    from clip_benchmark_diffusion.demo.fashion_mnist import validation_indices
-    from clip_benchmark_diffusion.demo.pairs_data import training_pool, validation_eval_sets
+    from clip_benchmark_diffusion_demo.fashion_mnist import validation_indices
+    from clip_benchmark_diffusion_demo.pairs_data import training_pool, validation_eval_sets
 
     sets = validation_eval_sets(per_class=2, n_probe_scenes=200)
     _, labels, pool = training_pool()
@@ -211,8 +211,8 @@ def test_validation_folder_holds_hold_out_scenes_that_clip_benchmark_reads(tmp_p
     as a wds folder, pixel for pixel, labelled as the shipped set is, never a test or training image."""
     from clip_benchmark.datasets.builder import build_dataset
 
-    from clip_benchmark_diffusion.demo.pairs import compose
-    from clip_benchmark_diffusion.demo.pairs_data import validation_eval_sets
+    from clip_benchmark_diffusion_demo.pairs import compose
+    from clip_benchmark_diffusion_demo.pairs_data import validation_eval_sets
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -21,8 +21,8 @@ SMALL_CHECKS = ["--eval-every", "0", "--eval-images", "3", "--eval-probe-scenes"
 
 
 def test_pair_batches_are_seeded_scenes_from_the_training_pool() -> None:
-    from clip_benchmark_diffusion.demo.pairs import untint
-    from clip_benchmark_diffusion.demo.pairs_training import PairBatches
+    from clip_benchmark_diffusion_demo.pairs import untint
+    from pair_training import PairBatches
 
     a, b = PairBatches(seed=3), PairBatches(seed=3)
     pixels, captions = a.sample(16)
@@ -38,7 +38,7 @@ def test_diffusion_pairs_run_saves_a_loadable_rgb_folder(tmp_path) -> None:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from clip_benchmark_diffusion.demo.pairs_training import load_pair_checks
+    from pair_training import load_pair_checks
 
     script = load_script("train_diffusion_tiny")
     summary = script.main(["--data", "pairs", "--out", str(tmp_path), "--batch-size", "4",
@@ -60,8 +60,8 @@ def test_clip_pairs_run_saves_an_open_clip_model(tmp_path) -> None:
     import open_clip
     from PIL import Image
 
-    from clip_benchmark_diffusion.demo import CLIP_PAIRS_NAME
-    from clip_benchmark_diffusion.demo.pairs_training import load_pair_checks
+    from clip_benchmark_diffusion_demo import CLIP_PAIRS_NAME
+    from pair_training import load_pair_checks
 
     script = load_script("train_clip_tiny")
     summary = script.main(["--data", "pairs", "--out", str(tmp_path), "--batch-size", "16", *SMALL_CHECKS])

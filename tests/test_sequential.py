@@ -257,7 +257,7 @@ def test_the_stock_command_scores_with_the_full_evaluation_guarantee(tmp_path):
     import json
 
     from cli_helpers import clip_benchmark_eval
-    from clip_benchmark_diffusion.demo.run import subset_dataset
+    from clip_benchmark_diffusion_demo.run import subset_dataset
 
     data = subset_dataset(20, tmp_path / "data")
     opts = "strategy=anytime,min_samples=3,alpha=0.5,guarantee=full"

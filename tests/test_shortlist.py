@@ -6,7 +6,7 @@ import torch
 
 from clip_benchmark_diffusion.adapter.shortlist import (ShortlistSpec, Shortlister, merge_ranks, recall_at_k,
                                                         shortlist_mask)
-from clip_benchmark_diffusion.demo import (CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS, CLIP_TINY_DIR, CLIP_TINY_NAME,
+from clip_benchmark_diffusion_demo import (CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS, CLIP_TINY_DIR, CLIP_TINY_NAME,
                                           CLIP_TINY_WEIGHTS, DATASET_DIR)
 from clip_benchmark_diffusion.errors import UserError
 
@@ -29,7 +29,7 @@ def test_demo_clip_shortlists_the_shipped_images():
     from clip_benchmark.datasets.builder import build_dataset
 
     from clip_benchmark_diffusion.adapter.transform import image_transform
-    from clip_benchmark_diffusion.demo import register_open_clip_configs
+    from clip_benchmark_diffusion_demo import register_open_clip_configs
 
     register_open_clip_configs()
     spec = ShortlistSpec(CLIP_TINY_NAME, str(CLIP_TINY_WEIGHTS), k=3)
@@ -54,7 +54,7 @@ def test_a_non_square_clip_shortlists_the_pair_scenes():
     from clip_benchmark.datasets.builder import build_dataset
 
     from clip_benchmark_diffusion.adapter.transform import image_transform
-    from clip_benchmark_diffusion.demo.pairs_data import PAIRS_DATASET_DIR
+    from clip_benchmark_diffusion_demo.pairs_data import PAIRS_DATASET_DIR
 
     shortlister = Shortlister(ShortlistSpec(CLIP_PAIRS_NAME, str(CLIP_PAIRS_WEIGHTS), k=5))
     assert shortlister.size == (28, 56)
@@ -78,7 +78,7 @@ def test_hybrid_through_the_stock_command(tmp_path):
     import json
 
     from cli_helpers import clip_benchmark_eval
-    from clip_benchmark_diffusion.demo.run import subset_dataset
+    from clip_benchmark_diffusion_demo.run import subset_dataset
     from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV, predictions_path
 
     data = subset_dataset(20, tmp_path / "data")

@@ -10,7 +10,7 @@ def needs_fashion_mnist(filename: str):
     """Skip unless Debian's dataset-fashion-mnist provides ``filename`` (e.g. the train images)."""
     import pytest
 
-    from clip_benchmark_diffusion.demo.fashion_mnist import DEBIAN_DIR
+    from clip_benchmark_diffusion_demo.fashion_mnist import DEBIAN_DIR
 
     return pytest.mark.skipif(not (DEBIAN_DIR / filename).exists(),
                               reason="needs the Debian package dataset-fashion-mnist")

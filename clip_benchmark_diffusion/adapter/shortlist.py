@@ -39,9 +39,9 @@ class Shortlister:
     def __init__(self, spec: ShortlistSpec, device: torch.device | str = "cpu") -> None:
         import open_clip
 
-        from clip_benchmark_diffusion.demo import register_open_clip_configs
+        from clip_benchmark_diffusion.plugins import register_open_clip_configs
 
-        register_open_clip_configs()  # the demo CLIP's architecture is not in open_clip's list
+        register_open_clip_configs()  # plugins' CLIP architectures are not in open_clip's list
         self.spec, self.device = spec, torch.device(device)
         try:
             self.model = open_clip.create_model(spec.model, pretrained=spec.pretrained, device=self.device).eval()

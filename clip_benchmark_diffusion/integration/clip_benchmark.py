@@ -70,8 +70,9 @@ def ensure_installed() -> None:
 def _load_diffusion(model_name: str, pretrained: str, cache_dir: str | None = None, device: Any = "cuda"):
     from clip_benchmark_diffusion.adapter.loader import load_diffusion_classifier
 
-    model, transform, tokenizer = load_diffusion_classifier(model_name, pretrained, cache_dir, device)
     state = current_run()
+    resolved = state.plan.resolved if state is not None else None
+    model, transform, tokenizer = load_diffusion_classifier(model_name, pretrained, cache_dir, device, resolved)
     if state is not None:
         if state.plan.store_path is not None:
             from clip_benchmark_diffusion.store import ScoreStore
@@ -82,9 +83,9 @@ def _load_diffusion(model_name: str, pretrained: str, cache_dir: str | None = No
 
 
 def _patch_models(models: Any) -> None:
-    from clip_benchmark_diffusion.demo import register_open_clip_configs
+    from clip_benchmark_diffusion.plugins import register_open_clip_configs
 
-    register_open_clip_configs()  # the demo CLIP's architecture, so --pretrained_model NAME,PATH finds it
+    register_open_clip_configs()  # plugins' CLIP architectures, so --pretrained_model NAME,PATH finds them
     models.TYPE2FUNC[MODEL_TYPE] = _load_diffusion
     if MODEL_TYPE not in models.MODEL_TYPES:
         models.MODEL_TYPES.append(MODEL_TYPE)  # in place: the CLI's argparse choices hold this list

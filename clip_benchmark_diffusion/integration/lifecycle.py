@@ -15,11 +15,17 @@ from contextvars import ContextVar
 from copy import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from clip_benchmark_diffusion.errors import Interrupted, UserError
 from clip_benchmark_diffusion.partial_files import partial_path, remove_stale_partials
 from clip_benchmark_diffusion.predictions import write_predictions
+
+if TYPE_CHECKING:
+    from argparse import Namespace
+
+    from clip_benchmark_diffusion.adapter.model import DiffusionClassifier
+    from clip_benchmark_diffusion.registry import ResolvedModel
 
 MODEL_TYPE = "diffusion"
 # Tasks a diffusion model cannot serve exactly, and why (one line each).
@@ -51,11 +57,12 @@ def stderr_line(text: str) -> None:
 class RunPlan:
     """One run of the command (a model x dataset x language), checked before any run computes."""
 
-    args: Any                 # clip_benchmark's namespace for this run (its own copy)
+    args: "Namespace"         # clip_benchmark's namespace for this run (its own copy)
     task: str                 # the task, ``auto`` resolved
     output: Path              # the result file
     ours: bool                # a diffusion model
     store_path: Path | None   # its score store; None when off or not ours
+    resolved: "ResolvedModel | None" = None   # the model spec and checked weights, resolved once; None if not ours
 
     @property
     def partial(self) -> Path:
@@ -68,7 +75,7 @@ class RunState:
     """What the run in progress has learnt: filled in by the patches while it computes."""
 
     plan: RunPlan
-    model: Any = None                       # the diffusion classifier, once loaded
+    model: "DiffusionClassifier | None" = None   # the diffusion classifier, once loaded
     predictions: tuple[Any, Any, float] | None = None  # (logits, target, CLIP's logit scale) when asked
     shortlist_recall: float | None = None   # a hybrid's shortlister recall@k on this run
     # caption selection: (per-instance verdicts, top captions of the first image) when asked
@@ -112,27 +119,26 @@ def plan_run(args: Any) -> RunPlan:
     from clip_benchmark_diffusion.store import ScoreStore, default_store_path
 
     ours = is_ours(args)
-    if ours:
-        validate_run(args)
+    resolved = validate_run(args) if ours else None
     task = task_of(args)
     output = output_path(args, task)
     if args.skip_existing and output.exists():  # will be skipped: its data need not be there any more
-        return RunPlan(args=args, task=task, output=output, ours=ours, store_path=None)
+        return RunPlan(args=args, task=task, output=output, ours=ours, store_path=None, resolved=resolved)
     check_run(args, task, dataset_name(args), diffusion=ours)
     store_path = default_store_path(str(output)) if ours else None
     if store_path is not None:
         ScoreStore.check(store_path)  # creates nothing: a refused run leaves no empty store behind
-    return RunPlan(args=args, task=task, output=output, ours=ours, store_path=store_path)
+    return RunPlan(args=args, task=task, output=output, ours=ours, store_path=store_path, resolved=resolved)
 
 
-def validate_run(args: Any) -> None:
-    """The model checks of a diffusion run: recipe, weights, task and flags; UserError before compute."""
-    from clip_benchmark_diffusion.registry import parse_model_spec
+def validate_run(args: Any) -> "ResolvedModel | None":
+    """The model checks of a diffusion run: recipe, weights, task and flags; UserError before compute.
+    Returns the resolved model (None for a model that is not ours)."""
+    from clip_benchmark_diffusion.registry import resolve
 
     if not is_ours(args):
-        return
-    spec = parse_model_spec(args.model)
-    spec.resolve_source(args.pretrained, args.model_cache_dir)
+        return None
+    resolved = resolve(args.model, args.pretrained, args.model_cache_dir)
     task = task_of(args)
     if task in UNSUPPORTED_TASKS:
         raise unsupported_task_error(task)
@@ -143,6 +149,7 @@ def validate_run(args: Any) -> None:
     if args.distributed:
         raise UserError("--distributed splits whole runs, not images; for diffusion models start the same command "
                         "under torchrun (or srun) without --distributed and the images are split across ranks")
+    return resolved
 
 
 def _slug(text: str) -> str:

@@ -10,7 +10,7 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from clip_benchmark_diffusion.demo.fashion_mnist import demo_test_subset, train_validation_split
+from clip_benchmark_diffusion_demo.fashion_mnist import demo_test_subset, train_validation_split
 
 _C = TypeVar("_C")
 

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clip_benchmark_diffusion.demo import DEMO_DIR
-from clip_benchmark_diffusion.demo.fashion_mnist import VALIDATION_PER_CLASS, load_split, validation_indices
-from clip_benchmark_diffusion.demo.pairs import ProbeItem, Scenes, SourceImages, classification_scenes, probe_items, probe_scenes
+from clip_benchmark_diffusion_demo import DEMO_DIR
+from clip_benchmark_diffusion_demo.fashion_mnist import VALIDATION_PER_CLASS, load_split, validation_indices
+from clip_benchmark_diffusion_demo.pairs import ProbeItem, Scenes, SourceImages, classification_scenes, probe_items, probe_scenes
 
 if TYPE_CHECKING:
     import torch

@@ -4,7 +4,7 @@
 ``models/diffusion_tiny/`` is a pixel-space text-to-image diffusion model in diffusers format,
 ``models/diffusion_tiny_flow/`` a pixel-space rectified-flow transformer in the SD3 format and
 ``models/clip_tiny/`` an open_clip model, all trained from scratch by ``scripts/train_*_tiny.py``
-on the official train split with the captions in :mod:`clip_benchmark_diffusion.demo.captions`.
+on the official train split with the captions in :mod:`clip_benchmark_diffusion_demo.captions`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ CLIP_PAIRS_WEIGHTS = CLIP_PAIRS_DIR / "open_clip_model.safetensors"
 
 
 def register_open_clip_configs() -> None:
-    """Make the demo CLIPs' architectures known to open_clip by name (cheap: one small JSON each)."""
-    for config in (CLIP_TINY_DIR / f"{CLIP_TINY_NAME}.json", CLIP_PAIRS_DIR / f"{CLIP_PAIRS_NAME}.json"):
-        if config.is_file():
-            import open_clip
+    """Make the demo CLIPs' architectures known to open_clip by name (what the plugin hook does for a run)."""
+    from clip_benchmark_diffusion.plugins import register_open_clip_configs as register_all
 
-            open_clip.add_model_config(config)
+    register_all()

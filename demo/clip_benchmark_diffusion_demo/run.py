@@ -17,9 +17,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from clip_benchmark_diffusion.demo import CLIP_TINY_NAME, CLIP_TINY_WEIGHTS, DATASET_DIR, register_open_clip_configs
-from clip_benchmark_diffusion.demo.captions import CLASSNAMES
-from clip_benchmark_diffusion.demo.fashion_mnist import DEMO_PER_CLASS
+from clip_benchmark_diffusion_demo import CLIP_TINY_NAME, CLIP_TINY_WEIGHTS, DATASET_DIR, register_open_clip_configs
+from clip_benchmark_diffusion_demo.captions import CLASSNAMES
+from clip_benchmark_diffusion_demo.fashion_mnist import DEMO_PER_CLASS
 from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV, Run, comparison_lines, read_run
 
 DIFFUSION = "diffusion_tiny"          # the DDPM UNet
@@ -165,7 +165,7 @@ def main(images: int = DEFAULT_IMAGES, out: str = "runs/demo", batch_size: int =
     csv = build_csv(paths.results)
     res = load_results(paths.results)
     table = comparison_table(res, clip_seconds_per_image(data))
-    from clip_benchmark_diffusion.demo.figure import draw
+    from clip_benchmark_diffusion_demo.figure import draw
 
     figure = draw(res, paths.out / "demo.png")
     print(f"\n{table}\n")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_benchmark_diffusion.demo.captions import CLASSNAMES
+from clip_benchmark_diffusion_demo.captions import CLASSNAMES
 from clip_benchmark_diffusion.predictions import Run
 from clip_benchmark_diffusion.reliability_plot import reliability_panel
 

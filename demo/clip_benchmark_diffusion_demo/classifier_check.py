@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from clip_benchmark_diffusion.demo.captions import CLASSNAMES, EVAL_TEMPLATES, TRAIN_EVAL_TEMPLATE, captions_for
+from clip_benchmark_diffusion_demo.captions import CLASSNAMES, EVAL_TEMPLATES, TRAIN_EVAL_TEMPLATE, captions_for
 
 # (image rows, class rows, level rows, prompt rows) -> per-row error, all (n,)
 RowErrors = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clip_benchmark_diffusion.demo.captions import CLASSNAMES as GARMENTS
+from clip_benchmark_diffusion_demo.captions import CLASSNAMES as GARMENTS
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 # 0/1 channel masks: tinting multiplies the grey image by these, which loses nothing (see module doc).

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clip_benchmark_diffusion.compare import Accuracy, PairedComparison
-from clip_benchmark_diffusion.demo import CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS, DIFFUSION_PAIRS_DIR
-from clip_benchmark_diffusion.demo.pairs import N_PAIR_CLASSES, PROBES
-from clip_benchmark_diffusion.demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR
-from clip_benchmark_diffusion.demo.run import _console, run_stock, subset_dataset
+from clip_benchmark_diffusion_demo import CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS, DIFFUSION_PAIRS_DIR
+from clip_benchmark_diffusion_demo.pairs import N_PAIR_CLASSES, PROBES
+from clip_benchmark_diffusion_demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR
+from clip_benchmark_diffusion_demo.run import _console, run_stock, subset_dataset
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.predictions import Run, calibration_lines, compare_runs, read_run
 from clip_benchmark_diffusion.reliability_plot import draw_reliability

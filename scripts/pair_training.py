@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clip_benchmark_diffusion.demo.pairs import (
+from clip_benchmark_diffusion_demo.pairs import (
     N_PAIR_CLASSES,
     PROBES,
     compose,
     random_scenes,
     training_captions,
 )
-from clip_benchmark_diffusion.demo.pairs_data import training_pool, validation_eval_sets
+from clip_benchmark_diffusion_demo.pairs_data import training_pool, validation_eval_sets
 
 # Longest caption: 25 tokens with start and end (tests/test_pairs_dataset.py checks it fits).
 PAIRS_CONTEXT_LENGTH = 32
