@@ -34,12 +34,37 @@ import pytest
 import torch
 
 from oracle_capture import DenoiserCalls, SchedulerCalls, assert_same_denoiser_inputs
-from tiny_families import save_tiny
+from tiny_families import save_tiny, sd3_pipeline, sdxl_pipeline
 from tiny_models import save_tiny_sd
 
 PROMPT = "a photo of the number one."
 N_LEVELS = 4          # the package grid scored here; every level is a real sample index of that grid
 TOL = dict(rtol=1e-5, atol=1e-5)
+
+def save_sdxl_wide(folder):
+    """SDXL with a 2:1 UNet (sample_size (8, 16) latents, 16 x 32 px): size ids hold height and width apart."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    parts = sdxl_pipeline().components
+    parts["unet"] = UNet2DConditionModel(**{**parts["unet"].config, "sample_size": (8, 16)})
+    StableDiffusionXLPipeline(**parts).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_sd3_dynamic(folder):
+    """SD3 whose scheduler shifts by the image's token count (``use_dynamic_shifting``, which the SD3
+    pipelines honour: mu from the latent size, then ``time_shift(mu)`` instead of ``shift``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    parts = sd3_pipeline().components
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                         base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                         max_image_seq_len=4096)
+    StableDiffusion3Pipeline(**parts).save_pretrained(folder, safe_serialization=True)
+    return folder
+
 
 # case -> (recipe, tiny folder builder or None for the recipe's embedded weights)
 CASES = {
@@ -48,11 +73,12 @@ CASES = {
     "sdxl": ("diffusion_sdxl", lambda folder: save_tiny("sdxl", folder)),
     "sd3": ("diffusion_sd3", lambda folder: save_tiny("sd3", folder)),
     "sd35_medium": ("diffusion_sd35_medium", lambda folder: save_tiny("sd35_medium", folder)),
+    "sdxl_wide": ("diffusion_sdxl", save_sdxl_wide),
     "diffusion_tiny": ("diffusion_tiny", None),
     "diffusion_tiny_flow": ("diffusion_tiny_flow", None),
     "diffusion_pairs": ("diffusion_pairs", None),
 }
-WITH_VAE = ["sd15", "sd2_v", "sdxl", "sd3", "sd35_medium"]
+WITH_VAE = ["sd15", "sd2_v", "sdxl", "sd3", "sd35_medium", "sdxl_wide"]
 
 
 class Case:
@@ -91,6 +117,20 @@ class Case:
             j = int(prefix_order(N_LEVELS)[k])
             return {"sigmas": [(j + 0.5) / N_LEVELS]}
         return {"timesteps": [int(self.grid().model_time[k])]}
+
+    def flow_mu(self) -> dict:
+        """``mu`` for a dynamically shifting flow scheduler, as the SD3 pipelines compute it from the
+        latent size (their own ``calculate_shift``); nothing otherwise."""
+        cfg = self.loaded.pipe.scheduler.config
+        if not cfg.get("use_dynamic_shifting", False):
+            return {}
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        _, h, w = self.latent_shape()
+        p = self.loaded.denoiser.config.patch_size
+        return {"mu": calculate_shift((h // p) * (w // p), cfg.get("base_image_seq_len", 256),
+                                      cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                                      cfg.get("max_shift", 1.16))}
 
     def oracle_scheduler(self, kind: str | None = None):
         """A fresh scheduler from the loaded one's config (``kind``: another class on the same
@@ -152,7 +192,7 @@ def _eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, levels) -> torch.Tensor:
 
 # (case, scheduler class for the oracle pipeline: None = the one the model folder ships)
 TXT2IMG = [("sd15", None), ("sd15", "EulerDiscreteScheduler"), ("sd2_v", None), ("sd2_v", "EulerDiscreteScheduler"),
-           ("sdxl", None), ("sd3", None), ("sd35_medium", None),
+           ("sdxl", None), ("sd3", None), ("sd35_medium", None), ("sdxl_wide", None),
            ("diffusion_tiny", None), ("diffusion_tiny_flow", None), ("diffusion_pairs", None)]
 
 
@@ -293,7 +333,7 @@ def test_engine_noises_like_the_scheduler(name, k, cases):
     x_t = call["inputs"][x_name][row:row + 1]
     if case.flow:
         sched = case.oracle_scheduler()
-        sched.set_timesteps(**case.pipeline_level(k))
+        sched.set_timesteps(**case.pipeline_level(k), **case.flow_mu())
         expected = sched.scale_noise(x0, sched.timesteps[:1], eps[k:k + 1])
     else:
         sched = diffusers.DDPMScheduler.from_config(case.loaded.pipe.scheduler.config)
