@@ -74,11 +74,12 @@ CASES = {
     "sd3": ("diffusion_sd3", lambda folder: save_tiny("sd3", folder)),
     "sd35_medium": ("diffusion_sd35_medium", lambda folder: save_tiny("sd35_medium", folder)),
     "sdxl_wide": ("diffusion_sdxl", save_sdxl_wide),
+    "sd3_dynamic": ("diffusion_sd3", save_sd3_dynamic),
     "diffusion_tiny": ("diffusion_tiny", None),
     "diffusion_tiny_flow": ("diffusion_tiny_flow", None),
     "diffusion_pairs": ("diffusion_pairs", None),
 }
-WITH_VAE = ["sd15", "sd2_v", "sdxl", "sd3", "sd35_medium", "sdxl_wide"]
+WITH_VAE = ["sd15", "sd2_v", "sdxl", "sd3", "sd35_medium", "sdxl_wide", "sd3_dynamic"]
 
 
 class Case:
@@ -192,7 +193,7 @@ def _eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, levels) -> torch.Tensor:
 
 # (case, scheduler class for the oracle pipeline: None = the one the model folder ships)
 TXT2IMG = [("sd15", None), ("sd15", "EulerDiscreteScheduler"), ("sd2_v", None), ("sd2_v", "EulerDiscreteScheduler"),
-           ("sdxl", None), ("sd3", None), ("sd35_medium", None), ("sdxl_wide", None),
+           ("sdxl", None), ("sd3", None), ("sd35_medium", None), ("sdxl_wide", None), ("sd3_dynamic", None),
            ("diffusion_tiny", None), ("diffusion_tiny_flow", None), ("diffusion_pairs", None)]
 
 
