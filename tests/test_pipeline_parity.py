@@ -314,12 +314,12 @@ def test_img2img_clean_latent_and_noised_input_match_the_pipeline(name, k, cases
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("k", [0, 1, 2, 3])
-def test_engine_noises_like_the_scheduler(name, k, cases):
-    """The engine's x_t for sample k is the scheduler's forward process at that level with the same
-    noise: DDPM's ``add_noise`` on the model's alpha_bar (VP; a DDPM scheduler on the folder's own
-    config, since Euler's ``add_noise`` works in its sigma-scaled space) or the flow scheduler's
-    ``scale_noise`` after ``set_timesteps(sigmas=[u])``. Covers the pixel-space embedded models too."""
+def test_engine_noises_like_the_scheduler(name, cases):
+    """The engine's x_t for each of the grid's samples is the scheduler's forward process at that level
+    with the same noise: DDPM's ``add_noise`` on the model's alpha_bar (VP; a DDPM scheduler on the
+    folder's own config, since Euler's ``add_noise`` works in its sigma-scaled space) or the flow
+    scheduler's ``scale_noise`` after ``set_timesteps(sigmas=[u])``. Covers the pixel-space embedded
+    models too (their clean input is the image itself)."""
     import diffusers
 
     case = cases(name)
@@ -329,18 +329,19 @@ def test_engine_noises_like_the_scheduler(name, k, cases):
     else:
         x0 = torch.rand((1, C, h, w), generator=torch.Generator().manual_seed(5)) * 2 - 1   # pixels: x0 = image
     ours, eps = _engine_calls(case, x0, seed=13)
-    call, row = _row_of(ours, case, k)
-    x_name = "hidden_states" if "hidden_states" in call["inputs"] else "sample"
-    x_t = call["inputs"][x_name][row:row + 1]
-    if case.flow:
-        sched = case.oracle_scheduler()
-        sched.set_timesteps(**case.pipeline_level(k), **case.flow_mu())
-        expected = sched.scale_noise(x0, sched.timesteps[:1], eps[k:k + 1])
-    else:
-        sched = diffusers.DDPMScheduler.from_config(case.loaded.pipe.scheduler.config)
-        assert torch.equal(sched.alphas_cumprod, case.loaded.pipe.scheduler.alphas_cumprod)
-        expected = sched.add_noise(x0, eps[k:k + 1], torch.tensor(case.pipeline_level(k)["timesteps"]))
-    torch.testing.assert_close(x_t, expected, **TOL)
+    for k in range(N_LEVELS):
+        call, row = _row_of(ours, case, k)
+        x_name = "hidden_states" if "hidden_states" in call["inputs"] else "sample"
+        x_t = call["inputs"][x_name][row:row + 1]
+        if case.flow:
+            sched = case.oracle_scheduler()
+            sched.set_timesteps(**case.pipeline_level(k), **case.flow_mu())
+            expected = sched.scale_noise(x0, sched.timesteps[:1], eps[k:k + 1])
+        else:
+            sched = diffusers.DDPMScheduler.from_config(case.loaded.pipe.scheduler.config)
+            assert torch.equal(sched.alphas_cumprod, case.loaded.pipe.scheduler.alphas_cumprod)
+            expected = sched.add_noise(x0, eps[k:k + 1], torch.tensor(case.pipeline_level(k)["timesteps"]))
+        torch.testing.assert_close(x_t, expected, **TOL, msg=lambda m: f"sample {k}: {m}")
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl", "sd3"])
