@@ -1,6 +1,7 @@
 """SD3 / SD3.5: an MMDiT (SD3Transformer2DModel) on CLIP-L + bigG + T5, rectified flow."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -8,6 +9,7 @@ import torch
 from clip_benchmark_diffusion.families.base import Family, TextSide
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring.engine import Conditioning, Levels
+from clip_benchmark_diffusion.scoring.timesteps import dynamic_shift
 
 
 class SD3Family(Family):
@@ -29,6 +31,20 @@ class SD3Family(Family):
                                                   do_classifier_free_guidance=False,
                                                   max_sequence_length=self.max_sequence_length(options))
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}   # (P, 77 + L, D), (P, 2048)
+
+    def flow_shift(self, pipe: Any, resolution: int | tuple[int, int]) -> float:
+        """The scheduler's ``shift``; or, when its config asks for ``use_dynamic_shifting``, the shift
+        the SD3 pipelines then use instead: mu linear in the image's token count (``calculate_shift``
+        on the latent size over the patch size), e^mu for the "exponential" time shift, mu for "linear"."""
+        cfg = pipe.scheduler.config
+        if not cfg.get("use_dynamic_shifting", False):
+            return float(cfg.get("shift", 1.0))
+        h, w = resolution if isinstance(resolution, (list, tuple)) else (resolution, resolution)
+        f, p = self.vae_scale_factor(pipe), int(self.denoiser_module(pipe).config.patch_size)
+        tokens = (int(h) // f // p) * (int(w) // f // p)
+        k = dynamic_shift(tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                          cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+        return math.log(k) if cfg.get("time_shift_type", "exponential") == "linear" else k
 
     def token_limits(self, pipe: Any, options: ScoringOptions) -> list[tuple[str, Any, int]]:
         out = []

@@ -24,14 +24,16 @@ class SDXLFamily(Family):
                                                   do_classifier_free_guidance=False)  # (P, 77, 2048), (P, 1280)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
-    def time_ids(self, resolution: int, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(original size, crop top-left, target size) at the scoring resolution: an uncropped square image."""
-        ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype, device=device)
+    def time_ids(self, height: int, width: int, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(original size, crop top-left, target size) at the scoring size, each (height, width) as the
+        pipeline's ``_get_add_time_ids`` orders them: an uncropped image of exactly that size."""
+        ids = torch.tensor([height, width, 0, 0, height, width], dtype=dtype, device=device)
         return ids.expand(n, 6)
 
     def call_denoiser(self, pipe: Any, x_t: torch.Tensor, levels: Levels, cond: Conditioning,
                       options: ScoringOptions) -> torch.Tensor:
-        side = x_t.shape[-1] * self.vae_scale_factor(pipe)
-        added = {"text_embeds": cond["text_embeds"], "time_ids": self.time_ids(side, len(x_t), x_t.device, x_t.dtype)}
+        f = self.vae_scale_factor(pipe)
+        ids = self.time_ids(x_t.shape[-2] * f, x_t.shape[-1] * f, len(x_t), x_t.device, x_t.dtype)
+        added = {"text_embeds": cond["text_embeds"], "time_ids": ids}
         return pipe.unet(x_t, levels.model_time, encoder_hidden_states=cond["encoder_hidden_states"],
                          added_cond_kwargs=added).sample
