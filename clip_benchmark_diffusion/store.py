@@ -426,12 +426,16 @@ def _sample_values(t: "torch.Tensor") -> "torch.Tensor | None":
 
 def default_store_path(output_json_path: str, environ: Mapping[str, str] = os.environ) -> Path | None:
     """Where the store lives: beside the output JSON, unless ``CLIP_BENCHMARK_DIFFUSION_STORE``
-    names a file (or a folder to put it in), or is ``off`` (None: no store)."""
+    names a file (or a folder to put it in: an existing one, or any path ending in ``/``), or is ``off``
+    (None: no store)."""
     raw = environ.get(STORE_ENV, "").strip()
     if raw.lower() in OFF_VALUES:
         return None
     if raw:
         path = Path(raw).expanduser()
-        return path / FILENAME if path.is_dir() else path
+        # Path() drops a trailing slash, so read it from the raw text: "newdir/" means a folder (created
+        # with the store), never a file named newdir
+        folder = raw.endswith(("/", os.sep)) or path.is_dir()
+        return path / FILENAME if folder else path
     return Path(output_json_path).expanduser().parent / FILENAME
 
