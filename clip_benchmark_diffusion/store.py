@@ -233,7 +233,7 @@ class ScoreStore:
                                  (str(SCHEMA_VERSION),))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                rollback(self._db)
                 raise
             tables = self._tables()
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -288,6 +288,17 @@ def _runtime_error(exc: sqlite3.DatabaseError, path: Path) -> UserError | None:
         return UserError(f"score store {path} is damaged ({text}); move it away (or set {STORE_ENV} to another "
                          "path or 'off') and rerun: the images it held are scored again")
     return None
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Undo the open transaction, if SQLite has not already: on a full disk (SQLITE_FULL) or I/O
+    error it rolls back by itself, and a second ROLLBACK ("cannot rollback - no transaction is
+    active") would replace the error the user must see with one they cannot act on."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the error being raised says what went wrong; this one would only mask it
 
 
 def _one_line(exc: BaseException) -> str:
