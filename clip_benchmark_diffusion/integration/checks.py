@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.integration.datasets import check_dataset_present
 from clip_benchmark_diffusion.integration.shards import check_shards, read_nshards
 
 OUTPUT_FIELDS = ("dataset", "model", "pretrained", "pretrained_full_path", "task", "language")
@@ -36,6 +37,8 @@ def check_run(args: Any, task: str, dataset_name: str, diffusion: bool) -> None:
                         "fills only {dataset} and {dataset_cleaned}") from None
     if args.dataset.startswith("wds/"):
         check_wds(args, root, task, diffusion)
+    else:
+        check_dataset_present(args, root, args.dataset)
 
 
 def check_model_list(pretrained_model: Any) -> None:

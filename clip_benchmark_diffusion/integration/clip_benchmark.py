@@ -209,6 +209,15 @@ def _patch_cli(cli: Any) -> None:
                             module=r"webdataset\.")
 
     cli.load_clip = models.load_clip
+    # BOM-free class names and templates, a failed download as one line; the builder module's name
+    # too, which the plan's checks (and API users) call
+    import clip_benchmark.datasets.builder as builder
+
+    from clip_benchmark_diffusion.integration.datasets import wrap_build_dataset
+
+    if not hasattr(builder.build_dataset, "__wrapped__"):
+        builder.build_dataset = wrap_build_dataset(builder.build_dataset)
+    cli.build_dataset = builder.build_dataset
     original_run, original_main_eval, original_main = cli.run, cli.main_eval, cli.main
 
     def run(args: Any) -> Any:
