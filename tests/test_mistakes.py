@@ -134,6 +134,11 @@ CASES: list[tuple[str, Callable[[Mistake], object], str]] = [
     ("lookahead -1", lambda m: m.options(lookahead=-1), "lookahead=-1 must be 0 or more"),
     ("temperature -1", lambda m: m.options(temperature=-1), "temperature=-1.0 must be 0 (the sampling posterior)"),
     ("temperature_power 0", lambda m: m.options(temperature=0.001, temperature_power=0), "temperature_power=0"),
+    ("unknown shortlist model", lambda m: m.options(shortlist_model="ViT-Q-99", shortlist_pretrained="openai"),
+     "unknown open_clip model 'ViT-Q-99'"),
+    ("shortlist weights tag of another model", lambda m: m.options(shortlist_model="RN50",
+                                                                   shortlist_pretrained="nosuchtag"),
+     "shortlist_pretrained 'nosuchtag' is neither an open_clip weights tag of RN50"),
     ("sample_norm unknown", lambda m: m.options(sample_norm="max"), "sample_norm"),
     ("guarantee unknown", lambda m: m.options(strategy="anytime", guarantee="exact"), "guarantee"),
     # templates and class names

@@ -110,13 +110,17 @@ def check_writable(path: Path, what: str) -> None:
         raise UserError(f"{what} {path}: the folder {ancestor} is not writable; pick another path")
 
 
-def check_open_clip(model: str, pretrained: str) -> None:
-    """An open_clip architecture and weights open_clip can find, before any model of the command loads."""
+def check_open_clip(model: str, pretrained: str, what: str = "--pretrained") -> None:
+    """An open_clip architecture and weights open_clip can find, before any model of the command loads
+    (``what`` names the weights' flag or option in the message)."""
     if model.startswith(("hf-hub:", "local-dir:")):
         return  # open_clip reads these itself; pretrained is ignored
     import open_clip
     from open_clip.pretrained import is_pretrained_cfg, list_pretrained_tags_by_model
 
+    from clip_benchmark_diffusion.demo import register_open_clip_configs
+
+    register_open_clip_configs()  # the demo CLIPs' architectures, which the hybrid recipes name
     if model not in open_clip.list_models():
         import difflib
 
@@ -126,7 +130,7 @@ def check_open_clip(model: str, pretrained: str) -> None:
     if not pretrained or is_pretrained_cfg(model, pretrained) or os.path.isfile(pretrained):
         return
     tags = list_pretrained_tags_by_model(model)
-    raise UserError(f"--pretrained {pretrained!r} is neither an open_clip weights tag of {model} "
+    raise UserError(f"{what} {pretrained!r} is neither an open_clip weights tag of {model} "
                     f"({', '.join(tags) if tags else 'it has none'}) nor an existing file")
 
 

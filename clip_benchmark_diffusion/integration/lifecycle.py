@@ -133,6 +133,10 @@ def validate_run(args: Any) -> None:
         return
     spec = parse_model_spec(args.model)
     spec.resolve_source(args.pretrained, args.model_cache_dir)
+    if spec.options.shortlist_model:  # a hybrid: its CLIP's names, before the diffusion model loads
+        from clip_benchmark_diffusion.integration.checks import check_open_clip
+
+        check_open_clip(spec.options.shortlist_model, spec.options.shortlist_pretrained, "shortlist_pretrained")
     task = task_of(args)
     if task in UNSUPPORTED_TASKS:
         raise unsupported_task_error(task)
