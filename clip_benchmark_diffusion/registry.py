@@ -93,6 +93,8 @@ class ModelSpec:
         from clip_benchmark_diffusion.weights import resolve_weights, training_timesteps
 
         source = resolve_weights(self.recipe.resolve_weights(pretrained), self.family, cache_dir)
+        if self.options.resolution:
+            self._check_resolution(source, cache_dir)
         if self.family.time == "vp":
             steps = training_timesteps(source, cache_dir)
             if steps is not None and self.options.max_sample_count > steps:
@@ -100,6 +102,18 @@ class ModelSpec:
                                 f"the model has only {steps} training timesteps; lower n_samples / max_samples "
                                 f"to at most {steps}")
         return source
+
+
+    def _check_resolution(self, source: "WeightsSource", cache_dir: str | None) -> None:
+        """A ``resolution`` the model cannot take is one line before loading, read from its configs."""
+        from clip_benchmark_diffusion.weights import read_config
+
+        family = self.family
+        index = read_config(source, "model_index.json", cache_dir) or {}
+        rule = family.size_rule(index, read_config(source, "vae/config.json", cache_dir),
+                                read_config(source, f"{family.denoiser}/config.json", cache_dir))
+        if rule is not None:
+            rule.check(self.options.resolution)
 
 
 class _Registry:

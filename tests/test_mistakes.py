@@ -139,6 +139,9 @@ CASES: list[tuple[str, Callable[[Mistake], object], str]] = [
     ("shortlist weights tag of another model", lambda m: m.options(shortlist_model="RN50",
                                                                    shortlist_pretrained="nosuchtag"),
      "shortlist_pretrained 'nosuchtag' is neither an open_clip weights tag of RN50"),
+    ("resolution 17 on a VAE of factor 2", lambda m: m.options(resolution=17),
+     "resolution=17 cannot be scored by this model: sides must be multiples of 2 px"),
+    ("resolution 3", lambda m: m.options(resolution=3), "at least 4 px; use 4"),
     ("sample_norm unknown", lambda m: m.options(sample_norm="max"), "sample_norm"),
     ("guarantee unknown", lambda m: m.options(strategy="anytime", guarantee="exact"), "guarantee"),
     # templates and class names
