@@ -392,3 +392,40 @@ def test_a_resolution_the_model_cannot_take_is_one_line_before_loading(name, res
                   cwd=tmp_path)
     assert_clean_failure(proc, f"resolution={resolution} cannot be scored by this model", needle, cwd=tmp_path)
     assert "Running" not in proc.stdout
+
+
+def test_a_t5_with_padding_rows_beyond_its_tokenizer_scores(tmp_path, digits_wds, inproc):
+    """Embedding tables padded past the tokenizer (T5's 32128 rows for 32100 tokens, fine-tunes padded
+    further) are valid: a size heuristic refused this folder as 'tokenizer files are missing'."""
+    from transformers import T5Config, T5EncoderModel
+
+    from tiny_families import WORDS, sd3_pipeline
+
+    torch.manual_seed(0)
+    pipe = sd3_pipeline()
+    cfg = T5Config(vocab_size=4 * (len(WORDS) + 3), d_model=32, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, pad_token_id=0, eos_token_id=1)
+    pipe.register_modules(text_encoder_3=T5EncoderModel(cfg))      # 3 of every 4 rows never indexed
+    pipe.save_pretrained(tmp_path / "padded", safe_serialization=True)
+    opts = quick_options(tmp_path, strategy="full", n_samples=[1])
+    proc = inproc("--model", f"diffusion_sd3@{opts}", "--pretrained", str(tmp_path / "padded"), "--dataset",
+                  "wds/digits", "--dataset_root", str(digits_wds), "--output", str(tmp_path / "out.json"),
+                  cwd=tmp_path, env={"CLIP_BENCHMARK_DIFFUSION_STORE": "off"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out.json").read_text())["metrics"]["acc1"] >= 0
+
+
+def test_a_tokenizer_of_another_model_is_refused_before_any_image(tiny_folders, digits_wds, tmp_path, inproc):
+    """SD3's T5 tokenizer replaced by a CLIP one: ids past the T5 table (an IndexError mid-run before;
+    a larger tokenizer than the table, so no size rule refused it)."""
+    import shutil
+
+    from tiny_families import clip_tokenizer
+
+    folder = shutil.copytree(tiny_folders["sd3"], tmp_path / "sd3")
+    shutil.rmtree(folder / "tokenizer_3")
+    clip_tokenizer().save_pretrained(folder / "tokenizer_3")
+    proc = inproc("--model", f"diffusion_sd3@{quick_options(tmp_path)}", "--pretrained", str(folder), "--dataset",
+                  "wds/digits", "--dataset_root", str(digits_wds), "--output", "digits.json", cwd=tmp_path)
+    assert_clean_failure(proc, "tokenizer_3 does not fit text_encoder_3", "beyond the 21 embeddings",
+                         "tokenizer files are missing or do not belong to this model", cwd=tmp_path)
