@@ -29,8 +29,48 @@ class _PatchingLoader:
         return getattr(self._loader, attr)
 
 
+def _interrupted(signum, frame):
+    """SIGINT while the clip_benchmark command imports (seconds of torch and open_clip): the one line
+    its patched ``main`` prints for Ctrl-C, and the shell's exit code, instead of a traceback."""
+    sys.stderr.write("clip_benchmark_diffusion: interrupted\n")
+    sys.stderr.flush()
+    raise SystemExit(130)
+
+
+def _is_clip_benchmark_command():
+    """True in the stock ``clip_benchmark`` console script only (its name as pip writes it on any OS)."""
+    name = os.path.basename(sys.argv[0]) if getattr(sys, "argv", None) else ""
+    for suffix in ("-script.pyw", "-script.py", ".exe"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name == "clip_benchmark"
+
+
+def _quiet_interrupts_while_importing():
+    """In the clip_benchmark command, until its patched ``main`` starts (which restores Python's own
+    handler: a run turns KeyboardInterrupt into its one line). Every other program keeps its handler:
+    this hook runs in every interpreter of the environment."""
+    global _interrupts_checked
+    if _interrupts_checked:
+        return
+    _interrupts_checked = True
+    if not _is_clip_benchmark_command():
+        return
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # never a handler the user set
+        signal.signal(signal.SIGINT, _interrupted)
+
+
+_interrupts_checked = False
+
+
 class _Finder:
     def find_spec(self, fullname, path=None, target=None):
+        if fullname == "clip_benchmark" or fullname in WATCHED:
+            _quiet_interrupts_while_importing()
         if fullname not in WATCHED:
             return None
         for finder in sys.meta_path:

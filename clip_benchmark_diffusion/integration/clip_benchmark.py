@@ -239,6 +239,7 @@ def _patch_cli(cli: Any) -> None:
 
     @functools.wraps(original_main)
     def main(*a: Any, **kw: Any) -> Any:
+        _restore_interrupts()
         try:
             return original_main(*a, **kw)
         except UserError as exc:
@@ -249,3 +250,14 @@ def _patch_cli(cli: Any) -> None:
             return Interrupted.exit_code
 
     cli.run, cli.main_eval, cli.main = run, main_eval, main
+
+
+def _restore_interrupts() -> None:
+    """Python's own SIGINT handler again once the command runs: the start-up hook's import-time one
+    exits at once, but a run must see KeyboardInterrupt to say what it kept (``lifecycle.execute``)."""
+    import signal
+
+    from clip_benchmark_diffusion._startup import _interrupted
+
+    if signal.getsignal(signal.SIGINT) is _interrupted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
