@@ -267,6 +267,28 @@ def test_a_byte_order_mark_in_the_text_files_changes_no_prompt(tiny_sd, small_wd
     assert results["bom"] == results["plain"]
 
 
+def test_a_byte_order_mark_in_the_json_files_changes_nothing(tiny_sd, small_wds, tmp_path, inproc):
+    """A BOM in --custom_template_file, --custom_classname_file or a scoring-options file was refused
+    ('Unexpected UTF-8 BOM'); the same files without it fill the store the BOM run reads back."""
+    names = json.dumps({"digits": DIGITS}).encode()
+    prompts = json.dumps({"digits": ["a photo of the number {c}.", "a handwritten digit {c}."]}).encode()
+    options = json.dumps({"strategy": "full", "n_samples": [1], "batch_size": 64}).encode()
+    for name, mark in (("plain", b""), ("bom", b"\xef\xbb\xbf")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file, data in (("names.json", names), ("prompts.json", prompts), ("opts.json", options)):
+            (folder / file).write_bytes(mark + data)
+        proc = inproc("--model", f"diffusion_sd2@{folder / 'opts.json'}", "--pretrained", str(tiny_sd), "--dataset",
+                      "wds/digits", "--dataset_root", str(small_wds), "--output", f"{name}.json",
+                      "--custom_classname_file", str(folder / "names.json"),
+                      "--custom_template_file", str(folder / "prompts.json"), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "10 of 10 images from the score store" in proc.stderr
+    plain, bom = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("plain", "bom"))
+    plain.pop("seconds_per_image"), bom.pop("seconds_per_image")
+    assert plain == bom
+
+
 def test_a_dataset_download_that_fails_is_one_line(tiny_sd, small_wds, tmp_path, inproc, monkeypatch):
     """Online, a set the plan cannot check is downloaded by torchvision when the run builds it; without
     a network that was a urllib traceback. It is built before any image is scored."""

@@ -72,7 +72,8 @@ def check_json_file(flag: str, path: str) -> None:
     import json
 
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark is read past here and dropped before clip_benchmark reads the file
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise UserError(f"{flag} {path} does not exist") from None
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 from clip_benchmark_diffusion.errors import UserError
@@ -35,7 +37,7 @@ def strip_bom(names: Any) -> Any:
     """A list of class names or templates without a byte-order mark: only the first line of a
     file can start with one, but a mark anywhere at a line's start is never meant as text."""
     if not isinstance(names, list):
-        return names  # None, or a per-class prompt dict read from JSON (json refuses a BOM itself)
+        return names  # None, or a per-class prompt dict read from JSON (the JSON files are copied without one)
     return [n.lstrip(BOM).strip() if isinstance(n, str) and n.startswith(BOM) else n for n in names]
 
 
@@ -64,19 +66,36 @@ def wrap_build_dataset(original: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(original)
     def build_dataset(*args: Any, **kwargs: Any) -> Any:
-        try:
-            ds = original(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a failed download
-            name = kwargs.get("dataset_name", args[0] if args else "the dataset")
-            root = kwargs.get("root", args[1] if len(args) > 1 else "root")
-            _raise_if_download_failed(exc, name, root)
-            raise
+        with tempfile.TemporaryDirectory(prefix="clip_benchmark_diffusion-") as scratch:
+            for flag in ("custom_classname_file", "custom_template_file"):
+                if kwargs.get(flag):
+                    kwargs[flag] = _without_bom(kwargs[flag], Path(scratch) / flag)
+            try:
+                ds = original(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - re-raised unless it is a failed download
+                name = kwargs.get("dataset_name", args[0] if args else "the dataset")
+                root = kwargs.get("root", args[1] if len(args) > 1 else "root")
+                _raise_if_download_failed(exc, name, root)
+                raise
         for field in ("classes", "templates"):
             if isinstance(getattr(ds, field, None), list):
                 setattr(ds, field, strip_bom(getattr(ds, field)))
         return ds
 
     return build_dataset
+
+
+def _without_bom(path: str, copy: Path) -> str:
+    """``path``, or ``copy`` of it without its byte-order mark: clip_benchmark reads the custom JSON
+    files with ``json.load``, which refuses a BOM ("Unexpected UTF-8 BOM")."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return path  # clip_benchmark looks for it in its own folder, or says it does not exist
+    if not data.startswith(BOM.encode("utf-8")):
+        return path
+    copy.write_bytes(data[len(BOM.encode("utf-8")):])
+    return str(copy)
 
 
 def _raise_if_download_failed(exc: BaseException, name: str, root: str) -> None:
