@@ -7,6 +7,7 @@ pays only for this file and the list of watched module names. Set CLIP_BENCHMARK
 import os
 import sys
 
+from clip_benchmark_diffusion._interrupts import quiet_interrupts_while_importing
 from clip_benchmark_diffusion._watched import WATCHED
 
 
@@ -31,6 +32,8 @@ class _PatchingLoader:
 
 class _Finder:
     def find_spec(self, fullname, path=None, target=None):
+        if fullname == "clip_benchmark" or fullname in WATCHED:
+            quiet_interrupts_while_importing()
         if fullname not in WATCHED:
             return None
         for finder in sys.meta_path:

@@ -39,8 +39,15 @@ class StoreCheckpoints:
         self._saved = store.get_partials(keys)
 
     def load(self, i: int) -> tuple[torch.Tensor, int] | None:
+        """The saved work of image ``i``, or None when there is none or it cannot be decoded (a
+        damaged blob is only lost work: the image is scored from the start, never a traceback)."""
         data = self._saved.get(self.keys[i])
-        return decode(data) if data is not None else None
+        if data is None:
+            return None
+        try:
+            return decode(data)
+        except (zlib.error, struct.error, ValueError, TypeError):
+            return None
 
     def save(self, i: int, cerr: torch.Tensor, calls: int) -> None:
         self.store.put_partial(self.keys[i], encode(cerr, calls))

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from clip_benchmark_diffusion.partial_files import process_alive
-from clip_benchmark_diffusion.store import BUSY_TIMEOUT_S, ScoreStore, with_retries, register_connection, release_connection
+from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.store import (BUSY_TIMEOUT_S, ScoreStore, register_connection, release_connection,
+                                          rollback, with_retries)
 
 LEASE_S = 120.0       # a lease not renewed for this long is free to take over
 POLL_S = 0.5          # how often a process waiting on another's images looks again
@@ -72,7 +74,7 @@ class Claims:
                            [(k, self.owner, now + self.lease_s) for k in mine])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            rollback(db)
             raise
         return mine
 
@@ -108,7 +110,12 @@ class Claims:
 
         def loop() -> None:
             while not stop.wait(self.lease_s / 3):
-                renewer.renew()
+                try:
+                    renewer.renew()
+                except (UserError, sqlite3.Error):
+                    # a full disk or a damaged store: the scoring thread's own next write reports it
+                    # in one line; raised here it would be a thread traceback on stderr
+                    return
 
         thread = threading.Thread(target=loop, name="clip_benchmark_diffusion-lease", daemon=True)
         thread.start()

@@ -254,7 +254,7 @@ def parse_option_source(source: str, base: ScoringOptions) -> ScoringOptions:
             raise UserError(f"scoring options file {source!r} does not exist; "
                             f"give a JSON file or a preset ({', '.join(PRESETS)})")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM (Notepad's) is no JSON error
         except UnicodeDecodeError:
             raise UserError(f"scoring options file {source!r} is not UTF-8 text; save it as UTF-8 JSON") from None
         except (OSError, json.JSONDecodeError) as exc:

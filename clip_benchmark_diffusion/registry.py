@@ -122,6 +122,8 @@ def resolve(model: str, pretrained: str | None, cache_dir: str | None = None) ->
     family = spec.family
     source = locate_weights(spec.recipe.resolve_weights(pretrained), cache_dir)
     _check_family(source, family)
+    if spec.options.resolution:
+        _check_resolution(source, family, spec.options.resolution, cache_dir)
     if family.time == "vp":
         steps = training_timesteps(source, cache_dir)
         if steps is not None and spec.options.max_sample_count > steps:
@@ -129,6 +131,16 @@ def resolve(model: str, pretrained: str | None, cache_dir: str | None = None) ->
                             f"the model has only {steps} training timesteps; lower n_samples / max_samples "
                             f"to at most {steps}")
     return ResolvedModel(spec=spec, pretrained=pretrained, source=source)
+
+
+def _check_resolution(source: "WeightsSource", family: "Family", resolution: Any, cache_dir: str | None) -> None:
+    """A ``resolution`` the model cannot take is one line before loading, read from its configs."""
+    from clip_benchmark_diffusion.weights import read_config
+
+    rule = family.size_rule(source.index, read_config(source, "vae/config.json", cache_dir),
+                            read_config(source, f"{family.denoiser}/config.json", cache_dir))
+    if rule is not None:
+        rule.check(resolution)
 
 
 def _check_family(source: "WeightsSource", family: "Family") -> None:

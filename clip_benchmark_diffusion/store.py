@@ -233,7 +233,7 @@ class ScoreStore:
                                  (str(SCHEMA_VERSION),))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                rollback(self._db)
                 raise
             tables = self._tables()
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -288,6 +288,17 @@ def _runtime_error(exc: sqlite3.DatabaseError, path: Path) -> UserError | None:
         return UserError(f"score store {path} is damaged ({text}); move it away (or set {STORE_ENV} to another "
                          "path or 'off') and rerun: the images it held are scored again")
     return None
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Undo the open transaction, if SQLite has not already: on a full disk (SQLITE_FULL) or I/O
+    error it rolls back by itself, and a second ROLLBACK ("cannot rollback - no transaction is
+    active") would replace the error the user must see with one they cannot act on."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the error being raised says what went wrong; this one would only mask it
 
 
 def _one_line(exc: BaseException) -> str:
@@ -426,12 +437,16 @@ def _sample_values(t: "torch.Tensor") -> "torch.Tensor | None":
 
 def default_store_path(output_json_path: str, environ: Mapping[str, str] = os.environ) -> Path | None:
     """Where the store lives: beside the output JSON, unless ``CLIP_BENCHMARK_DIFFUSION_STORE``
-    names a file (or a folder to put it in), or is ``off`` (None: no store)."""
+    names a file (or a folder to put it in: an existing one, or any path ending in ``/``), or is ``off``
+    (None: no store)."""
     raw = environ.get(STORE_ENV, "").strip()
     if raw.lower() in OFF_VALUES:
         return None
     if raw:
         path = Path(raw).expanduser()
-        return path / FILENAME if path.is_dir() else path
+        # Path() drops a trailing slash, so read it from the raw text: "newdir/" means a folder (created
+        # with the store), never a file named newdir
+        folder = raw.endswith(("/", os.sep)) or path.is_dir()
+        return path / FILENAME if folder else path
     return Path(output_json_path).expanduser().parent / FILENAME
 

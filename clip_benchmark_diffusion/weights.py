@@ -70,6 +70,22 @@ def training_timesteps(source: WeightsSource, cache_dir: str | None = None) -> i
         return None
 
 
+def read_config(source: WeightsSource, relative: str, cache_dir: str | None = None) -> dict | None:
+    """A JSON config of the weights (``vae/config.json``), or None when it cannot be read cheaply: from
+    the folder, or the Hub cache (fetched online). For early checks; loading reports a broken file."""
+    try:
+        if source.local:
+            path = Path(source.location) / relative
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(source.location, relative, cache_dir=cache_dir))
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - best effort: missing, offline, not JSON
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _local_index(path: Path) -> dict:
     index_file = path / "model_index.json"
     if not path.is_dir() or not index_file.is_file():

@@ -69,3 +69,32 @@ def test_a_batch_killed_mid_way_resumes_from_its_checkpoints_to_the_same_results
         assert a.denoiser_calls == b.denoiser_calls                  # saved calls count: the JSON is the same
     saved = killed.stats.denoiser_calls
     assert resumed.stats.denoiser_calls == total - saved              # nothing saved is computed again
+
+
+@pytest.mark.parametrize("damage", [b"not zlib at all", b"", None], ids=["garbage", "empty", "truncated"])
+def test_an_undecodable_checkpoint_is_treated_as_absent(damage, tmp_path):
+    """A damaged blob (a disk error, a foreign writer) costs its image's saved work, not the run."""
+    import sqlite3
+    import zlib
+
+    torch.manual_seed(0)
+    protos = torch.randn(3, *SHAPE)
+    x = images(protos, [0, 1, 2], noise=1.0)
+    options = ScoringOptions(strategy="full", n_samples=(6,), batch_size=16)
+    reference = _engine(options).score(x, [0, 1, 2], cands(protos))
+    keys = ["img0", "img1", "img2"]
+    path = tmp_path / "s.sqlite"
+    with ScoreStore(path) as store:
+        good = encode(torch.full((3, 1, 6), float("nan")), 0)
+        store.put_partial("img1", good[: len(good) // 2] if damage is None else damage)
+        store.put_partial("img2", zlib.compress(b"short"))       # decompresses, but is no checkpoint
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM partials").fetchone()[0] == 2
+    conn.close()
+    with ScoreStore(path) as store:
+        checkpoints = StoreCheckpoints(store, keys)
+        assert checkpoints.load(1) is None and checkpoints.load(2) is None
+        results = _engine(options).score(x, [0, 1, 2], cands(protos), checkpoints=checkpoints)
+    for a, b in zip(results, reference):
+        assert torch.equal(a.outcome.rank, b.outcome.rank)
+        assert torch.allclose(a.outcome.mean_error, b.outcome.mean_error, equal_nan=True)

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
 
+import pytest
+
 from clip_benchmark_diffusion.claims import Claims, score_shared
+from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.store import ScoreStore
 
 
@@ -87,3 +91,51 @@ def test_alone_a_process_claims_the_whole_batch_in_one_call(tmp_path):
     assert calls == [list(range(8))]                                     # packing as without a store
     assert score_shared([f"k{i}" for i in range(8)], store, claims, score) == {i: {"i": i} for i in range(8)}
     assert len(calls) == 1                                               # stored: nothing scored again
+
+
+class _FullDisk:
+    """A connection whose lease insert hits a full disk: SQLite then rolls the transaction back by
+    itself, as it does on SQLITE_FULL, before the error reaches Python."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def execute(self, sql, *args):
+        return self.conn.execute(sql, *args)
+
+    def executemany(self, sql, *args):
+        if sql.startswith("INSERT OR REPLACE INTO claims"):
+            self.conn.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.executemany(sql, *args)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+
+def test_a_full_disk_while_claiming_is_the_stores_one_line_not_a_rollback_error(tmp_path):
+    claims = Claims(tmp_path / "s.sqlite", "a-1")
+    claims._conn = _FullDisk(claims._db)
+    with pytest.raises(UserError) as err:
+        claims.claim(["k1", "k2"], limit=2)
+    assert "could not be written (database or disk is full); free disk space" in str(err.value)
+    claims._conn = claims._conn.conn
+    assert claims.claim(["k1"], limit=1) == ["k1"]        # the connection is usable again
+
+
+def test_a_lease_renewal_that_fails_ends_quietly(tmp_path, monkeypatch):
+    """A full disk in the lease thread is reported by the scoring thread's next write, not as a thread
+    traceback."""
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+
+    def full(self):
+        raise UserError("score store could not be written (database or disk is full)")
+
+    claims = Claims(tmp_path / "s.sqlite", "a-1", lease_s=0.03)
+    claims.claim(["k"], limit=1)
+    monkeypatch.setattr(Claims, "renew", full)
+    with claims.renewing():
+        time.sleep(0.1)
+    assert seen == []

@@ -340,3 +340,92 @@ def test_a_non_square_model_sees_the_whole_image(tmp_path):
     for c in ("one", "two"):
         model.encode_text(model.tokenizer([f"a photo of the number {c}."]))
     assert model.encode_image(image[None]).shape[0] == 1
+
+
+def _size_rule(name: str, folder):
+    from clip_benchmark_diffusion.registry import get_family, get_recipe
+    from clip_benchmark_diffusion.weights import WeightsSource, read_config
+
+    family = get_family(get_recipe(TINY_FAMILIES[name][0]).family)
+    source = WeightsSource(str(folder), local=True)
+    return family.size_rule(read_config(source, "model_index.json"), read_config(source, "vae/config.json"),
+                            read_config(source, f"{family.denoiser}/config.json"))
+
+
+@pytest.mark.parametrize("name", list(TINY_FAMILIES))
+def test_every_family_scores_the_sizes_its_configs_allow(name, tiny_folders, digits_wds, imagenet_wds, tmp_path,
+                                                         inproc):
+    """The size rule read from the configs (no weights) agrees with the loaded model: the next allowed
+    side above the native one scores through the stock command (an odd latent side for the UNets
+    that forward skip sizes, e.g. 18 px = 9 latents for the tiny SD)."""
+    from clip_benchmark_diffusion.registry import get_family, get_recipe
+
+    rule = _size_rule(name, tiny_folders[name])
+    assert rule is not None
+    rule.check(16)                                           # every tiny model's native size
+    expected = {"sd3": 4, "flux_dev": 4, "stable_diffusion": 2, "if": 2, "sd3_pixels": 2, "pixart_alpha": 4,
+                "dit": 4, "sana": 2}
+    assert rule.multiple == expected.get(name, rule.multiple), rule
+    recipe = TINY_FAMILIES[name][0]
+    data = digits_wds if get_family(get_recipe(recipe).family).text_conditioned else imagenet_wds
+    opts = quick_options(tmp_path, strategy="full", n_samples=[1], resolution=16 + rule.multiple)
+    proc = inproc("--model", f"{recipe}@{opts}", "--pretrained", str(tiny_folders[name]), "--dataset", "wds/digits",
+                  "--dataset_root", str(data), "--output", str(tmp_path / "out.json"), cwd=tmp_path,
+                  env={"CLIP_BENCHMARK_DIFFUSION_STORE": "off"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out.json").read_text())["diffusion_classifier"]["resolution"] == 16 + rule.multiple
+
+
+@pytest.mark.parametrize("name, resolution, needle", [
+    ("sd3", 18, "multiples of 4 px (the VAE's 2x downsampling times 2x2 latent patches) and at least 4 px; "
+                "use 16 or 20"),
+    ("flux_dev", 18, "2x2 packed latents) and at least 4 px; use 16 or 20"),
+    ("stable_diffusion", 17, "multiples of 2 px (the VAE's 2x downsampling) and at least 4 px; use 16 or 18"),
+    ("stable_diffusion", 2, "use 4"),
+    ("if", 3, "multiples of 2 px (the UNet's 2x downsampling) and at least 2 px; use 2 or 4"),
+], ids=["sd3 18 px", "flux 18 px", "sd 17 px", "sd 2 px", "pixel unet 3 px"])
+def test_a_resolution_the_model_cannot_take_is_one_line_before_loading(name, resolution, needle, tiny_folders,
+                                                                       digits_wds, tmp_path, inproc):
+    opts = quick_options(tmp_path, resolution=resolution)
+    proc = inproc("--model", f"{TINY_FAMILIES[name][0]}@{opts}", "--pretrained", str(tiny_folders[name]),
+                  "--dataset", "wds/digits", "--dataset_root", str(digits_wds), "--output", "digits.json",
+                  cwd=tmp_path)
+    assert_clean_failure(proc, f"resolution={resolution} cannot be scored by this model", needle, cwd=tmp_path)
+    assert "Running" not in proc.stdout
+
+
+def test_a_t5_with_padding_rows_beyond_its_tokenizer_scores(tmp_path, digits_wds, inproc):
+    """Embedding tables padded past the tokenizer (T5's 32128 rows for 32100 tokens, fine-tunes padded
+    further) are valid: a size heuristic refused this folder as 'tokenizer files are missing'."""
+    from transformers import T5Config, T5EncoderModel
+
+    from tiny_families import WORDS, sd3_pipeline
+
+    torch.manual_seed(0)
+    pipe = sd3_pipeline()
+    cfg = T5Config(vocab_size=4 * (len(WORDS) + 3), d_model=32, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, pad_token_id=0, eos_token_id=1)
+    pipe.register_modules(text_encoder_3=T5EncoderModel(cfg))      # 3 of every 4 rows never indexed
+    pipe.save_pretrained(tmp_path / "padded", safe_serialization=True)
+    opts = quick_options(tmp_path, strategy="full", n_samples=[1])
+    proc = inproc("--model", f"diffusion_sd3@{opts}", "--pretrained", str(tmp_path / "padded"), "--dataset",
+                  "wds/digits", "--dataset_root", str(digits_wds), "--output", str(tmp_path / "out.json"),
+                  cwd=tmp_path, env={"CLIP_BENCHMARK_DIFFUSION_STORE": "off"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out.json").read_text())["metrics"]["acc1"] >= 0
+
+
+def test_a_tokenizer_of_another_model_is_refused_before_any_image(tiny_folders, digits_wds, tmp_path, inproc):
+    """SD3's T5 tokenizer replaced by a CLIP one: ids past the T5 table (an IndexError mid-run before;
+    a larger tokenizer than the table, so no size rule refused it)."""
+    import shutil
+
+    from tiny_families import clip_tokenizer
+
+    folder = shutil.copytree(tiny_folders["sd3"], tmp_path / "sd3")
+    shutil.rmtree(folder / "tokenizer_3")
+    clip_tokenizer().save_pretrained(folder / "tokenizer_3")
+    proc = inproc("--model", f"diffusion_sd3@{quick_options(tmp_path)}", "--pretrained", str(folder), "--dataset",
+                  "wds/digits", "--dataset_root", str(digits_wds), "--output", "digits.json", cwd=tmp_path)
+    assert_clean_failure(proc, "tokenizer_3 does not fit text_encoder_3", "beyond the 21 embeddings",
+                         "tokenizer files are missing or do not belong to this model", cwd=tmp_path)

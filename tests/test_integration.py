@@ -128,3 +128,60 @@ def test_a_run_parses_its_model_and_resolves_its_weights_once(tiny_sd, tmp_path,
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "r.json").exists()
     assert calls == {"parse": 1, "locate": 1}
+
+
+def _interrupt_while_importing(command: list[str], cwd) -> subprocess.CompletedProcess:
+    """Start ``command`` and send SIGINT as soon as torch's library is mapped (clip_benchmark's import
+    under way); if the import is already over by then, the run itself gets the signal."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from cli_helpers import subprocess_env
+
+    proc = subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if "libtorch" in maps.read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches /proc/PID/maps")
+@pytest.mark.parametrize("script", ["clip_benchmark", "clip_benchmark_diffusion"])
+def test_ctrl_c_while_the_command_imports_is_one_line(script, tmp_path):
+    """Ctrl-C in the first seconds (torch, open_clip and clip_benchmark importing) was a KeyboardInterrupt
+    traceback; now it is the one line of any Ctrl-C, exit 130."""
+    from cli_helpers import BIN
+
+    proc = _interrupt_while_importing([str(BIN / script), "eval", "--dataset", "wds/digits", "--dataset_root",
+                                       str(tmp_path / "none"), "--model", "diffusion_tiny"], tmp_path)
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("clip_benchmark_diffusion: interrupted"), proc.stderr
+
+
+def test_other_programs_keep_their_sigint_handler(tmp_path):
+    """The start-up hook runs in every interpreter: importing clip_benchmark from another program
+    leaves Python's own handler (KeyboardInterrupt), and the clip_benchmark command gets it back in main."""
+    code = ("import signal, clip_benchmark.datasets.builder, clip_benchmark.cli; "
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.stdout.strip() == "True", proc.stderr[-2000:]
+    script = tmp_path / "clip_benchmark"            # named like the command: ours while importing, then Python's
+    script.write_text("import signal, sys, clip_benchmark.cli as c\n"
+                      "during = signal.getsignal(signal.SIGINT) is not signal.default_int_handler\n"
+                      "sys.argv = ['clip_benchmark', 'eval', '--help']\n"
+                      "try:\n    c.main()\nexcept SystemExit:\n    pass\n"
+                      "print(during, signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.stdout.strip().splitlines()[-1] == "True True", proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -134,6 +134,14 @@ CASES: list[tuple[str, Callable[[Mistake], object], str]] = [
     ("lookahead -1", lambda m: m.options(lookahead=-1), "lookahead=-1 must be 0 or more"),
     ("temperature -1", lambda m: m.options(temperature=-1), "temperature=-1.0 must be 0 (the sampling posterior)"),
     ("temperature_power 0", lambda m: m.options(temperature=0.001, temperature_power=0), "temperature_power=0"),
+    ("unknown shortlist model", lambda m: m.options(shortlist_model="ViT-Q-99", shortlist_pretrained="openai"),
+     "unknown open_clip model 'ViT-Q-99'"),
+    ("shortlist weights tag of another model", lambda m: m.options(shortlist_model="RN50",
+                                                                   shortlist_pretrained="nosuchtag"),
+     "shortlist_pretrained 'nosuchtag' is neither an open_clip weights tag of RN50"),
+    ("resolution 17 on a VAE of factor 2", lambda m: m.options(resolution=17),
+     "resolution=17 cannot be scored by this model: sides must be multiples of 2 px"),
+    ("resolution 3", lambda m: m.options(resolution=3), "at least 4 px; use 4"),
     ("sample_norm unknown", lambda m: m.options(sample_norm="max"), "sample_norm"),
     ("guarantee unknown", lambda m: m.options(strategy="anytime", guarantee="exact"), "guarantee"),
     # templates and class names
@@ -162,6 +170,10 @@ CASES: list[tuple[str, Callable[[Mistake], object], str]] = [
     ("--dataset_root that is a file", lambda m: setattr(m, "root", str(m.wds / "classnames.txt")), "is a file"),
     ("--dataset_root with an unknown {field}", lambda m: setattr(m, "root", str(m.wds.parent / "{name}")),
      "fills only {dataset} and {dataset_cleaned}"),
+    ("cifar10 without its data, offline", lambda m: (setattr(m, "dataset", "cifar10"),
+                                                    setattr(m, "root", str(m.tmp / "data")),
+                                                    m.env.update(HF_HUB_OFFLINE="1")),
+     "cannot be downloaded offline"),
     ("--batch_size 0", lambda m: m.extra.extend(["--batch_size", "0"]), "--batch_size 0"),
     ("--num_workers above the shard count", lambda m: m.extra.extend(["--num_workers", "2"]),
      "--num_workers 2 is more than the 1 shard(s)"),
@@ -232,6 +244,68 @@ def test_the_same_dataset_as_it_ships_passes_every_check(tiny_sd, small_wds, tmp
     assert proc.returncode == 0, proc.stderr[-2000:]
     [result] = tmp_path.glob("digits_*.json")
     assert json.loads(result.read_text())["metrics"]["denoiser_calls_per_image"] == 10 * 2  # classes x templates
+
+
+def test_a_byte_order_mark_in_the_text_files_changes_no_prompt(tiny_sd, small_wds, tmp_path, inproc):
+    """Notepad's UTF-8 BOM stayed in the first class name and template ('\ufeffzero'): other prompts,
+    other scores. Scored with a BOM, every image is found in the store the plain files filled (its
+    key holds every prompt), and the numbers are the same."""
+    results = {}
+    for name in ("plain", "bom"):
+        wds = shutil.copytree(small_wds, tmp_path / name / "digits")
+        if name == "bom":
+            for text in ("classnames.txt", "zeroshot_classification_templates.txt"):
+                (wds / text).write_bytes(b"\xef\xbb\xbf" + (wds / text).read_bytes())
+        case = Mistake(tiny_sd, wds, tmp_path)
+        case.options(strategy="full", n_samples=[1], batch_size=64)
+        case.extra += ["--output", f"{name}.json"]
+        proc = inproc(*case.args, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())["metrics"]
+        results[name].pop("seconds_per_image", None)
+    assert "10 of 10 images from the score store" in proc.stderr
+    assert results["bom"] == results["plain"]
+
+
+def test_a_byte_order_mark_in_the_json_files_changes_nothing(tiny_sd, small_wds, tmp_path, inproc):
+    """A BOM in --custom_template_file, --custom_classname_file or a scoring-options file was refused
+    ('Unexpected UTF-8 BOM'); the same files without it fill the store the BOM run reads back."""
+    names = json.dumps({"digits": DIGITS}).encode()
+    prompts = json.dumps({"digits": ["a photo of the number {c}.", "a handwritten digit {c}."]}).encode()
+    options = json.dumps({"strategy": "full", "n_samples": [1], "batch_size": 64}).encode()
+    for name, mark in (("plain", b""), ("bom", b"\xef\xbb\xbf")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file, data in (("names.json", names), ("prompts.json", prompts), ("opts.json", options)):
+            (folder / file).write_bytes(mark + data)
+        proc = inproc("--model", f"diffusion_sd2@{folder / 'opts.json'}", "--pretrained", str(tiny_sd), "--dataset",
+                      "wds/digits", "--dataset_root", str(small_wds), "--output", f"{name}.json",
+                      "--custom_classname_file", str(folder / "names.json"),
+                      "--custom_template_file", str(folder / "prompts.json"), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "10 of 10 images from the score store" in proc.stderr
+    plain, bom = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("plain", "bom"))
+    plain.pop("seconds_per_image"), bom.pop("seconds_per_image")
+    assert plain == bom
+
+
+def test_a_dataset_download_that_fails_is_one_line(tiny_sd, small_wds, tmp_path, inproc, monkeypatch):
+    """Online, a set the plan cannot check is downloaded by torchvision when the run builds it; without
+    a network that was a urllib traceback. It is built before any image is scored."""
+    import urllib.error
+
+    import torchvision.datasets.cifar as cifar
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", no_network)
+    case = Mistake(tiny_sd, small_wds, tmp_path)
+    case.dataset, case.root = "cifar10", str(tmp_path / "data")
+    proc = inproc(*case.args, cwd=tmp_path, env={"HF_HUB_OFFLINE": "0"})
+    assert_clean_failure(proc, "dataset cifar10 is not in --dataset_root", "could not be downloaded (URLError",
+                         cwd=tmp_path)
+    assert proc.returncode == 2 and not list(tmp_path.rglob("*.sqlite"))
 
 
 def _dead_pid() -> int:

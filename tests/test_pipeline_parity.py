@@ -166,7 +166,7 @@ class Case:
 def cases(tmp_path_factory):
     from clip_benchmark_diffusion.families.model import load_model
     from clip_benchmark_diffusion.registry import get_family, get_recipe
-    from clip_benchmark_diffusion.weights import resolve_weights
+    from clip_benchmark_diffusion.weights import locate_weights
 
     made: dict[str, Case] = {}
 
@@ -176,7 +176,7 @@ def cases(tmp_path_factory):
             recipe, family = get_recipe(recipe_name), None
             family = get_family(recipe.family)
             weights = str(build(tmp_path_factory.mktemp(name) / "model")) if build else recipe.default_weights
-            source = resolve_weights(weights, family)
+            source = locate_weights(weights)
             loaded = load_model(family, source, torch.float32, expected_prediction=recipe.prediction_type)
             options = recipe.default_options().replace(strategy="full", n_samples=(N_LEVELS,))
             made[name] = Case(name, loaded.place("cpu"), options)

@@ -73,6 +73,21 @@ def test_bad_shortlister_is_a_user_error():
         Shortlister(ShortlistSpec("ViT-B-32", "/nonexistent/weights.bin", 5))
 
 
+@pytest.mark.skipif(not CLIP_TINY_WEIGHTS.is_file(), reason="demo CLIP not built")
+def test_shortlist_weights_of_another_architecture_are_one_line_before_any_image(tiny_sd, digits_wds, tmp_path,
+                                                                                  inproc):
+    """RN50 with the tiny ViT's weights: open_clip fails an assert ("text pos_embed width changed!"),
+    which was a traceback at the first batch."""
+    from cli_helpers import assert_clean_failure, quick_options
+
+    opts = quick_options(tmp_path, shortlist_model="RN50", shortlist_pretrained=str(CLIP_TINY_WEIGHTS),
+                         shortlist_k=3)
+    proc = inproc("--model", f"diffusion_sd2@{opts}", "--pretrained", str(tiny_sd), "--dataset", "wds/digits",
+                  "--dataset_root", str(digits_wds), "--output", "digits_{model}.json", cwd=tmp_path)
+    assert_clean_failure(proc, "cannot load the shortlist model 'RN50'", "AssertionError", cwd=tmp_path)
+    assert proc.returncode == 2 and not list(tmp_path.rglob("*.sqlite"))      # no image was scored
+
+
 @pytest.mark.skipif(not (CLIP_TINY_DIR / "open_clip_model.safetensors").is_file(), reason="demo CLIP not built")
 def test_hybrid_through_the_stock_command(tmp_path):
     import json

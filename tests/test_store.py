@@ -190,6 +190,17 @@ def test_default_store_path(tmp_path):
     assert default_store_path(out, {STORE_ENV: str(tmp_path)}) == tmp_path / FILENAME
 
 
+def test_a_store_path_ending_in_a_slash_is_a_folder_created_with_the_store(tmp_path):
+    """``CLIP_BENCHMARK_DIFFUSION_STORE=newdir/`` once made a file named newdir."""
+    path = default_store_path("r.json", {STORE_ENV: f"{tmp_path / 'newdir'}/"})
+    assert path == tmp_path / "newdir" / FILENAME
+    ScoreStore.check(path)                      # creates nothing before the run computes
+    assert not (tmp_path / "newdir").exists()
+    with ScoreStore(path) as store:
+        store.put("k", {"v": 1})
+    assert (tmp_path / "newdir").is_dir() and path.is_file()
+
+
 def test_a_second_store_in_one_process_keeps_the_first_ones_locks(tmp_path):
     """POSIX locks belong to the process and any close() of the file drops them all: reading the header
     of a store this process has open (the lease thread's second ScoreStore) once let another process

@@ -127,6 +127,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self._structure: tuple[int, int, int] | None = None
         self.pair_errors: list[torch.Tensor] = []
         self.record = RunRecord()
+        self._load_shortlister()  # weights that do not fit the shortlist model: one line before any image
         self._bar = progress_bar(expected_images, "diffusion scoring")
 
     def encode_text(self, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -193,14 +194,19 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self.record.reused = reused + len(keys) - (self.record.scored_images - scored)
         return payloads
 
+    def _load_shortlister(self) -> None:
+        """Hybrid: the open_clip shortlister, loaded once (the next options' may differ)."""
+        o = self.options
+        if o.shortlist_model and self._shortlister is None:
+            self._shortlister = sl.Shortlister(sl.ShortlistSpec(o.shortlist_model, o.shortlist_pretrained,
+                                                                o.shortlist_k), self.device_)
+
     def _shortlist(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Hybrid: the shortlister's (B, G) scores and top-k mask for the batch; None when pure diffusion."""
         o = self.options
         if not o.shortlist_model:
             return None
-        if self._shortlister is None:
-            self._shortlister = sl.Shortlister(sl.ShortlistSpec(o.shortlist_model, o.shortlist_pretrained,
-                                                                o.shortlist_k), self.device_)
+        self._load_shortlister()
         if self._class_emb is None:
             self._class_emb = self._shortlister.class_embeddings(
                 [[self.prompts.texts[i] for i in grp.tolist()] for grp in self._groups])

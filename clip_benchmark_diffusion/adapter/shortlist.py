@@ -45,9 +45,11 @@ class Shortlister:
         self.spec, self.device = spec, torch.device(device)
         try:
             self.model = open_clip.create_model(spec.model, pretrained=spec.pretrained, device=self.device).eval()
-        except (RuntimeError, ValueError, FileNotFoundError) as exc:
-            raise UserError(f"cannot load the shortlist model {spec.model!r} with weights {spec.pretrained!r}: "
-                            f"{exc}") from None
+        except Exception as exc:  # noqa: BLE001 - weights of another architecture fail an assert in open_clip
+            first = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise UserError(f"cannot load the shortlist model {spec.model!r} with weights {spec.pretrained!r} "
+                            f"({type(exc).__name__}: {first}); give weights of that architecture "
+                            "(open_clip.list_pretrained() lists the tags)") from None
         self.tokenizer = open_clip.get_tokenizer(spec.model)
         cfg = self.model.visual.preprocess_cfg
         size = cfg["size"]  # an int, or (H, W): a tuple from open_clip's own configs, a list from a JSON one

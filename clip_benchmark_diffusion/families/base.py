@@ -20,6 +20,34 @@ from clip_benchmark_diffusion.scoring.engine import Conditioning, Levels
 from clip_benchmark_diffusion.scoring.timesteps import NoiseGrid, flow_grid, vp_grid
 
 
+# UNet up blocks that upsample to the skip connection's own size (diffusers forwards it), so any latent
+# side works; the others (ResnetUpsampleBlock2D, SimpleCrossAttnUpBlock2D, K*) need multiples of the depth.
+_SIZE_FORWARDING_UP_BLOCKS = {"UpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D"}
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """The image sides a model can score: multiples of ``multiple`` px, at least ``minimum`` px."""
+
+    multiple: int   # VAE downsampling x the denoiser's patch (and packing): one whole token per step
+    minimum: int    # the smallest side that still leaves the denoiser one patch after its own downsampling
+    why: str        # where ``multiple`` comes from, for the message
+
+    def check(self, resolution: int) -> None:
+        """Refuse a side the denoiser cannot take (a traceback after loading) or would score on a
+        silently cropped or degenerate image; name the nearest sides it can take."""
+        if resolution % self.multiple == 0 and resolution >= self.minimum:
+            return
+        below = resolution // self.multiple * self.multiple
+        near = [s for s in (below, below + self.multiple) if s >= self.minimum] or [self.minimum]
+        if resolution < self.minimum:
+            near = [self.minimum]
+        sizes = " or ".join(str(s) for s in dict.fromkeys(near))
+        raise UserError(f"scoring option resolution={resolution} cannot be scored by this model: sides must be "
+                        f"multiples of {self.multiple} px ({self.why}) and at least {self.minimum} px; "
+                        f"use {sizes} (or 0 for the model's own)")
+
+
 @dataclass(frozen=True)
 class TextSide:
     """One tokenizer and the text encoder it feeds (component names in model_index.json)."""
@@ -42,6 +70,8 @@ class Family:
     optional_text: ClassVar[tuple[str, ...]] = ()
     # Components of model_index.json a folder of this family must have.
     required: ClassVar[tuple[str, ...]] = ("unet", "text_encoder", "tokenizer", "scheduler")
+    # Latent pixels packed into one token on top of the denoiser's patch_size (FLUX packs 2x2).
+    latent_packing: ClassVar[int] = 1
     # "vp" (alpha_bar schedule, discrete t) or "flow" (rectified flow, sigma in (0, 1)).
     time: ClassVar[str] = "vp"
     # Default CUDA dtype of the denoiser and text encoders: T5 and FLUX overflow in float16.
@@ -55,6 +85,31 @@ class Family:
     description: ClassVar[str] = ""
 
     # -- images ------------------------------------------------------------------------------
+    def size_rule(self, index: dict, vae: dict | None, denoiser: dict | None) -> SizeRule | None:
+        """The sides this model can score, from its configs (``model_index.json``, ``vae/config.json``
+        and the denoiser's ``config.json``), before any weight loads; None when they cannot be read."""
+        has_vae = isinstance(index.get("vae"), list) and bool(index["vae"]) and bool(index["vae"][0])
+        if (has_vae and vae is None) or denoiser is None:
+            return None
+        blocks = (vae or {}).get("block_out_channels") or (vae or {}).get("encoder_block_out_channels")
+        if has_vae and not blocks:
+            return None
+        vae_factor = 2 ** (len(blocks) - 1) if has_vae else 1
+        patch = int(denoiser.get("patch_size") or 1) * self.latent_packing
+        # a UNet halves its input once per level after the first: fewer latent pixels than that collapse
+        down = 2 ** (len(denoiser.get("block_out_channels") or [0]) - 1) if self.denoiser == "unet" else 1
+        parts = [f"the VAE's {vae_factor}x downsampling"] if has_vae else []
+        if patch > 1:
+            parts.append(f"{patch}x{patch} latent patches" if self.latent_packing == 1
+                         else f"{patch}x{patch} packed latents")
+        up_blocks = set(denoiser.get("up_block_types") or ())
+        if self.denoiser == "unet" and down > 1 and not up_blocks <= _SIZE_FORWARDING_UP_BLOCKS:
+            # resnet upsamplers (IF's blocks) double the size blindly: skip connections then mismatch
+            patch = down
+            parts.append(f"the UNet's {down}x downsampling")
+        return SizeRule(multiple=vae_factor * patch, minimum=vae_factor * max(patch, down),
+                        why=" times ".join(parts) or "pixels")
+
     def vae_scale_factor(self, pipe: Any) -> int:
         vae = getattr(pipe, "vae", None)
         if vae is None:

@@ -22,6 +22,7 @@ class FluxFamily(Family):
     required = ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler", "vae")
     default_max_sequence_length = 512   # the pipeline's default; T5 runs unmasked, so the padding is attended
     sequence_encoders = ("text_encoder_2",)
+    latent_packing = 2   # _pack_latents folds 2x2 latent pixels into one token (the transformer's patch is 1)
     description = ("FLUX.1: FluxTransformer2DModel on pooled CLIP-L + T5-XXL; packed 2x2 latents with RoPE ids; "
                    "rectified flow, timestep = sigma, resolution-dependent shift; distilled guidance (dev)")
 

@@ -174,11 +174,11 @@ def _check_text_side(family: Family, pipe: Any, location: str) -> None:
     ``model_max_length`` is taken from the encoder's position embeddings (an odd but valid folder)."""
     for side in family.text_sides(pipe):
         tok, enc = getattr(pipe, side.tokenizer), getattr(pipe, side.encoder)
-        vocab = getattr(enc.config, "vocab_size", None)
-        if vocab and len(tok) < vocab // 2:
-            raise UserError(f"{location}/{side.tokenizer} has {len(tok)} tokens but {side.encoder} has {vocab} "
-                            "embeddings: the tokenizer files are missing or do not belong to this model "
-                            "(re-save it with tokenizer.save_pretrained)")
+        problem = _tokenizer_problem(tok, getattr(enc.config, "vocab_size", None))
+        if problem:
+            raise UserError(f"{location}/{side.tokenizer} does not fit {side.encoder}: it {problem}; the tokenizer "
+                            "files are missing or do not belong to this model (re-save it with "
+                            "tokenizer.save_pretrained)")
         if tok.model_max_length >= _UNSET_LENGTH:
             positions = getattr(enc.config, "max_position_embeddings", None)
             if positions is None:
@@ -187,3 +187,24 @@ def _check_text_side(family: Family, pipe: Any, location: str) -> None:
             tok.model_max_length = int(positions)
             if hasattr(pipe, "tokenizer_max_length") and side.tokenizer == "tokenizer":
                 pipe.tokenizer_max_length = int(positions)   # FLUX/SD3 read it once, at construction
+
+
+# Ordinary words every vocabulary of a text-to-image model holds (word-, subword- or byte-level).
+_PROBE = "a photo of a dog."
+
+
+def _tokenizer_problem(tok: Any, vocab: int | None) -> str | None:
+    """Why ``tok`` cannot feed an encoder of ``vocab`` embeddings, or None.
+
+    Checked directly, not by comparing sizes: an embedding table may have padding rows beyond the
+    tokenizer (T5's 32128 rows for 32100 tokens; fine-tunes pad to multiples of 64 or more), while
+    transformers loads a tokenizer whose vocabulary files are missing as an empty one that maps
+    every word to its unknown token, and a tokenizer of another model yields ids past the table.
+    """
+    ids = [int(i) for i in tok(_PROBE).input_ids]
+    if vocab and max(ids, default=0) >= vocab:
+        return f"gives token id {max(ids)} to {_PROBE!r}, beyond the {vocab} embeddings"
+    specials = set(tok.all_special_ids)
+    if not [i for i in ids if i not in specials]:
+        return f"knows no word of {_PROBE!r} (every token is a special one: no vocabulary was loaded)"
+    return None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.integration.datasets import check_dataset_present
 from clip_benchmark_diffusion.integration.shards import check_shards, read_nshards
 
 OUTPUT_FIELDS = ("dataset", "model", "pretrained", "pretrained_full_path", "task", "language")
@@ -36,6 +37,8 @@ def check_run(args: Any, task: str, dataset_name: str, diffusion: bool) -> None:
                         "fills only {dataset} and {dataset_cleaned}") from None
     if args.dataset.startswith("wds/"):
         check_wds(args, root, task, diffusion)
+    else:
+        check_dataset_present(args, root, args.dataset)
 
 
 def check_model_list(pretrained_model: Any) -> None:
@@ -69,7 +72,8 @@ def check_json_file(flag: str, path: str) -> None:
     import json
 
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark is read past here and dropped before clip_benchmark reads the file
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise UserError(f"{flag} {path} does not exist") from None
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -107,13 +111,17 @@ def check_writable(path: Path, what: str) -> None:
         raise UserError(f"{what} {path}: the folder {ancestor} is not writable; pick another path")
 
 
-def check_open_clip(model: str, pretrained: str) -> None:
-    """An open_clip architecture and weights open_clip can find, before any model of the command loads."""
+def check_open_clip(model: str, pretrained: str, what: str = "--pretrained") -> None:
+    """An open_clip architecture and weights open_clip can find, before any model of the command loads
+    (``what`` names the weights' flag or option in the message)."""
     if model.startswith(("hf-hub:", "local-dir:")):
         return  # open_clip reads these itself; pretrained is ignored
     import open_clip
     from open_clip.pretrained import is_pretrained_cfg, list_pretrained_tags_by_model
 
+    from clip_benchmark_diffusion.plugins import register_open_clip_configs
+
+    register_open_clip_configs()  # plugins' CLIP architectures (the demo's), which hybrids may name
     if model not in open_clip.list_models():
         import difflib
 
@@ -123,7 +131,7 @@ def check_open_clip(model: str, pretrained: str) -> None:
     if not pretrained or is_pretrained_cfg(model, pretrained) or os.path.isfile(pretrained):
         return
     tags = list_pretrained_tags_by_model(model)
-    raise UserError(f"--pretrained {pretrained!r} is neither an open_clip weights tag of {model} "
+    raise UserError(f"{what} {pretrained!r} is neither an open_clip weights tag of {model} "
                     f"({', '.join(tags) if tags else 'it has none'}) nor an existing file")
 
 

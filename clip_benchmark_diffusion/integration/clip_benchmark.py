@@ -13,6 +13,7 @@ import os
 from importlib import metadata
 from typing import Any
 
+from clip_benchmark_diffusion._interrupts import restore_interrupts
 from clip_benchmark_diffusion._watched import WATCHED
 from clip_benchmark_diffusion.errors import Interrupted, UserError
 from clip_benchmark_diffusion.integration.checks import check_labels, check_model_list, check_plans, check_prompts
@@ -210,6 +211,15 @@ def _patch_cli(cli: Any) -> None:
                             module=r"webdataset\.")
 
     cli.load_clip = models.load_clip
+    # BOM-free class names and templates, a failed download as one line; the builder module's name
+    # too, which the plan's checks (and API users) call
+    import clip_benchmark.datasets.builder as builder
+
+    from clip_benchmark_diffusion.integration.datasets import wrap_build_dataset
+
+    if not hasattr(builder.build_dataset, "__wrapped__"):
+        builder.build_dataset = wrap_build_dataset(builder.build_dataset)
+    cli.build_dataset = builder.build_dataset
     original_run, original_main_eval, original_main = cli.run, cli.main_eval, cli.main
 
     def run(args: Any) -> Any:
@@ -231,6 +241,7 @@ def _patch_cli(cli: Any) -> None:
 
     @functools.wraps(original_main)
     def main(*a: Any, **kw: Any) -> Any:
+        restore_interrupts()
         try:
             return original_main(*a, **kw)
         except UserError as exc:

@@ -139,6 +139,11 @@ def validate_run(args: Any) -> "ResolvedModel | None":
     if not is_ours(args):
         return None
     resolved = resolve(args.model, args.pretrained, args.model_cache_dir)
+    options = resolved.spec.options
+    if options.shortlist_model:  # a hybrid: its CLIP's names, before the diffusion model loads
+        from clip_benchmark_diffusion.integration.checks import check_open_clip
+
+        check_open_clip(options.shortlist_model, options.shortlist_pretrained, "shortlist_pretrained")
     task = task_of(args)
     if task in UNSUPPORTED_TASKS:
         raise unsupported_task_error(task)
