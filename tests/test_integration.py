@@ -166,8 +166,11 @@ def test_ctrl_c_while_the_command_imports_is_one_line(script, tmp_path):
     proc = _interrupt_while_importing([str(BIN / script), "eval", "--dataset", "wds/digits", "--dataset_root",
                                        str(tmp_path / "none"), "--model", "diffusion_tiny"], tmp_path)
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.returncode == 130, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("clip_benchmark_diffusion: interrupted"), proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    # the signal lands mid-import (libtorch is mapped seconds before the import ends); were the import
+    # ever over first, the command's own one line (the missing dataset folder) is as good
+    assert (proc.returncode, last.startswith("clip_benchmark_diffusion: interrupted")) in ((130, True), (2, False))
+    assert last.startswith("clip_benchmark_diffusion: "), proc.stderr[-2000:]
 
 
 def test_other_programs_keep_their_sigint_handler(tmp_path):
