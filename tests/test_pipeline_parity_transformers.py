@@ -81,19 +81,22 @@ def gen(seed: int = 0) -> torch.Generator:
 
 # -- FLUX -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["flux_dev", "flux_schnell"])
-def test_flux_matches_the_pipeline(name, folders):
+# schnell at 16 x 32 px: the packed layout and RoPE ids of a non-square latent (its shift does not depend on
+# the size; dev's does, and the package scores FLUX square).
+@pytest.mark.parametrize("name, height, width", [("flux_dev", 16, 16), ("flux_schnell", 16, 16),
+                                                 ("flux_schnell", 16, 32)])
+def test_flux_matches_the_pipeline(name, height, width, folders):
     model, opts = load(folders, name), ScoringOptions()
     pipe = model.pipe
     with record_calls(model.denoiser) as ref, record_method(pipe.scheduler, "step") as steps:
-        pipe(prompt=PROMPT, height=16, width=16, num_inference_steps=2, guidance_scale=opts.guidance,
+        pipe(prompt=PROMPT, height=height, width=width, num_inference_steps=2, guidance_scale=opts.guidance,
              generator=gen(), output_type="latent")
     # Step 1 runs at sigma = shift(1/2): the package's one-sample grid level, shifted by its own rule.
     sigma, sigma_next = float(pipe.scheduler.sigmas[1]), float(pipe.scheduler.sigmas[2])
     grid = model.grid(1, opts)
     assert float(grid.b[0]) == pytest.approx(sigma, abs=1e-6)
     want = ref[1].inputs
-    x_t = pipe._unpack_latents(want["hidden_states"], 16, 16, pipe.vae_scale_factor)   # diffusers' own unpacking
+    x_t = pipe._unpack_latents(want["hidden_states"], height, width, pipe.vae_scale_factor)   # diffusers' unpacking
     eps, got = package_call(model, x_t, levels_of(grid), model.encode_prompts([PROMPT], opts), opts)
     assert_same_inputs(got.inputs, want)
     # The scheduler's Euler step prev = x + (sigma_next - sigma) v gives v; x0 = x - sigma v (the same step to
@@ -102,7 +105,7 @@ def test_flux_matches_the_pipeline(name, folders):
     assert idx == 1 and torch.equal(model_out, output_of(ref[1]))
     v = (prev - sample) / (sigma_next - sigma)
     x0 = sample - sigma * v
-    eps_ref = pipe._unpack_latents((sample - (1 - sigma) * x0) / sigma, 16, 16, pipe.vae_scale_factor)
+    eps_ref = pipe._unpack_latents((sample - (1 - sigma) * x0) / sigma, height, width, pipe.vae_scale_factor)
     assert torch.allclose(eps, eps_ref, atol=1e-4, rtol=1e-4), float((eps - eps_ref).abs().max())
 
 
@@ -265,3 +268,17 @@ def test_dit_matches_the_pipeline(folders):
     assert_same_inputs(got.inputs, want)
     assert steps[0][0][0].shape[1] == 4          # the pipeline dropped the learned-sigma channels first
     _assert_vp_eps(pipe, eps, want["hidden_states"], steps[0][2].pred_original_sample, 500)
+
+
+# -- what the package no longer borrows from diffusers' private API ------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(__import__("clip_benchmark_diffusion.registry", fromlist=["x"])
+                                          .REGISTRY.families()))
+def test_pipeline_signature_keys_are_diffusers_own(family):
+    """load_model sorts a pipeline's __init__ arguments itself; diffusers' private _get_signature_keys is the oracle."""
+    import diffusers
+
+    from clip_benchmark_diffusion.families.model import pipeline_signature_keys
+
+    cls = getattr(diffusers, get_family(family).pipeline)
+    assert pipeline_signature_keys(cls) == tuple(cls._get_signature_keys(cls))
