@@ -101,7 +101,8 @@ def test_flux_matches_the_pipeline(name, height, width, folders):
     assert_same_inputs(got.inputs, want)
     # The scheduler's Euler step prev = x + (sigma_next - sigma) v gives v; x0 = x - sigma v (the same step to
     # sigma 0) and scale_noise's x_t = sigma eps + (1 - sigma) x0 give eps.
-    (model_out, _t, sample), _, prev, idx = steps[1][0][:3], None, steps[1][2][0], steps[1][3]
+    args, _, result, idx = steps[1]
+    model_out, sample, prev = args[0], args[2], result[0]          # step(noise_pred, t, latents, return_dict=False)
     assert idx == 1 and torch.equal(model_out, output_of(ref[1]))
     v = (prev - sample) / (sigma_next - sigma)
     x0 = sample - sigma * v
@@ -171,7 +172,6 @@ def test_sana_matches_the_pipeline(folders):
     model, opts = load(folders, "sana"), ScoringOptions()
     pipe = model.pipe
     family = model.family
-    sigmas = None
 
     def exact_time(i, inputs):
         # SanaPipeline feeds int64(sigma * 1000) * timestep_scale (DPMSolverMultistepScheduler casts its flow
