@@ -64,17 +64,40 @@ class FluxFamily(Family):
     def call_denoiser(self, pipe: Any, x_t: torch.Tensor, levels: Levels, cond: Conditioning,
                       options: ScoringOptions) -> torch.Tensor:
         n, c, h, w = x_t.shape
-        packed = pipe._pack_latents(x_t, n, c, h, w)                                      # (N, h/2*w/2, 4C)
-        img_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, x_t.device, x_t.dtype)  # (h/2*w/2, 3)
+        packed = pack_latents(x_t)                                                   # (N, h/2*w/2, 4C)
+        img_ids = latent_image_ids(h // 2, w // 2, x_t.device, x_t.dtype)            # (h/2*w/2, 3)
         text = cond["encoder_hidden_states"]
-        txt_ids = torch.zeros(text.shape[1], 3, device=x_t.device, dtype=x_t.dtype)       # (L, 3)
+        txt_ids = torch.zeros(text.shape[1], 3, device=x_t.device, dtype=x_t.dtype)  # (L, 3)
         out = pipe.transformer(hidden_states=packed, timestep=levels.model_time.to(x_t.dtype),
                                guidance=self.guidance(pipe, n, options, x_t.device),
                                pooled_projections=cond["pooled_projections"], encoder_hidden_states=text,
-                               txt_ids=txt_ids, img_ids=img_ids).sample                  # (N, h/2*w/2, 4C)
-        return pipe._unpack_latents(out, h, w, 1)        # (N, C, h, w); sizes given in latent pixels
+                               txt_ids=txt_ids, img_ids=img_ids).sample             # (N, h/2*w/2, 4C)
+        return unpack_latents(out, h, w)                                             # (N, C, h, w)
 
     def extra_metadata(self, pipe: Any, options: ScoringOptions) -> dict[str, Any]:
         out = super().extra_metadata(pipe, options)
         out["guidance"] = float(options.guidance) if pipe.transformer.config.guidance_embeds else None
         return out
+
+
+# FluxPipeline's latent layout, written out here rather than called through its private static methods
+# (_pack_latents, _prepare_latent_image_ids, _unpack_latents), which may change between diffusers
+# releases; tests/test_pipeline_parity_transformers.py checks all three against a real pipeline call.
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N, h/2 * w/2, 4C): each 2x2 patch becomes one token, channels before the patch offsets."""
+    n, c, h, w = x.shape
+    return x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents` for an h x w latent (sizes in latent pixels)."""
+    n, _, d = tokens.shape
+    return tokens.view(n, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, d // 4, h, w)
+
+
+def latent_image_ids(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """RoPE positions of the packed tokens, (rows * cols, 3) = (0, row, col) in row-major order."""
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    ids = torch.stack([torch.zeros_like(r), r, c], dim=-1).reshape(rows * cols, 3)
+    return ids.to(device=device, dtype=dtype)

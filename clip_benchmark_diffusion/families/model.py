@@ -8,6 +8,7 @@ large and run once per prompt).
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -135,7 +136,7 @@ def load_model(family: Family, source: WeightsSource, dtype: torch.dtype, cache_
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     cls = getattr(diffusers, family.pipeline)
-    expected, optional = cls._get_signature_keys(cls)
+    expected, optional = pipeline_signature_keys(cls)
     kwargs: dict[str, Any] = {name: None for name in family.skip if name in expected}
     if "requires_safety_checker" in optional:
         kwargs["requires_safety_checker"] = False
@@ -167,6 +168,18 @@ def load_model(family: Family, source: WeightsSource, dtype: torch.dtype, cache_
         raise UserError(f"{source.location!r} takes {family.image_channels(pipe)}-channel images; only 1-channel "
                         "(grayscale) or 3-channel (RGB) models can score dataset images")
     return LoadedModel(family, pipe, source.location, dtype)
+
+
+def pipeline_signature_keys(cls: type) -> tuple[list[str], list[str]]:
+    """``(components, optional arguments)`` of a pipeline class's ``__init__``, as diffusers'
+    ``from_pretrained`` sorts them (its private ``_get_signature_keys``): the components are the
+    arguments without a default plus those the class lists in ``_optional_components``; the rest
+    (``requires_safety_checker``, ...) are optional. Checked against diffusers in the parity tests."""
+    params = inspect.signature(cls.__init__).parameters
+    listed = set(getattr(cls, "_optional_components", ()) or ())
+    expected = {k for k, v in params.items() if k != "self" and (v.default is inspect.Parameter.empty or k in listed)}
+    optional = {k for k, v in params.items() if v.default is not inspect.Parameter.empty and k not in listed}
+    return sorted(expected), sorted(optional)
 
 
 def _check_text_side(family: Family, pipe: Any, location: str) -> None:
