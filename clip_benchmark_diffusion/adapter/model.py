@@ -26,7 +26,7 @@ from clip_benchmark_diffusion.claims import Claims, score_shared
 from clip_benchmark_diffusion.adapter.caption_selection import CAPTION_SELECTION, RANK_BASE, CaptionSelectionMixin
 from clip_benchmark_diffusion.adapter import shortlist as sl
 from clip_benchmark_diffusion.adapter.conditioning import mean_rows, stack_rows
-from clip_benchmark_diffusion.adapter.prompt_checks import check_prompt_lengths
+from clip_benchmark_diffusion.adapter.prompt_checks import check_prompts_for_model
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
 from clip_benchmark_diffusion.checkpoints import StoreCheckpoints
 from clip_benchmark_diffusion.errors import UserError
@@ -133,7 +133,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         if classnames is not None and not self.model.family.text_conditioned:
             self.model.encode_classes(self._classnames)       # unmappable classes: one line, now
         elif classnames is not None and templates is not None:
-            note = check_prompt_lengths(classnames, templates, self.model.token_limits(self.options))
+            note = check_prompts_for_model(classnames, templates, self.model.token_limits(self.options))
             if note:
                 _stderr_note(note)
         self._structure: tuple[int, int, int] | None = None
