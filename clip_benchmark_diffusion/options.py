@@ -26,6 +26,9 @@ ENSEMBLES = ("error_mean", "embedding_mean")
 SAMPLE_NORMS = ("none", "mean")
 GUARANTEES = ("expected", "full")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# FLUX.1-dev is used at guidance 1 to 10; far above, its guidance embedding only drives activations
+# towards overflow (guidance=inf gave NaN outputs), so a larger number is taken for a typo.
+MAX_GUIDANCE = 100.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,9 @@ class ScoringOptions:
         if not 0 < self.temperature_power < float("inf"):  # also catches NaN
             raise UserError(f"scoring option temperature_power={self.temperature_power!r} must be a positive number "
                             "(1: plain temperature scaling), fitted by scripts/fit_temperature.py")
+        if not 0 <= self.guidance <= MAX_GUIDANCE:  # also catches NaN; inf or 1e9 only make FLUX overflow
+            raise UserError(f"scoring option guidance={self.guidance!r} must be a number from 0 to {MAX_GUIDANCE:g} "
+                            "(FLUX.1-dev's distilled guidance; the default is 3.5)")
         if self.resolution < 0 or self.max_sequence_length < 0:
             raise UserError("resolution and max_sequence_length must be 0 (the model's default) or positive")
 

@@ -12,6 +12,7 @@ its caption and each caption its image), which is what its ``acc`` averages.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ if TYPE_CHECKING:  # scipy is imported only when a comparison is made, not on ev
     from clip_benchmark_diffusion.compare import Accuracy, PairedComparison
 
 PREDICTIONS_ENV = "CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS"
+# The result JSON's field that ties it to its predictions file: the sha256 of that file's bytes, or
+# null when the run wrote none. A result rewritten without predictions would otherwise sit beside
+# the previous run's file, and ``compare`` would report the old model's accuracy under the new name.
+DIGEST_FIELD = "predictions_sha256"
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,16 @@ def predictions_path(result: Path) -> Path:
     return result.with_suffix(".predictions.jsonl")  # not *.json: clip_benchmark build reads those
 
 
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def write_predictions(result: Path, target: list[int], top5: list[list[int]],
                       denoiser_calls: list[int | None], confidence: list[float | None] | None = None,
                       correct: list[bool] | None = None) -> Path:
-    """Write the predictions file of ``result`` atomically (a reader never sees half of it)."""
+    """Write the predictions file of ``result`` atomically (a reader never sees half of it); the
+    result written after it records its digest (``DIGEST_FIELD``)."""
     path = predictions_path(result)
     remove_stale_partials(path)
     tmp = partial_path(path)
@@ -82,10 +93,23 @@ def read_run(result: Path) -> Run:
     if not preds.is_file():
         raise UserError(f"no per-image predictions {preds.name} beside {result}; rerun that evaluation with "
                         f"{PREDICTIONS_ENV}=1 (the score store makes a diffusion rerun free)")
+    result_data = json.loads(result.read_text())
+    _check_tied(result, result_data, preds)
     rows = [json.loads(line) for line in preds.read_text().splitlines() if line.strip()]
     verdicts = [r["correct"] for r in rows] if rows and "correct" in rows[0] else None
-    return Run(result, json.loads(result.read_text()), [r["target"] for r in rows], [r["top5"] for r in rows],
+    return Run(result, result_data, [r["target"] for r in rows], [r["top5"] for r in rows],
                [r.get("denoiser_calls") for r in rows], [r.get("confidence") for r in rows], verdicts)
+
+
+def _check_tied(result: Path, data: dict, preds: Path) -> None:
+    """The predictions file is the one the result's run wrote (results from before the field: trusted)."""
+    if DIGEST_FIELD not in data:
+        return
+    expected = data[DIGEST_FIELD]
+    if expected is None or expected != file_digest(preds):
+        why = "was written without predictions" if expected is None else "was rewritten by another run"
+        raise UserError(f"{preds.name} beside {result} is left from an earlier run: the result {why}; rerun that "
+                        f"evaluation with {PREDICTIONS_ENV}=1 (the score store makes a diffusion rerun free)")
 
 
 def compare_runs(a: Run, b: Run) -> tuple[Accuracy, Accuracy, PairedComparison]:

@@ -31,7 +31,6 @@ SCHEMA_VERSION = 1
 OFF_VALUES = ("off", "none", "0", "false", "no")
 BUSY_TIMEOUT_S = 60.0
 LOCK_DEADLINE_S = 300.0  # retries of "database is locked" beyond the busy timeout, in total
-SAMPLE = 64              # values per region (head, evenly spaced, tail) in weights_fingerprint
 
 _MAGIC = b"SQLite format 3\x00"
 _IN_CHUNK = 500          # keys per SELECT ... IN (...): under SQLite's variable limit everywhere
@@ -381,58 +380,64 @@ def tensor_digest(t: "torch.Tensor") -> str:
 
 
 def weights_fingerprint(modules: Mapping[str, "torch.nn.Module"]) -> str:
-    """A cheap sha256 content fingerprint of loaded weights.
+    """sha256 over every weight of ``modules``: a change of any single value changes it.
 
-    Hashes, for each module and each state-dict entry in sorted order, the name, shape, dtype
-    and 3 x ``SAMPLE`` values (the first, the last, and evenly spaced ones) as float32. The
-    samples are gathered on each tensor's device and copied to the CPU in one transfer per
-    device, so a 1 B-parameter model takes milliseconds. A change outside the sampled values is
-    not seen: this tells different checkpoints apart, not a single edited weight.
+    Per module (sorted by name): each state-dict entry's name, shape and dtype (so the loaded dtype
+    counts), then the content. A module loaded from a folder (``config._name_or_path``: diffusers and
+    transformers record it) is hashed through its files, its ``*.safetensors`` and ``*.json``
+    (config, shard index), with digests cached per file version (:mod:`file_digests`), so a multi-GB
+    checkpoint is read once; any other module through all of its values. It once sampled 192 values
+    per tensor: a checkpoint with one edited embedding row reused the original's scores.
     """
     import torch
 
-    headers: list[bytes] = []
-    spans: list[tuple[torch.device, int, int] | None] = []     # (device, offset, length) per entry
-    samples: dict[torch.device, list[torch.Tensor]] = {}
-    sizes: dict[torch.device, int] = {}
+    from clip_benchmark_diffusion.file_digests import file_digests
+
+    h = hashlib.sha256()
+
+    def add(text: str) -> None:
+        data = text.encode()
+        h.update(len(data).to_bytes(4, "little") + data)
+
     with torch.no_grad():
         for mname in sorted(modules):
-            state = modules[mname].state_dict()
+            module = modules[mname]
+            state = module.state_dict()
             for pname in sorted(state):
-                t = state[pname]
-                headers.append(f"{mname}/{pname}|{list(t.shape)}|{t.dtype}".encode())
-                sample = _sample_values(t)
-                if sample is None:
-                    spans.append(None)
-                    continue
-                samples.setdefault(t.device, []).append(sample)
-                spans.append((t.device, sizes.get(t.device, 0), len(sample)))
-                sizes[t.device] = sizes.get(t.device, 0) + len(sample)
-        host = {dev: torch.cat(parts).cpu().numpy() for dev, parts in samples.items()}
-    h = hashlib.sha256()
-    for header, span in zip(headers, spans):
-        h.update(len(header).to_bytes(4, "little") + header)
-        if span is not None:
-            dev, start, length = span
-            h.update(host[dev][start : start + length].tobytes())
+                add(f"{mname}/{pname}|{list(state[pname].shape)}|{state[pname].dtype}")
+            files = weight_files(module)
+            if files is not None:
+                digests = file_digests(files)
+                for path in files:
+                    add(f"file:{path.name}:{digests[os.path.realpath(path)]}")
+                continue
+            for pname in sorted(state):
+                values = _value_bytes(state[pname])
+                if values is not None:
+                    add(f"values:{pname}")
+                    h.update(values)
     return h.hexdigest()
 
 
-def _sample_values(t: "torch.Tensor") -> "torch.Tensor | None":
-    """(3 * SAMPLE,) float32 values of ``t`` on its own device; all of them if it is small."""
+def weight_files(module: "torch.nn.Module") -> list[Path] | None:
+    """The files ``module`` was loaded from: the ``*.safetensors`` and ``*.json`` of its folder, or None.
+
+    A folder holding variants (``*.fp16.safetensors``) beside the loaded files is hashed whole: a
+    change there only makes a new key, never a wrong reuse."""
+    folder = getattr(getattr(module, "config", None), "_name_or_path", None)
+    if not folder or not os.path.isdir(folder):
+        return None
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".safetensors", ".json"))
+    return files if any(p.suffix == ".safetensors" for p in files) else None
+
+
+def _value_bytes(t: "torch.Tensor") -> bytes | None:
+    """Every byte of ``t`` (on the CPU), or None when it has no values to read."""
     import torch
 
     if t.device.type == "meta" or t.is_quantized or t.layout != torch.strided:
-        return None                      # no values to read; name, shape and dtype still count
-    flat = t.reshape(-1)                 # a view for the contiguous tensors of a state dict
-    if flat.is_complex():
-        flat = torch.view_as_real(flat).reshape(-1)
-    n = flat.numel()
-    if n <= 3 * SAMPLE:
-        return flat.to(torch.float32)
-    idx = torch.cat([torch.arange(SAMPLE), torch.linspace(0, n - 1, SAMPLE).long(),
-                     torch.arange(n - SAMPLE, n)]).to(flat.device)
-    return flat[idx].to(torch.float32)
+        return None                      # name, shape and dtype still count
+    return t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
 
 def default_store_path(output_json_path: str, environ: Mapping[str, str] = os.environ) -> Path | None:

@@ -104,7 +104,7 @@ def replay_one(options: ScoringOptions, err: torch.Tensor) -> tuple[object, int]
     while not strategy.done:
         want = strategy.wanted()
         calls += int(want.sum())
-        strategy.err = torch.where(want, full, strategy.err)
+        strategy.record(want, full)
         strategy.update()
     return strategy.outcome(), calls
 

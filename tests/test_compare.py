@@ -89,3 +89,49 @@ def test_compare_command_refuses_runs_it_cannot_pair(tmp_path):
         proc = console("clip_benchmark_diffusion", "compare", *map(str, args), cwd=tmp_path)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert_clean_failure(proc, expected)
+
+
+def test_a_result_rewritten_without_predictions_is_not_compared_with_the_old_ones(tiny_sd, digits_wds, tmp_path,
+                                                                                   inproc):
+    """The first run dumps predictions; the second rewrites the same result without them. compare once read
+    the first run's file and reported its accuracy under the second's name, exit 0."""
+    from cli_helpers import quick_options
+
+    opts = quick_options(tmp_path, strategy="full", n_samples=[1])
+    common = ["--dataset", "wds/digits", "--dataset_root", str(digits_wds), "--output", "r.json"]
+    first = inproc("--pretrained_model", f"diffusion_sd2@{opts},{tiny_sd}", *common, cwd=tmp_path,
+                   env={"CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS": "1"})
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert predictions_path(tmp_path / "r.json").is_file()
+    (tmp_path / "other.json").write_bytes((tmp_path / "r.json").read_bytes())
+    predictions_path(tmp_path / "other.json").write_bytes(predictions_path(tmp_path / "r.json").read_bytes())
+    second = inproc("--pretrained_model", f"diffusion_sd2@fast,{tiny_sd}", *common, cwd=tmp_path,
+                    env={"CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS": ""})
+    assert second.returncode == 0, second.stderr[-2000:]
+    stale = predictions_path(tmp_path / "r.json")
+    if not stale.exists():   # removed with the rewrite; put it back as a user copying folders around would
+        stale.write_bytes(predictions_path(tmp_path / "other.json").read_bytes())
+    proc = console("clip_benchmark_diffusion", "compare", str(tmp_path / "other.json"), str(tmp_path / "r.json"),
+                   cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout
+    assert_clean_failure(proc, "r.predictions.jsonl beside", "is left from an earlier run: the result was written "
+                         "without predictions", "CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS=1")
+
+
+def test_a_predictions_file_of_another_run_is_refused(tmp_path):
+    import hashlib
+
+    from clip_benchmark_diffusion.predictions import DIGEST_FIELD
+
+    targets = [i % 10 for i in range(10)]
+    a = _result(tmp_path, "a", "wds/x", targets, targets)
+    b = _result(tmp_path, "b", "wds/x", targets, targets[::-1])
+    for path in (a, b):
+        data = json.loads(path.read_text())
+        digest = hashlib.sha256(predictions_path(path).read_bytes()).hexdigest()
+        path.write_text(json.dumps({**data, DIGEST_FIELD: digest}))
+    assert console("clip_benchmark_diffusion", "compare", str(a), str(b), cwd=tmp_path).returncode == 0
+    predictions_path(b).write_bytes(predictions_path(a).read_bytes())   # b's file replaced by a's
+    proc = console("clip_benchmark_diffusion", "compare", str(a), str(b), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_clean_failure(proc, "b.predictions.jsonl beside", "the result was rewritten by another run")

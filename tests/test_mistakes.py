@@ -144,6 +144,10 @@ CASES: list[tuple[str, Callable[[Mistake], object], str]] = [
     ("resolution 3", lambda m: m.options(resolution=3), "at least 4 px; use 4"),
     ("sample_norm unknown", lambda m: m.options(sample_norm="max"), "sample_norm"),
     ("guarantee unknown", lambda m: m.options(strategy="anytime", guarantee="exact"), "guarantee"),
+    ("guidance NaN", lambda m: m.env.update(CLIP_BENCHMARK_DIFFUSION_OPTIONS="guidance=nan"),
+     "guidance=nan must be a number from 0 to 100"),
+    ("guidance inf", lambda m: m.options(guidance=float("inf")), "guidance=inf must be a number from 0 to 100"),
+    ("guidance -1", lambda m: m.options(guidance=-1), "guidance=-1.0 must be a number from 0 to 100"),
     # templates and class names
     ("template with {0}", lambda m: m.write("zeroshot_classification_templates.txt", "a photo of {0} {c}.\n"),
      "has the field {0}"),

@@ -146,37 +146,55 @@ def _tiny_modules() -> dict:
             "vae": torch.nn.Conv2d(3, 4, 3)}
 
 
-def test_weights_fingerprint_sees_sampled_changes():
+def test_weights_fingerprint_sees_every_change():
     import torch
 
     mods = _tiny_modules()
     base = weights_fingerprint(mods)
     assert base == weights_fingerprint(_tiny_modules())               # stable across loads
-    # 1200 values: the first and last 64 are sampled, and every ~19th (0, 19, ..., 590, 609, ...).
+    # Every value counts: 600 was between two of the 192 values the key once sampled.
     weight = mods["unet"][0].weight
     original = weight.detach().clone()
-    for position, sampled in ((5, True), (-1, True), (0, True), (609, True), (600, False)):
+    for position in (5, -1, 0, 609, 600):
         with torch.no_grad():
             weight.view(-1)[position] += 1e-3
-        assert (weights_fingerprint(mods) != base) == sampled, position
+        assert weights_fingerprint(mods) != base, position
         with torch.no_grad():
             weight.copy_(original)
         assert weights_fingerprint(mods) == base
-    mods["unet"][1].running_mean[3] = 7.0                             # buffers count (30 values: all read)
+    mods["unet"][1].running_mean[3] = 7.0                             # buffers count
     assert weights_fingerprint(mods) != base
     assert weights_fingerprint({"other": mods["unet"], "vae": mods["vae"]}) != weights_fingerprint(mods)
+    full = weights_fingerprint(mods)
+    assert weights_fingerprint({"unet": mods["unet"].half(), "vae": mods["vae"]}) != full      # the loaded dtype
 
 
-def test_weights_fingerprint_is_cheap_for_a_billion_parameters():
+def test_weights_of_a_folder_are_hashed_once_per_file_version(tmp_path, monkeypatch):
+    """Loaded modules are hashed through their files, each read once while it is unchanged."""
+    import os
+
     import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    # torch.empty leaves the pages untouched: only the sampled ones are ever read.
-    big = torch.nn.Module()
-    for i in range(100):
-        big.register_buffer(f"w{i}", torch.empty(10_000_000, dtype=torch.bfloat16))
-    start = time.perf_counter()
-    weights_fingerprint({"unet": big})
-    assert time.perf_counter() - start < 0.5
+    from clip_benchmark_diffusion import file_digests
+
+    monkeypatch.setenv(file_digests.CACHE_ENV, str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
+                                 vocab_size=1000, max_position_embeddings=8)).save_pretrained(tmp_path / "enc")
+    hashed = []
+    real = file_digests._hash_file
+    monkeypatch.setattr(file_digests, "_hash_file", lambda p: (hashed.append(os.path.basename(p)), real(p))[1])
+    load = lambda: CLIPTextModel.from_pretrained(tmp_path / "enc")     # noqa: E731
+    base = weights_fingerprint({"text_encoder": load()})
+    assert sorted(hashed) == ["config.json", "model.safetensors"]
+    assert weights_fingerprint({"text_encoder": load()}) == base and len(hashed) == 2   # from the cache
+    model = load()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[123] += 1e-3          # one embedding row
+    model.save_pretrained(tmp_path / "enc")
+    assert weights_fingerprint({"text_encoder": load()}) != base
+    assert hashed.count("model.safetensors") == 2
 
 
 def test_default_store_path(tmp_path):
@@ -243,3 +261,48 @@ def test_a_store_opened_beside_live_claims_keeps_their_locks(tmp_path):
         claims.close()
     with ScoreStore(path) as again:
         again._verify()
+
+
+def test_a_checkpoint_with_one_edited_embedding_row_is_scored_again(tmp_path, digits_wds, inproc):
+    """The key once sampled 192 values per tensor: an edited row of the text embedding was not among
+    them, so the edited checkpoint reused the original's scores with 0 denoiser calls."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from cli_helpers import quick_options
+    from clip_benchmark_diffusion.tokenizers import clip_bpe_tokenizer
+    from tiny_models import save_tiny_sd
+
+    model = save_tiny_sd(tmp_path / "model")
+    opts = quick_options(tmp_path, strategy="full", n_samples=[2])
+    env = {"CLIP_BENCHMARK_DIFFUSION_CACHE": str(tmp_path / "cache")}
+    args = ["--pretrained_model", f"diffusion_sd2@{opts},{model}", "--dataset", "wds/digits", "--dataset_root",
+            str(digits_wds), "--output", "r.json"]
+    first = inproc(*args, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = json.loads((tmp_path / "r.json").read_text())
+    with ScoreStore(tmp_path / FILENAME) as store:
+        assert len(store) == 20
+
+    path = model / "text_encoder" / "model.safetensors"
+    state = load_file(path)
+    row = clip_bpe_tokenizer(16)("photo")["input_ids"][1]               # a word of every "a photo of" prompt
+    key = next(k for k in state if k.endswith("token_embedding.weight"))
+    state[key][row] += 0.5
+    save_file(state, path, metadata={"format": "pt"})
+    second = inproc(*args, cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "0 of 20 images from the score store" in second.stderr and "; 0 denoiser calls" not in second.stderr
+    with ScoreStore(tmp_path / FILENAME) as store:
+        assert len(store) == 40                                          # a new key for every image
+        payloads = store.get_many([k for k, in store._db.execute("SELECT key FROM scores")])
+    by_image: dict[str, list] = {}
+    for k, p in payloads.items():
+        by_image.setdefault(k.split("/")[1], []).append(p["mean_error"])
+    # Scored again, not copied: the edited row changes the text conditioning of every prompt (a few
+    # images of this tiny random UNet barely feel it, so most, not all, of their numbers move).
+    assert all(len(pair) == 2 for pair in by_image.values())
+    assert sum(pair[0] != pair[1] for pair in by_image.values()) >= 15
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["denoiser_calls_per_image"] == \
+        before["metrics"]["denoiser_calls_per_image"]

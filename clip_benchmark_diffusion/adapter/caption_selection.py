@@ -69,4 +69,5 @@ class CaptionSelectionMixin:
     def _pair_engine(self) -> ScoringEngine:
         """Every (image, caption) pair on every sample: comparisons across images need full scores."""
         options = self.options.replace(strategy="full", n_samples=(self.options.max_sample_count,))
-        return ScoringEngine(self._denoise, self.grid, self.model.objective, options, self.device_)
+        return ScoringEngine(self._denoise, self.grid, self.model.objective, options, self.device_,
+                             nonfinite_error=self._nonfinite_error)

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from clip_benchmark_diffusion.adapter.model import DiffusionClassifier, pick_dtype
+from clip_benchmark_diffusion.adapter.model import DiffusionClassifier, _stderr_note, pick_dtype
 from clip_benchmark_diffusion.adapter.transform import image_transform
+from clip_benchmark_diffusion.families.base import Family
 from clip_benchmark_diffusion.families.model import load_model
 from clip_benchmark_diffusion.registry import ResolvedModel, resolve
 
@@ -17,7 +18,21 @@ def load_diffusion_classifier(model_name: str, pretrained: str | None = None, ca
         resolved = resolve(model_name, pretrained, cache_dir)
     spec, source = resolved.spec, resolved.source
     dtype = pick_dtype(spec.options.dtype, torch.device(device), spec.family.cuda_dtype)
+    if note := float16_note(spec.family, dtype):
+        _stderr_note(note)
     loaded = load_model(spec.family, source, dtype, cache_dir=cache_dir, expected_prediction=spec.recipe.prediction_type)
     model = DiffusionClassifier(loaded, spec, weights=source.location, device=device)
     transform = image_transform(loaded.resolution(spec.options), loaded.image_channels)
     return model, transform, model.tokenizer
+
+
+def float16_note(family: Family, dtype: torch.dtype) -> str | None:
+    """A warning for float16 on a family whose default is bfloat16 (T5, FLUX, Gemma overflow in float16).
+
+    Not a refusal: many such checkpoints do run in float16, and one that overflows is stopped at its
+    first denoiser batch anyway (non-finite outputs are refused); this says why beforehand."""
+    if dtype != torch.float16 or family.cuda_dtype == "float16":
+        return None
+    return (f"dtype=float16 on a {family.name} model, whose text encoder or denoiser can overflow in float16 "
+            f"(the family's default is {family.cuda_dtype}); if scoring stops on NaN or inf, use "
+            f"dtype={family.cuda_dtype} or float32")

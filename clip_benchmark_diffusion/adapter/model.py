@@ -26,7 +26,7 @@ from clip_benchmark_diffusion.claims import Claims, score_shared
 from clip_benchmark_diffusion.adapter.caption_selection import CAPTION_SELECTION, RANK_BASE, CaptionSelectionMixin
 from clip_benchmark_diffusion.adapter import shortlist as sl
 from clip_benchmark_diffusion.adapter.conditioning import mean_rows, stack_rows
-from clip_benchmark_diffusion.adapter.prompt_checks import check_prompt_lengths
+from clip_benchmark_diffusion.adapter.prompt_checks import check_prompts_for_model
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
 from clip_benchmark_diffusion.checkpoints import StoreCheckpoints
 from clip_benchmark_diffusion.errors import UserError
@@ -107,7 +107,19 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
 
     def _make_engine(self, options: ScoringOptions) -> ScoringEngine:
         return ScoringEngine(self._denoise, self.grid, self.model.objective, options, self.device_,
-                             progress=self._on_progress)
+                             progress=self._on_progress, nonfinite_error=self._nonfinite_error)
+
+    def _nonfinite_error(self, what: str) -> UserError:
+        """One line for a denoiser batch with NaN or inf in it, naming what the user can change."""
+        dtype = str(self.dtype).replace("torch.", "")
+        guidance = self.model.metadata(self.options).get("guidance")
+        used = f" at guidance={guidance:g}" if guidance is not None else ""
+        fix = ("float16 overflows easily (T5, FLUX, large activations): score with dtype=float32 or bfloat16 "
+               "(CLIP_BENCHMARK_DIFFUSION_OPTIONS=dtype=float32)" if self.dtype == torch.float16 else
+               "the checkpoint is diverged or damaged: check the weights"
+               + (", or score at a smaller guidance" if guidance is not None else ""))
+        return UserError(f"the denoiser of {self.spec.recipe.name} ({self.weights}) returned {what} in {dtype}{used}, "
+                         f"so no class can be scored; {fix}")
 
     # -- the clip_benchmark interface --------------------------------------------------------
     def begin_task(self, task: str, expected_images: int | None = None, classnames: list[str] | None = None,
@@ -121,7 +133,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         if classnames is not None and not self.model.family.text_conditioned:
             self.model.encode_classes(self._classnames)       # unmappable classes: one line, now
         elif classnames is not None and templates is not None:
-            note = check_prompt_lengths(classnames, templates, self.model.token_limits(self.options))
+            note = check_prompts_for_model(classnames, templates, self.model.token_limits(self.options))
             if note:
                 _stderr_note(note)
         self._structure: tuple[int, int, int] | None = None

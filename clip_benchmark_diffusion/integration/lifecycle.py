@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from clip_benchmark_diffusion.errors import Interrupted, UserError
 from clip_benchmark_diffusion.partial_files import partial_path, remove_stale_partials
-from clip_benchmark_diffusion.predictions import write_predictions
+from clip_benchmark_diffusion.predictions import DIGEST_FIELD, file_digest, predictions_path, write_predictions
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -215,21 +215,32 @@ def _finish(state: RunState, tmp: Path, final: Path) -> None:
             dump["model"] = f"{dump['model']}+{dump['diffusion_classifier']['hybrid']}"
             dump["metrics"]["shortlist_recall_at_k"] = state.shortlist_recall
     if _rank() == 0:  # every rank computed the same metrics; one writes them
+        # Predictions first, then the result with their digest: a result never names a file that is not
+        # its own, and one rewritten without predictions removes the previous run's (compare reads it).
+        preds = _write_any_predictions(state, final, model)
+        if preds is None:
+            predictions_path(final).unlink(missing_ok=True)
+        dump[DIGEST_FIELD] = file_digest(preds) if preds is not None else None
         tmp.write_text(json.dumps(dump))
         os.replace(tmp, final)
-        if state.predictions is not None:
-            _write_predictions(final, state.predictions, model)
-        if state.caption_predictions is not None:
-            verdicts, rankings = state.caption_predictions
-            calls = model.record.calls if model is not None else []
-            if len(calls) != len(verdicts):  # Winoground: calls are per image, not per instance
-                calls = [None] * len(verdicts)
-            write_predictions(final, [0] * len(verdicts), rankings, calls, correct=verdicts)
         if state.plan.args.verbose:
             print(f"Wrote {final}")
 
 
-def _write_predictions(final: Path, predictions: tuple[Any, Any, float], model: Any) -> None:
+def _write_any_predictions(state: RunState, final: Path, model: Any) -> Path | None:
+    """The predictions file of this run, if it was asked for (``PREDICTIONS_ENV``)."""
+    if state.predictions is not None:
+        return _write_predictions(final, state.predictions, model)
+    if state.caption_predictions is not None:
+        verdicts, rankings = state.caption_predictions
+        calls = model.record.calls if model is not None else []
+        if len(calls) != len(verdicts):  # Winoground: calls are per image, not per instance
+            calls = [None] * len(verdicts)
+        return write_predictions(final, [0] * len(verdicts), rankings, calls, correct=verdicts)
+    return None
+
+
+def _write_predictions(final: Path, predictions: tuple[Any, Any, float], model: Any) -> Path:
     """``<output stem>.predictions.jsonl``: per image the label, the top-5 classes, the top-1
     probability and (ours) the calls."""
     import torch
@@ -242,7 +253,7 @@ def _write_predictions(final: Path, predictions: tuple[Any, Any, float], model: 
     else:
         calls = [None] * len(top)
         confidence = torch.softmax(logits.float() * (scale / 100.0), dim=1).max(1).values.tolist()
-    write_predictions(final, target.tolist(), top, calls, confidence)
+    return write_predictions(final, target.tolist(), top, calls, confidence)
 
 
 def _kept(plan: RunPlan) -> str:

@@ -97,12 +97,19 @@ class ImageResult:
         return cls(outcome=outcome, denoiser_calls=p["calls"], seed=p["seed"], seconds=p["seconds"])
 
 
+class NonFiniteOutput(RuntimeError):
+    """The denoiser returned NaN or inf: no number of retries can turn it into a score."""
+
+
 @dataclass
 class _ImageState:
     latent: torch.Tensor          # (C, H, W)
     noise: NoiseBank
     strategy: Strategy
-    cerr: torch.Tensor            # (G, M, N) per-condition error, NaN until computed
+    cerr: torch.Tensor            # (G, M, N) per-condition error, valid where ``have``
+    # (G, M, N) which errors are computed (padding members count as computed). An explicit mask, not
+    # NaN in ``cerr``: a denoiser that returns NaN would otherwise look "not computed yet" forever.
+    have: torch.Tensor
     calls: int = 0
 
 
@@ -113,7 +120,10 @@ class Checkpoints(Protocol):
         """Image i's saved (G, M, N) errors (NaN where not computed) and denoiser calls, if any."""
 
     def save(self, i: int, cerr: torch.Tensor, calls: int) -> None:
-        """Keep image i's errors so far."""
+        """Keep image i's errors so far (NaN where not computed)."""
+
+# The checkpoint format (and its users) mark missing errors with NaN. That stays unambiguous because
+# ``_run`` refuses any non-finite error before it is stored: a computed error is never NaN.
 
 
 CHECKPOINT_S = 5.0  # at most this much compute is lost when the process is killed
@@ -123,9 +133,13 @@ class ScoringEngine:
     checkpoint_s = CHECKPOINT_S
 
     def __init__(self, denoiser: Denoiser, grid: NoiseGrid, objective: str, options: ScoringOptions,
-                 device: torch.device | str, progress: Callable[[dict], None] | None = None) -> None:
+                 device: torch.device | str, progress: Callable[[dict], None] | None = None,
+                 nonfinite_error: Callable[[str], Exception] = NonFiniteOutput) -> None:
         """``grid`` holds at least ``options.max_sample_count`` noise levels in sample order;
-        ``objective`` is what the denoiser was trained to predict (for the ``native`` weighting)."""
+        ``objective`` is what the denoiser was trained to predict (for the ``native`` weighting).
+        ``nonfinite_error(what)`` is raised when a denoiser batch is not finite (the caller knows
+        the model, dtype and options that a user can change)."""
+        self.nonfinite_error = nonfinite_error
         if len(grid) < options.max_sample_count:
             raise ValueError(f"the grid has {len(grid)} levels, the options need {options.max_sample_count}")
         self.denoiser, self.grid, self.options = denoiser, grid, options
@@ -157,8 +171,8 @@ class ScoringEngine:
         valid = cands.members >= 0                                    # (G, M)
         states = [
             _ImageState(latent=lat, noise=NoiseBank(seed, tuple(lat.shape), self.device),
-                        strategy=make_strategy(self.options, G),
-                        cerr=torch.where(valid[:, :, None], float("nan"), 0.0).expand(G, M, N).clone())
+                        strategy=make_strategy(self.options, G), cerr=torch.zeros(G, M, N),
+                        have=(~valid)[:, :, None].expand(G, M, N).clone())
             for lat, seed in zip(latents, seeds)
         ]
         if allowed is not None:
@@ -168,7 +182,8 @@ class ScoringEngine:
             for i, st in enumerate(states):
                 saved = checkpoints.load(i)
                 if saved is not None and saved[0].shape == st.cerr.shape:
-                    st.cerr, st.calls = saved[0].clone(), saved[1]
+                    st.have = ~saved[0].isnan() | ~valid[:, :, None]
+                    st.cerr, st.calls = saved[0].nan_to_num(0.0), saved[1]
         last_save, dirty = time.perf_counter(), set()
         while active := [i for i, s in enumerate(states) if not s.strategy.done]:
             items = self._collect(states, active, valid, 0)            # (Q, 4): image, class, member, sample
@@ -179,14 +194,14 @@ class ScoringEngine:
                     dirty.update(chunk[:, 0].unique().tolist())
                     if time.perf_counter() - last_save >= self.checkpoint_s:
                         for i in sorted(dirty):
-                            checkpoints.save(i, states[i].cerr, states[i].calls)
+                            st = states[i]
+                            checkpoints.save(i, st.cerr.masked_fill(~st.have, float("nan")), st.calls)
                         dirty.clear()
                         last_save = time.perf_counter()
             for i in active:
                 st = states[i]
-                done_cls = ~st.cerr.isnan().any(1)                     # (G, N)
-                st.strategy.err = torch.where(done_cls & st.strategy.err.isnan(),
-                                              self._class_error(st.cerr, valid), st.strategy.err)
+                done_cls = st.have.all(1)                              # (G, N)
+                st.strategy.record(done_cls & ~st.strategy.known, self._class_error(st.cerr, valid))
                 st.strategy.update()
                 if st.strategy.done:
                     self.stats.images += 1
@@ -213,7 +228,7 @@ class ScoringEngine:
         parts = []
         for i in active:
             st = states[i]
-            want = st.strategy.wanted(extra)[:, None, :] & valid[:, :, None] & st.cerr.isnan()  # (G, M, N)
+            want = st.strategy.wanted(extra)[:, None, :] & ~st.have                 # (G, M, N)
             idx = want.nonzero()                                       # (q, 3): class, member, sample
             parts.append(torch.cat([torch.full((len(idx), 1), i), idx], 1))
         return torch.cat(parts) if parts else torch.empty(0, 4, dtype=torch.long)
@@ -256,7 +271,18 @@ class ScoringEngine:
         self.stats.denoiser_batches += 1
         scale = self._scale[kd] if self._scale is not None else None
         err = (smath.sample_error(eps, eps_hat, self.options.loss, scale) * self._weight[kd]).cpu()
+        self._check_finite(eps_hat, err)
         for i in torch.unique(img).tolist():
             sel = img == i
             states[i].cerr[g[sel], m[sel], k[sel]] = err[sel]
+            states[i].have[g[sel], m[sel], k[sel]] = True
             states[i].calls += int(sel.sum())
+
+    def _check_finite(self, eps_hat: torch.Tensor, err: torch.Tensor) -> None:
+        """Stop at the first batch with a NaN or inf output: the same inputs give it again on every
+        retry, and an infinite error ties every class (class 0 would win with confidence 1)."""
+        if bool(torch.isfinite(err).all()):
+            return
+        bad = ~torch.isfinite(eps_hat.flatten(1)).all(1).cpu() | ~torch.isfinite(err)
+        kind = "NaN" if bool(eps_hat.isnan().any()) or bool(err.isnan().any()) else "inf"
+        raise self.nonfinite_error(f"{kind} for {int(bad.sum())} of {len(err)} inputs")

@@ -2,7 +2,7 @@
 anytime-valid successive elimination (Howard et al.'s confidence sequences on paired differences).
 
 Each strategy keeps one image's state as tensors: ``err`` (G, N) holds the class error of
-candidate g on sample k (NaN until computed). ``wanted(extra)`` says which entries are needed
+candidate g on sample k where ``known`` (G, N) says it is computed. ``wanted(extra)`` says which entries are needed
 next as a (G, N) mask; ``update()`` reads the computed entries, eliminates candidates and says
 whether the image is done. ``ranking()`` orders all candidates, best first.
 """
@@ -56,7 +56,10 @@ class Outcome:
 
 class Strategy:
     def __init__(self, num_candidates: int, num_samples: int) -> None:
-        self.err = torch.full((num_candidates, num_samples), float("nan"))
+        self._err = torch.zeros(num_candidates, num_samples)
+        # Which entries of ``err`` are computed: a mask, not NaN in ``err``, so that a value the
+        # denoiser got wrong can never pass for "not computed yet" (and be asked for forever).
+        self.known = torch.zeros(num_candidates, num_samples, dtype=torch.bool)
         self.alive = torch.ones(num_candidates, dtype=torch.bool)
         # Lower is worse; eliminated candidates rank below survivors, later eliminations higher.
         self.out_round = torch.full((num_candidates,), -1, dtype=torch.long)
@@ -79,6 +82,22 @@ class Strategy:
 
     # -- shared ------------------------------------------------------------------------------
     @property
+    def err(self) -> torch.Tensor:
+        """(G, N) class errors; meaningful where ``known``."""
+        return self._err
+
+    @err.setter
+    def err(self, values: torch.Tensor) -> None:
+        """A complete (G, N) error matrix at once (simulations); the engine uses ``record``."""
+        self._err = values
+        self.known = torch.ones_like(values, dtype=torch.bool)
+
+    def record(self, mask: torch.Tensor, values: torch.Tensor) -> None:
+        """Take ``values`` (G, N) where ``mask`` (G, N) is set: newly computed class errors."""
+        self._err = torch.where(mask, values.to(self._err.dtype), self._err)
+        self.known = self.known | mask
+
+    @property
     def scores(self) -> torch.Tensor:
         """(G, N) what decisions read: the errors, or (``normalize``) each sample's errors over their
         mean across the candidates scored on it. That removes the several-fold spread of class gaps
@@ -88,17 +107,19 @@ class Strategy:
         decisions stay functions of the samples read in order."""
         if not self.normalize:
             return self.err
-        return self.err / self.err.nanmean(0, keepdim=True)
+        known = self.known.to(self.err.dtype)
+        mean = (self.err * known).sum(0, keepdim=True) / known.sum(0, keepdim=True)  # over computed entries
+        return self.err / mean
 
     def wanted(self, extra: int = 0) -> torch.Tensor:
         """(G, N) mask of entries to compute now; ``extra`` samples of look-ahead fill batches."""
         n = min(self.horizon() + extra, self.err.shape[1])
         mask = torch.zeros_like(self.err, dtype=torch.bool)
         mask[self.alive, :n] = True
-        return mask & self.err.isnan()
+        return mask & ~self.known
 
     def complete(self, n: int) -> bool:
-        return not self.err[self.alive, :n].isnan().any().item()
+        return bool(self.known[self.alive, :n].all())
 
     def eliminate(self, losers: torch.Tensor, n: int) -> None:
         """Drop ``losers`` (bool mask) after their first ``n`` samples."""
