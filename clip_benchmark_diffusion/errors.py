@@ -15,3 +15,11 @@ class Interrupted(UserError):
     """Ctrl-C: one line on what was kept, and the shell's exit code for SIGINT."""
 
     exit_code = 130
+
+
+def stderr_note(text: str) -> None:
+    """One note line on stderr, in a single write (ranks under torchrun share stderr)."""
+    import sys
+
+    sys.stderr.write(f"clip_benchmark_diffusion: note: {text}\n")
+    sys.stderr.flush()

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from clip_benchmark_diffusion.adapter.model import DiffusionClassifier, _stderr_note, pick_dtype
+from clip_benchmark_diffusion.adapter.model import DiffusionClassifier, pick_dtype
+from clip_benchmark_diffusion.errors import stderr_note
 from clip_benchmark_diffusion.adapter.transform import image_transform
 from clip_benchmark_diffusion.families.base import Family
 from clip_benchmark_diffusion.families.model import load_model
@@ -19,7 +20,7 @@ def load_diffusion_classifier(model_name: str, pretrained: str | None = None, ca
     spec, source = resolved.spec, resolved.source
     dtype = pick_dtype(spec.options.dtype, torch.device(device), spec.family.cuda_dtype)
     if note := float16_note(spec.family, dtype):
-        _stderr_note(note)
+        stderr_note(note)
     loaded = load_model(spec.family, source, dtype, cache_dir=cache_dir, expected_prediction=spec.recipe.prediction_type)
     model = DiffusionClassifier(loaded, spec, weights=source.location, device=device)
     transform = image_transform(loaded.resolution(spec.options), loaded.image_channels)

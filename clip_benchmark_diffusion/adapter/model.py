@@ -29,7 +29,7 @@ from clip_benchmark_diffusion.adapter.conditioning import mean_rows, stack_rows
 from clip_benchmark_diffusion.adapter.prompt_checks import check_prompts_for_model
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
 from clip_benchmark_diffusion.checkpoints import StoreCheckpoints
-from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.errors import UserError, stderr_note
 from clip_benchmark_diffusion.families.model import LoadedModel
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.progress import Progress, progress_bar
@@ -135,7 +135,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         elif classnames is not None and templates is not None:
             note = check_prompts_for_model(classnames, templates, self.model.token_limits(self.options))
             if note:
-                _stderr_note(note)
+                stderr_note(note)
         self._structure: tuple[int, int, int] | None = None
         self.pair_errors: list[torch.Tensor] = []
         self.record = RunRecord()
@@ -381,10 +381,3 @@ def pick_dtype(name: str, device: torch.device, cuda_default: str = "float16") -
     if name == "auto":
         return getattr(torch, cuda_default) if device.type == "cuda" else torch.float32
     return getattr(torch, name)
-
-
-def _stderr_note(text: str) -> None:
-    import sys
-
-    sys.stderr.write(f"clip_benchmark_diffusion: note: {text}\n")
-    sys.stderr.flush()
