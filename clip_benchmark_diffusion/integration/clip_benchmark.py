@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import signal
+import threading
 from importlib import metadata
 from typing import Any
 
 from clip_benchmark_diffusion._watched import WATCHED
-from clip_benchmark_diffusion.errors import Interrupted, UserError
+from clip_benchmark_diffusion.errors import Interrupted, Terminated, UserError
 from clip_benchmark_diffusion.integration.checks import check_labels, check_model_list, check_plans, check_prompts
 from clip_benchmark_diffusion.integration.lifecycle import (LOAD_CLFS_ERROR, MODEL_TYPE, UNSUPPORTED_TASKS, current_run,
                                                              execute, output_path, plan_run, stderr_line,
@@ -230,13 +232,37 @@ def _patch_cli(cli: Any) -> None:
 
     @functools.wraps(original_main)
     def main(*a: Any, **kw: Any) -> Any:
+        previous = _raise_on_sigterm()
         try:
             return original_main(*a, **kw)
         except UserError as exc:
             stderr_line(str(exc))
             return exc.exit_code
-        except KeyboardInterrupt:  # outside a run (planning, imports): nothing to keep
-            stderr_line("clip_benchmark_diffusion: interrupted")
-            return Interrupted.exit_code
+        except KeyboardInterrupt as exc:  # outside a run (planning, imports): nothing to keep
+            terminated = isinstance(exc, Terminated)
+            stderr_line(f"clip_benchmark_diffusion: {'terminated (SIGTERM)' if terminated else 'interrupted'}")
+            return Terminated.exit_code if terminated else Interrupted.exit_code
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     cli.run, cli.main_eval, cli.main = run, main_eval, main
+
+
+def _raise_on_sigterm() -> Any:
+    """SIGTERM (what SLURM sends on preemption, and ``kill``'s default) raises :class:`Terminated` in
+    the main thread, so it takes Ctrl-C's path: the images in flight are checkpointed and one line
+    says what was kept. Python's default would end the process at once and lose their work. Only the
+    first raises: later ones (a scheduler repeating itself) must not cut the save short. Returns the
+    handler it replaced, or None when it could not install one (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    fired = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)

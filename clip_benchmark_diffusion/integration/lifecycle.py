@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from clip_benchmark_diffusion.errors import Interrupted, UserError
+from clip_benchmark_diffusion.errors import Interrupted, Terminated, UserError
 from clip_benchmark_diffusion.partial_files import partial_path, remove_stale_partials
 from clip_benchmark_diffusion.predictions import write_predictions
 
@@ -178,7 +178,9 @@ def execute(original_run: Callable[[Any], Any], plan: RunPlan) -> Any:
             result = original_run(patched)
             if tmp.exists():
                 _finish(state, tmp, final)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): in-flight work is saved by now
+            if isinstance(exc, Terminated):
+                raise Interrupted(f"terminated (SIGTERM){_kept(plan)}", Terminated.exit_code) from None
             raise Interrupted(f"interrupted{_kept(plan)}") from None
         except UserError:
             raise
@@ -189,6 +191,8 @@ def execute(original_run: Callable[[Any], Any], plan: RunPlan) -> Any:
     finally:
         tmp.unlink(missing_ok=True)
         _state.reset(token)
+        if state.model is not None:  # the run is over: a closed store leaves no -wal or -shm beside it
+            state.model.close_store()
 
 
 def _finish(state: RunState, tmp: Path, final: Path) -> None:
@@ -238,8 +242,8 @@ def _kept(plan: RunPlan) -> str:
     if plan.store_path is None:
         return "; no result file was written" if not plan.ours else \
             "; the score store is off, so the images scored so far are lost"
-    return (f"; every image finished so far is kept in the score store {plan.store_path}: "
-            "run the same command again to resume")
+    return (f"; every image finished so far is kept in the score store {plan.store_path}, and the work "
+            "done on the images in flight: run the same command again to resume")
 
 
 def _translate_errors(exc: BaseException, plan: RunPlan) -> None:
