@@ -330,6 +330,10 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             "seconds_per_image": sum(seconds) / len(seconds),
         }
 
+    def weights_digest(self) -> str:
+        """A short content fingerprint of the loaded weights (names a weights folder in results)."""
+        return weights_fingerprint(self.model.fingerprint_modules())[:16]
+
     def close_store(self) -> None:
         """The run is over (or stopped): leave the store's owners and close its connections, which folds
         the WAL back into the file, so no -wal or -shm file is left beside a finished store."""

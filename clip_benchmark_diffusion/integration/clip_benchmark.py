@@ -7,13 +7,14 @@ What happens to each run (checks, output file, result fields) is in ``integratio
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import signal
 import threading
 from importlib import metadata
-from typing import Any
+from typing import Any, Iterator
 
 from clip_benchmark_diffusion._watched import WATCHED
 from clip_benchmark_diffusion.errors import Interrupted, Terminated, UserError
@@ -147,9 +148,23 @@ def _patch_metric(task: str, module: Any) -> None:
             from clip_benchmark_diffusion.integration.caption_records import evaluate_recording_instances
 
             return evaluate_recording_instances(original, model, dataloader, *args, **kwargs)
-        return original(model, dataloader, *args, **kwargs)
+        with _without_metric_noise():
+            return original(model, dataloader, *args, **kwargs)
 
     module.evaluate = evaluate
+
+
+@contextlib.contextmanager
+def _without_metric_noise() -> Iterator[None]:
+    """clip_benchmark's mean per-class recall (scikit-learn's balanced accuracy) warns whenever a class is
+    predicted that no image of the set has, and its verbose report when a class is never predicted: on
+    any evaluation smaller than its class list. The metric is still right, and the user can do nothing."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"y_pred contains classes not in y_true", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"(Precision|Recall|F-score) is ill-defined", category=UserWarning)
+        yield
 
 
 def _patch_run_classification(module: Any) -> None:

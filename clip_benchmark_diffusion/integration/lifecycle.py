@@ -149,12 +149,28 @@ def _slug(text: str) -> str:
     return text.strip("/").replace("/", "_") if not os.path.isfile(text) else os.path.basename(text)
 
 
+def _hybrid_from_environment(model: str) -> str | None:
+    """The hybrid label that ``CLIP_BENCHMARK_DIFFUSION_OPTIONS`` gives ``--model`` beyond what ``--model``
+    itself says (None when it makes no hybrid, or the same one as ``--model``'s options file)."""
+    from clip_benchmark_diffusion.options import OPTIONS_ENV
+    from clip_benchmark_diffusion.registry import parse_model_spec
+
+    if not os.environ.get(OPTIONS_ENV, "").strip():
+        return None
+    label = parse_model_spec(model).options.shortlist_label
+    return label if label != parse_model_spec(model, environ={}).options.shortlist_label else None
+
+
 def output_path(args: Any, task: str) -> Path:
     """clip_benchmark's output name, with ``/`` in model and weights names made file-safe; checked writable."""
     from clip_benchmark_diffusion.integration.checks import format_output
 
     dataset = dataset_name(args)
-    return format_output(args.output, dict(model=_slug(args.model), pretrained=_slug(args.pretrained),
+    model = _slug(args.model)
+    hybrid = _hybrid_from_environment(args.model) if is_ours(args) else None
+    if hybrid:  # the pure run's file name would be overwritten: the name says what ran, as the result does
+        model = f"{model}+{hybrid.replace('/', '_').replace(':', '-')}"
+    return format_output(args.output, dict(model=model, pretrained=_slug(args.pretrained),
                                            pretrained_full_path=args.pretrained.replace("/", "_"), task=task,
                                            dataset=dataset.replace("/", "_"), language=args.language))
 
@@ -203,6 +219,7 @@ def _finish(state: RunState, tmp: Path, final: Path) -> None:
         stderr_line(model.store_report())
         dump["metrics"].update(model.cost_summary())
         dump["diffusion_classifier"] = model.result_metadata(model_type=state.plan.args.model_type)
+        _portable_paths(dump, model.weights_digest)
         if dump["diffusion_classifier"].get("hybrid"):  # a hybrid's row must not pass for pure diffusion
             dump["model"] = f"{dump['model']}+{dump['diffusion_classifier']['hybrid']}"
             dump["metrics"]["shortlist_recall_at_k"] = state.shortlist_recall
@@ -219,6 +236,43 @@ def _finish(state: RunState, tmp: Path, final: Path) -> None:
             write_predictions(final, [0] * len(verdicts), rankings, calls, correct=verdicts)
         if state.plan.args.verbose:
             print(f"Wrote {final}")
+
+
+SMALL_FILE = 16 << 20   # files up to this size are identified by a digest of their bytes
+
+
+def portable_path(text: str, weights_digest: Callable[[], str]) -> str:
+    """How a result names a local path without leaking the machine's folders into leaderboards: relative
+    to the working directory when inside it; otherwise the file or folder's name and a digest of its
+    content (a small file's bytes; the loaded weights' fingerprint for a folder or a weights file).
+    Anything else (a hub name, a preset, a relative path) is returned as given."""
+    path = Path(text)
+    if not path.is_absolute() or not path.exists():
+        return text
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        pass
+    if path.is_file() and path.stat().st_size <= SMALL_FILE:
+        import hashlib
+
+        digest = hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()
+    else:
+        digest = weights_digest()
+    return f"{path.name}#{digest}"
+
+
+def _portable_paths(dump: dict, weights_digest: Callable[[], str]) -> None:
+    """Our result's path fields (weights, options file, --model's options part, --pretrained) made portable."""
+    from clip_benchmark_diffusion.registry import OPTION_SEPARATOR
+
+    meta = dump["diffusion_classifier"]
+    for holder, name in ((meta, "weights"), (meta, "option_source"), (dump, "pretrained")):
+        if isinstance(holder.get(name), str):
+            holder[name] = portable_path(holder[name], weights_digest)
+    base, sep, source = dump["model"].partition(OPTION_SEPARATOR)
+    if sep:
+        dump["model"] = f"{base}{sep}{portable_path(source, weights_digest)}"
 
 
 def _write_predictions(final: Path, predictions: tuple[Any, Any, float], model: Any) -> None:
