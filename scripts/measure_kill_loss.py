@@ -89,6 +89,7 @@ def main() -> None:
                    help="the signal that stops each attempt (TERM: what SLURM sends on preemption)")
     args = p.parse_args()
     from clip_benchmark_diffusion.demo.run import subset_dataset
+    from clip_benchmark_diffusion.scoring.engine import CHECKPOINT_S
 
     work = Path(tempfile.mkdtemp(prefix="kill_loss_"))
     data = subset_dataset(args.images, work / "data")
@@ -106,6 +107,13 @@ def main() -> None:
     print(f"clean run: {clean_calls} denoiser calls, {clean_s:.0f} s, {args.images} images, "
           f"dataloader batch {args.batch_size}, {1000 * s_per_call:.2f} ms of compute per call")
     sig = getattr(signal, f"SIG{args.signal}")
+    batch_s = json.loads((work / "clean.json").read_text())["diffusion_classifier"]["scoring"]["batch_size"] * s_per_call
+    interval = float(args.checkpoint_s) if args.checkpoint_s else CHECKPOINT_S
+    bound = batch_s if args.signal != "KILL" else interval + batch_s
+    print(f"bound per SIG{args.signal}: {bound:.2f} s of compute ("
+          + ("the denoiser batch in flight, " if args.signal != "KILL" else
+             f"the {interval:g} s checkpoint interval + the denoiser batch in flight, ")
+          + f"{batch_s:.2f} s here)")
 
     out, db = work / "run" / "r.json", work / "run" / "clip_benchmark_diffusion_scores.sqlite"
     out.parent.mkdir()
