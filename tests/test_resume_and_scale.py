@@ -1,8 +1,9 @@
 """No lost work and scale-out: SIGKILL + resume, free re-runs, torchrun across 2 processes, two
-commands sharing one store.
+commands sharing one store, SIGTERM + resume.
 
-The first three are slow (several console runs each); the default suite keeps one fast path per
-feature: resume after a stop mid-run in tests/test_mistakes.py (in-process), torchrun in
+All but the shared-store split are slow (several console runs each); the default suite keeps one
+fast path per feature: resume after a stop mid-run in tests/test_mistakes.py (in-process), an
+interrupt saving the images in flight in tests/test_checkpoints.py, torchrun in
 tests/test_distributed.py, and the shared-store split here.
 """
 from __future__ import annotations
