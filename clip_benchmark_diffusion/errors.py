@@ -12,9 +12,20 @@ class UserError(Exception):
 
 
 class Interrupted(UserError):
-    """Ctrl-C: one line on what was kept, and the shell's exit code for SIGINT."""
+    """Ctrl-C or SIGTERM: one line on what was kept, and the shell's exit code for the signal."""
 
-    exit_code = 130
+    exit_code = 130  # 128 + SIGINT
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (SLURM preemption, ``kill``), raised in the main thread by the command's handler so that
+    it takes Ctrl-C's path: the engine saves the work of every image in flight, then one line."""
+
+    exit_code = 143  # 128 + SIGTERM
 
 
 def stderr_note(text: str) -> None:

@@ -243,11 +243,13 @@ def is_diffusion_model(model: str) -> bool:
     return base.startswith(RESERVED_PREFIX) or base in REGISTRY.names()
 
 
-def parse_model_spec(model: str) -> ModelSpec:
-    """Parse ``RECIPE[@PRESET_OR_JSON_FILE]`` into a recipe and its scoring options."""
+def parse_model_spec(model: str, environ: Mapping[str, str] | None = None) -> ModelSpec:
+    """Parse ``RECIPE[@PRESET_OR_JSON_FILE]`` into a recipe and its scoring options (with the options
+    environment variable of ``environ``, by default the process's)."""
     base, sep, source = model.partition(OPTION_SEPARATOR)
     recipe = get_recipe(base)
     options = recipe.default_options()
     if sep:
         options = parse_option_source(source, options)
-    return ModelSpec(recipe=recipe, options=env_overrides(options), option_source=source or None, model=model)
+    options = env_overrides(options) if environ is None else env_overrides(options, environ)
+    return ModelSpec(recipe=recipe, options=options, option_source=source or None, model=model)

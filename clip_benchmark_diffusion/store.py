@@ -39,7 +39,13 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS scores(key TEXT PRIMARY KEY, payload TEXT NOT NULL, created REAL NOT NULL)",
 )
 # Per-image work of images not decided yet (``ScoringEngine`` checkpoints), so a kill loses seconds.
+# ``partials`` held one whole error tensor per image, rewritten at each save (stores written before
+# the checkpoints became incremental; still read); ``partial_parts`` holds one row per image and
+# save with only what was computed since the previous one.
 _PARTIALS = "CREATE TABLE IF NOT EXISTS partials(key TEXT PRIMARY KEY, data BLOB NOT NULL, created REAL NOT NULL)"
+_PARTIAL_PARTS = ("CREATE TABLE IF NOT EXISTS partial_parts(id INTEGER PRIMARY KEY, key TEXT NOT NULL, "
+                  "data BLOB NOT NULL, created REAL NOT NULL)",
+                  "CREATE INDEX IF NOT EXISTS partial_parts_key ON partial_parts(key)")
 _T = TypeVar("_T")
 
 # This process's open connections per store file (real path). POSIX advisory locks belong to
@@ -128,11 +134,31 @@ class ScoreStore:
         return found
 
     def put(self, key: str, payload: dict) -> None:
-        """Insert or replace one entry in its own transaction (committed on return); drops its partial."""
+        """Insert or replace one entry and drop its partial work, in one transaction (committed on return)."""
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        with_retries(lambda: self._db.execute("INSERT OR REPLACE INTO scores(key, payload, created) VALUES (?, ?, ?)",
-                                        (key, text, time.time())), self.path)
-        with_retries(lambda: self._db.execute("DELETE FROM partials WHERE key = ?", (key,)), self.path)
+        with_retries(lambda: self._transaction([
+            ("INSERT OR REPLACE INTO scores(key, payload, created) VALUES (?, ?, ?)", (key, text, time.time())),
+            ("DELETE FROM partials WHERE key = ?", (key,)),
+            ("DELETE FROM partial_parts WHERE key = ?", (key,))]), self.path)
+
+    def append_partial(self, key: str, data: bytes) -> None:
+        """Add one more piece of the partial work of an image not decided yet (read back in order)."""
+        with_retries(lambda: self._db.execute("INSERT INTO partial_parts(key, data, created) VALUES (?, ?, ?)",
+                                        (key, data, time.time())), self.path)
+
+    def get_partial_parts(self, keys: list[str]) -> dict[str, list[bytes]]:
+        """The pieces of partial work stored for those ``keys`` that have some, each in the order written."""
+        if self._conn is None and not self.path.exists():
+            return {}
+        found: dict[str, list[bytes]] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), _IN_CHUNK):
+            part = unique[start : start + _IN_CHUNK]
+            sql = (f"SELECT key, data FROM partial_parts WHERE key IN ({','.join('?' * len(part))}) "
+                   "ORDER BY id")
+            for key, data in with_retries(lambda: self._db.execute(sql, part).fetchall(), self.path):
+                found.setdefault(key, []).append(data)
+        return found
 
     def put_partial(self, key: str, data: bytes) -> None:
         """Keep the partial work of an image not decided yet (replaced by each newer one)."""
@@ -163,6 +189,13 @@ class ScoreStore:
     def close(self) -> None:
         self._closed = True
         if self._conn is not None:
+            # Fold the WAL back into the file, so a finished store is one file; SQLite then removes
+            # -wal and -shm if this was the last connection. A checkpoint another process blocks
+            # (it still reads) is left to that process's close.
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
             self._conn.close()
             self._conn = None
         if self._live is not None:
@@ -243,6 +276,9 @@ class ScoreStore:
             raise self._error("has no scores table")
         if "partials" not in tables:  # added after schema 1 was released: created on first open
             with_retries(lambda: self._db.execute(_PARTIALS), self.path)
+        if "partial_parts" not in tables:  # likewise
+            for statement in _PARTIAL_PARTS:
+                with_retries(lambda: self._db.execute(statement), self.path)
         # A no-op on stores we created; WAL lets readers and one writer work at the same time, and
         # NORMAL is still durable against a crash of the process (only an OS crash may lose the
         # last commits, never corrupt the file).
@@ -257,6 +293,17 @@ class ScoreStore:
             raise self._error(f"is damaged ({' '.join(str(exc).split())})") from None
         if problems != ["ok"]:
             raise self._error(f"is damaged ({problems[0]})")
+
+    def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+        """Run ``statements`` as one transaction: all of them, or (on any error) none."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                self._db.execute(sql, params)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def _tables(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}

@@ -1,4 +1,5 @@
-"""How much denoiser work a SIGKILL throws away: kill the stock command at random moments, resume.
+"""How much denoiser work a SIGKILL (or SIGTERM, SIGINT) throws away: stop the stock command at random
+moments, resume.
 
 One clean run (store off) gives the calls a full evaluation needs. Then the same command is
 started with a fresh store and SIGKILLed at a random moment after its first denoiser call, again
@@ -12,6 +13,10 @@ of the work is kept in the store's partials, so that difference undercounts what
 
     python scripts/measure_kill_loss.py --images 60 --batch-size 20 --kills 6
     python scripts/measure_kill_loss.py --images 60 --batch-size 20 --kills 6 --checkpoint-s inf   # no checkpoints
+    python scripts/measure_kill_loss.py --images 40 --batch-size 20 --kills 4 --signal TERM        # SLURM preemption
+
+The loss is also given in seconds of compute: calls x the clean run's seconds per denoiser call
+(its ``seconds_per_image`` x images / calls), the figure to hold against the checkpoint interval.
 
 Prints one line per kill and a summary; the figures are the numbers to compare before and after
 a change to what is persisted.
@@ -80,8 +85,11 @@ def main() -> None:
     p.add_argument("--kills", type=int, default=6, help="stop killing after this many kills")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-s", default="", help="seconds between the engine's checkpoints; inf: none")
+    p.add_argument("--signal", default="KILL", choices=("KILL", "TERM", "INT"),
+                   help="the signal that stops each attempt (TERM: what SLURM sends on preemption)")
     args = p.parse_args()
     from clip_benchmark_diffusion_demo.run import subset_dataset
+    from clip_benchmark_diffusion.scoring.engine import CHECKPOINT_S
 
     work = Path(tempfile.mkdtemp(prefix="kill_loss_"))
     data = subset_dataset(args.images, work / "data")
@@ -93,8 +101,19 @@ def main() -> None:
     subprocess.run(command(args, data, work / "clean.json"), check=True, stderr=subprocess.DEVNULL,
                    env={**env, COUNTER_ENV: str(counter), "CLIP_BENCHMARK_DIFFUSION_STORE": "off"})
     clean_calls, clean_s = counted_calls(counter), time.perf_counter() - start
+    # compute per call, from the run's own accounting (scoring wall time, without start-up)
+    metrics = json.loads((work / "clean.json").read_text())["metrics"]
+    s_per_call = metrics["seconds_per_image"] * args.images / max(clean_calls, 1)
     print(f"clean run: {clean_calls} denoiser calls, {clean_s:.0f} s, {args.images} images, "
-          f"dataloader batch {args.batch_size}")
+          f"dataloader batch {args.batch_size}, {1000 * s_per_call:.2f} ms of compute per call")
+    sig = getattr(signal, f"SIG{args.signal}")
+    batch_s = json.loads((work / "clean.json").read_text())["diffusion_classifier"]["scoring"]["batch_size"] * s_per_call
+    interval = float(args.checkpoint_s) if args.checkpoint_s else CHECKPOINT_S
+    bound = batch_s if args.signal != "KILL" else interval + batch_s
+    print(f"bound per SIG{args.signal}: {bound:.2f} s of compute ("
+          + ("the denoiser batch in flight, " if args.signal != "KILL" else
+             f"the {interval:g} s checkpoint interval + the denoiser batch in flight, ")
+          + f"{batch_s:.2f} s here)")
 
     out, db = work / "run" / "r.json", work / "run" / "clip_benchmark_diffusion_scores.sqlite"
     out.parent.mkdir()
@@ -103,15 +122,16 @@ def main() -> None:
     for attempt in range(args.kills + 1):
         counter = work / f"run{attempt}.count"
         before = stored(db)
-        proc = subprocess.Popen(command(args, data, out), stderr=subprocess.DEVNULL,
-                                env={**env, COUNTER_ENV: str(counter)})
+        err = work / f"run{attempt}.err"
+        with open(err, "wb") as err_file:
+            proc = subprocess.Popen(command(args, data, out), stderr=err_file, env={**env, COUNTER_ENV: str(counter)})
         killed = False
         if attempt < args.kills:
             while counted_calls(counter) == 0 and proc.poll() is None:  # wait for the first forward
                 time.sleep(0.02)
             time.sleep(rng.uniform(0, clean_s / 3))
             if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(sig)
                 killed = True
         proc.wait()
         ran = counted_calls(counter)
@@ -120,17 +140,20 @@ def main() -> None:
         total_run += ran
         if killed:
             losses.append(ran - kept)
-            print(f"kill {len(losses)}: ran {ran} calls, finished {len(after) - len(before)} images "
-                  f"({kept} calls)")
+            print(f"SIG{args.signal} {len(losses)}: ran {ran} calls, finished {len(after) - len(before)} images "
+                  f"({kept} calls), exit {proc.returncode}")
         else:
             print(f"final run: ran {ran} calls, kept {kept} ({len(after) - len(before)} images), exit {proc.returncode}")
+            if proc.returncode != 0:  # the figures would be wrong: say why instead
+                sys.exit(f"the final run failed; its stderr ({err}) ends:\n{err.read_text()[-3000:]}")
             break
     if losses:
         mean = (total_run - clean_calls) / len(losses)
         per_batch = clean_calls / max(args.images / args.batch_size, 1)
-        print(f"all attempts ran {total_run} calls = {total_run / clean_calls:.3f}x a clean run; lost per SIGKILL: "
-              f"{mean:.0f} denoiser calls ({100 * mean / clean_calls:.1f}% of a clean run, {mean / per_batch:.2f} "
-              f"dataloader batches of work) over {len(losses)} kills")
+        print(f"all attempts ran {total_run} calls = {total_run / clean_calls:.3f}x a clean run; lost per "
+              f"SIG{args.signal}: {mean:.0f} denoiser calls = {mean * s_per_call:.2f} s of compute "
+              f"({100 * mean / clean_calls:.1f}% of a clean run, {mean / per_batch:.2f} dataloader batches of work) "
+              f"over {len(losses)} signals")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class _Recorder:
     def load(self, i: int):
         return None
 
-    def save(self, i: int, cerr: torch.Tensor, calls: int) -> None:
+    def save(self, i: int, cerr: torch.Tensor, calls: int, new: torch.Tensor) -> None:
         self.cerr[i] = cerr.clone()
 
 

@@ -37,6 +37,9 @@ def test_caption_selection_is_exact(tiny_sd, tmp_path):
     assert pair.shape == (6, 2, 2)
     assert metrics == _expected(pair)
     assert model.record.calls == [2 * 4] * 12                 # each image x its instance's 2 captions x 4 samples
+    # the closing line reports the calls the result records (it said 0)
+    assert model.store_report().endswith(f"0 of 12 images from the score store (store off); {12 * 2 * 4} denoiser "
+                                         "calls run on rank 0")
 
 
 def test_single_image_instances(tiny_sd, tmp_path):

@@ -24,8 +24,8 @@ class _KillAfter:
     def load(self, i):
         return self.inner.load(i)
 
-    def save(self, i, cerr, calls):
-        self.inner.save(i, cerr, calls)
+    def save(self, i, cerr, calls, new):
+        self.inner.save(i, cerr, calls, new)
         self.left -= 1
         if self.left == 0:
             raise _Killed
@@ -98,3 +98,75 @@ def test_an_undecodable_checkpoint_is_treated_as_absent(damage, tmp_path):
     for a, b in zip(results, reference):
         assert torch.equal(a.outcome.rank, b.outcome.rank)
         assert torch.allclose(a.outcome.mean_error, b.outcome.mean_error, equal_nan=True)
+
+
+class _Interrupt:
+    """A denoiser that is stopped by Ctrl-C (or the SIGTERM handler) during its ``at``-th call."""
+
+    def __init__(self, inner, at: int) -> None:
+        self.inner, self.at, self.n = inner, at, 0
+
+    def __call__(self, *args):
+        self.n += 1
+        if self.n == self.at:
+            raise KeyboardInterrupt
+        return self.inner(*args)
+
+
+@pytest.mark.parametrize("strategy", ["full", "ttest"])
+def test_an_interrupt_saves_every_image_in_flight_so_nothing_computed_is_lost(strategy, tmp_path):
+    torch.manual_seed(0)
+    protos = torch.randn(5, *SHAPE)
+    x = images(protos, [0, 3, 1, 4, 2, 2], noise=1.0)
+    seeds = list(range(6))
+    options = ScoringOptions(strategy=strategy, n_samples=(12,), min_samples=4, max_samples=30, p_value=0.05,
+                             batch_size=16)
+    reference = _engine(options).score(x, seeds, cands(protos))
+    total = sum(r.denoiser_calls for r in reference)
+    keys = [f"img{i}" for i in range(6)]
+    with ScoreStore(tmp_path / "s.sqlite") as store:
+        stopped = _engine(options)
+        stopped.checkpoint_s = float("inf")            # no periodic save: only the one on the interrupt
+        stopped.denoiser = _Interrupt(stopped.denoiser, at=9)
+        with pytest.raises(KeyboardInterrupt):
+            stopped.score(x, seeds, cands(protos), checkpoints=StoreCheckpoints(store, keys))
+        ran = stopped.stats.denoiser_calls                # 8 denoiser batches, none of the 9th
+        assert ran > 0 and stopped.stats.denoiser_batches == 8 and not stopped.stats.images
+        # each value is written once: the rows hold exactly the calls run, not whole error tensors
+        parts = store.get_partial_parts(keys)
+        assert sum(len(p) for p in parts.values()) == len(parts) <= 6
+        resumed = _engine(options)
+        results = resumed.score(x, seeds, cands(protos), checkpoints=StoreCheckpoints(store, keys),
+                                on_done=lambda i, r: store.put(keys[i], r.to_payload()))
+        assert not store.get_partial_parts(keys) and not store.get_partials(keys)   # stored: checkpoints gone
+    assert resumed.stats.denoiser_calls == total - ran                   # all of the interrupted run's work kept
+    for a, b in zip(results, reference):
+        assert torch.equal(a.outcome.rank, b.outcome.rank) and a.denoiser_calls == b.denoiser_calls
+
+
+def test_a_save_writes_only_what_was_computed_since_the_previous_one(tmp_path):
+    cerr = torch.full((1000, 80, 4), float("nan"))
+    with ScoreStore(tmp_path / "s.sqlite") as store:
+        saver = StoreCheckpoints(store, ["a"])
+        first = torch.tensor([[0, 0, 0], [999, 79, 3]])
+        cerr[first[:, 0], first[:, 1], first[:, 2]] = torch.tensor([1.5, -2.0])
+        saver.save(0, cerr, 2, first)
+        second = torch.tensor([[5, 6, 1]])
+        cerr[5, 6, 1] = 3.25
+        saver.save(0, cerr, 3, second)
+        sizes = [len(p) for p in store.get_partial_parts(["a"])["a"]]
+        assert max(sizes) < 200                          # a whole tensor would be ~1.3 MB
+        back, calls = StoreCheckpoints(store, ["a"]).load(0)
+    assert calls == 3 and int((~back.isnan()).sum()) == 3
+    assert back[0, 0, 0] == 1.5 and back[999, 79, 3] == -2.0 and back[5, 6, 1] == 3.25
+
+
+def test_a_whole_tensor_checkpoint_of_an_older_version_is_still_resumed(tmp_path):
+    cerr = torch.full((3, 2, 4), float("nan"))
+    cerr[0, 0, 0] = 1.0
+    with ScoreStore(tmp_path / "s.sqlite") as store:
+        store.put_partial("a", encode(cerr, 1))
+        cerr[1, 1, 2] = 2.0
+        StoreCheckpoints(store, ["a"]).save(0, cerr, 2, torch.tensor([[1, 1, 2]]))
+        back, calls = StoreCheckpoints(store, ["a"]).load(0)
+    assert calls == 2 and back[0, 0, 0] == 1.0 and back[1, 1, 2] == 2.0 and int((~back.isnan()).sum()) == 2

@@ -188,3 +188,67 @@ def test_other_programs_keep_their_sigint_handler(tmp_path):
                       "print(during, signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.stdout.strip().splitlines()[-1] == "True True", proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_a_hybrid_chosen_through_the_environment_gets_its_own_output_name(monkeypatch):
+    # it wrote to the pure run's file, overwriting it
+    from clip_benchmark_diffusion.options import OPTIONS_ENV
+
+    args = SimpleNamespace(output="{dataset}_{model}_{task}.json", dataset="wds/digits", model="diffusion_tiny",
+                           model_type="open_clip", pretrained="default", language="en")
+    pure = str(integ.output_path(args, "zeroshot_classification"))
+    monkeypatch.setenv(OPTIONS_ENV, "strategy=full")                     # not a hybrid: the same name
+    assert str(integ.output_path(args, "zeroshot_classification")) == pure == \
+        "digits_diffusion_tiny_zeroshot_classification.json"
+    monkeypatch.setenv(OPTIONS_ENV, "shortlist_model=ViT-B-32,shortlist_pretrained=laion2b_s34b_b79k,shortlist_k=5")
+    assert str(integ.output_path(args, "zeroshot_classification")) == \
+        "digits_diffusion_tiny+hybrid-ViT-B-32_laion2b_s34b_b79k@top5_zeroshot_classification.json"
+
+
+def test_results_name_local_paths_without_the_machines_folders(tmp_path, monkeypatch):
+    from clip_benchmark_diffusion.integration.lifecycle import _portable_paths
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "configs").mkdir(parents=True)
+    (elsewhere / "sd-model").mkdir(parents=True)
+    (work / "configs" / "opts.json").write_text("{}")
+    (elsewhere / "opts.json").write_text('{"strategy": "full"}')
+    monkeypatch.chdir(work)
+    dump = {"model": f"diffusion_sd2@{work / 'configs' / 'opts.json'}", "pretrained": str(elsewhere / "sd-model"),
+            "diffusion_classifier": {"weights": str(elsewhere / "sd-model"), "option_source": str(elsewhere / "opts.json")}}
+    _portable_paths(dump, lambda: "0123456789abcdef")
+    assert dump["model"] == "diffusion_sd2@configs/opts.json"               # inside the working directory
+    assert dump["pretrained"] == dump["diffusion_classifier"]["weights"] == "sd-model#0123456789abcdef"
+    source = dump["diffusion_classifier"]["option_source"]
+    assert source.startswith("opts.json#") and len(source) == len("opts.json#") + 16 and str(tmp_path) not in source
+    hub = {"model": "diffusion_sd2@fast", "pretrained": "org/model", "diffusion_classifier": {"weights": "org/model"}}
+    _portable_paths(hub, lambda: "unused")
+    assert hub == {"model": "diffusion_sd2@fast", "pretrained": "org/model", "diffusion_classifier": {"weights": "org/model"}}
+
+
+def test_zero_shot_metrics_on_a_set_smaller_than_its_classes_warn_nothing():
+    # clip_benchmark's balanced accuracy warns whenever an image is predicted as a class no image of the
+    # set has: on every small evaluation, and nothing a user can act on
+    import warnings
+
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    classes = ["a", "b", "c"]
+
+    class Clip(torch.nn.Module):
+        def encode_text(self, ids):
+            return torch.nn.functional.one_hot(ids[:, 0], 3).float()
+
+        def encode_image(self, images):
+            return images
+
+    batches = [(torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]), torch.tensor([0, 0]))]   # predicted: 0 and 2
+
+    class Loader(list):
+        dataset = SimpleNamespace(classes=classes)
+
+    tokenizer = lambda texts: torch.tensor([[classes.index(t)] for t in texts])   # noqa: E731
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        metrics = zc.evaluate(Clip(), Loader(batches), tokenizer, classes, ["{c}"], "cpu", amp=False)
+    assert metrics["acc1"] == 0.5 and not [str(w.message) for w in seen]

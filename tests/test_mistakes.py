@@ -369,6 +369,8 @@ def test_a_run_stopped_mid_way_is_one_line_and_keeps_finished_images(fault, need
     again = inproc(*case.args, cwd=tmp_path)                 # a finished run again: free, the same numbers
     assert "10 of 10 images from the score store" in again.stderr and "; 0 denoiser calls run" in again.stderr
     assert json.loads(result.read_text()) == first
+    # every run closed its store (WAL folded back), even in a process that goes on: one file, no -wal or -shm
+    assert not list(tmp_path.glob("*-wal")) and not list(tmp_path.glob("*-shm"))
 
 
 def test_stale_partial_files_of_dead_processes_are_removed(tiny_sd, small_wds, tmp_path, inproc):

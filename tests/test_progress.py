@@ -44,23 +44,48 @@ def test_a_terminal_gets_a_tqdm_bar():
     assert type(progress_bar(10, "x", stream=Tty())).__module__.startswith("tqdm")
 
 
-def test_a_long_first_batch_still_logs_its_calls(tiny_sd, tmp_path):
-    # Many classes: no image of the first batch is decided for a long time. The log still gets a line
-    # per LOG_EVERY_SECONDS (here every round) with the denoiser calls so far, before the first image.
+def _logged_lines(tiny_sd, tmp_path, **options) -> list[str]:
+    """The log lines of one 2-image batch of a 2-class task, with a line at every heartbeat."""
     import torch
     from clip_benchmark.metrics import zeroshot_classification as zc
 
     from cli_helpers import quick_options
     from tiny_models import load_tiny_classifier
 
-    opts = quick_options(tmp_path, strategy="staged", n_samples=[2, 4], to_keep=[2, 1], batch_size=4)
+    opts = quick_options(tmp_path, batch_size=4, **options)
     model, _, tokenizer = load_tiny_classifier(tiny_sd, opts)
     model.begin_task("zeroshot_classification", expected_images=2)
-    model._bar = LogProgress(2, "diffusion scoring", "img", out := io.StringIO(), seconds=0.0)  # a line per round
+    model._bar = LogProgress(2, "diffusion scoring", "img", out := io.StringIO(), seconds=0.0)  # a line per heartbeat
     clf = zc.zero_shot_classifier(model, tokenizer, ["zero", "one"], ["a {c}"], "cpu")
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     zc.run_classification(model, clf, [(images, torch.tensor([0, 1]))], "cpu")
-    lines = out.getvalue().splitlines()
-    # stage 1: 2 images x 2 classes x 2 samples = 8 calls, no image decided; stage 2: 2 more samples each
-    assert lines[0].startswith("diffusion scoring: 0/2 img (0%)") and "denoiser_calls=8," in lines[0], lines
+    return out.getvalue().splitlines()
+
+
+def test_a_long_first_batch_still_logs_its_calls(tiny_sd, tmp_path):
+    # Many classes: no image of the first batch is decided for a long time. The log still gets a line
+    # per LOG_EVERY_SECONDS (here every denoiser batch) with the denoiser calls so far, before the first image.
+    lines = _logged_lines(tiny_sd, tmp_path, strategy="staged", n_samples=[2, 4], to_keep=[2, 1])
+    # stage 1: 2 images x 2 classes x 2 samples = 8 calls in denoiser batches of 4, no image decided
+    assert lines[0].startswith("diffusion scoring: 0/2 img (0%)") and "calls=4," in lines[0], lines
+    assert "calls=8, cands_left" in lines[1], lines
     assert lines[-1].startswith("diffusion scoring: 2/2 img (100%)") and "calls_per_img=8," in lines[-1], lines
+
+
+def test_a_full_strategy_batch_logs_every_denoiser_batch(tiny_sd, tmp_path):
+    # strategy full decides everything in one round: the heartbeat must not wait for the round's end
+    lines = _logged_lines(tiny_sd, tmp_path, strategy="full", n_samples=[4])
+    before_first = [line for line in lines if "calls_per_img" not in line]
+    # 2 images x 2 classes x 4 samples = 16 calls in 4 denoiser batches, each one line
+    assert [line.split("calls=")[1].split(",")[0] for line in before_first] == ["4", "8", "12", "16"], lines
+
+
+def test_calls_per_image_counts_only_decided_images():
+    # 3 images decided with 8 calls each while 9,000 calls ran for images still in flight: the per-image
+    # figure is 8 (it was 9024 / 3), and the calls so far are shown as such
+    from clip_benchmark_diffusion.adapter.model import heartbeat_postfix
+    from clip_benchmark_diffusion.scoring.engine import EngineStats
+
+    assert heartbeat_postfix(EngineStats(denoiser_calls=9024)) == {"calls": 9024}
+    assert heartbeat_postfix(EngineStats(denoiser_calls=9024, images=3, decided_calls=24)) == \
+        {"calls": 9024, "calls_per_img": "8"}

@@ -1,8 +1,9 @@
 """No lost work and scale-out: SIGKILL + resume, free re-runs, torchrun across 2 processes, two
-commands sharing one store.
+commands sharing one store, SIGTERM + resume.
 
-The first three are slow (several console runs each); the default suite keeps one fast path per
-feature: resume after a stop mid-run in tests/test_mistakes.py (in-process), torchrun in
+All but the shared-store split are slow (several console runs each); the default suite keeps one
+fast path per feature: resume after a stop mid-run in tests/test_mistakes.py (in-process), an
+interrupt saving the images in flight in tests/test_checkpoints.py, torchrun in
 tests/test_distributed.py, and the shared-store split here.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import BIN, clip_benchmark_eval, free_port, quick_options, subprocess_env
+from cli_helpers import BIN, clip_benchmark_eval, free_port, load_script, quick_options, subprocess_env
 
 TIMING = ("seconds_per_image",)  # measured wall time: the one field two runs cannot share
 
@@ -140,3 +141,55 @@ def test_two_identical_commands_on_one_store_split_the_images(tiny_sd, digits_wd
     for i in range(2):
         assert _without_timing(json.loads((tmp_path / f"run{i}.json").read_text()))["metrics"] == \
             _without_timing(json.loads((tmp_path / "clean.json").read_text()))["metrics"]
+
+
+def _counted_eval(args: list[str], cwd: Path, counter: Path, env: dict | None = None) -> subprocess.Popen:
+    """``clip_benchmark eval`` with every UNet forward's batch size appended to ``counter`` (it survives a kill)."""
+    child = load_script("measure_kill_loss")
+    return subprocess.Popen([sys.executable, "-c", child.CHILD, "eval", "--num_workers", "0", *args], cwd=cwd,
+                            env=subprocess_env({child.COUNTER_ENV: str(counter), **(env or {})}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _calls(counter: Path) -> int:
+    return sum(int(n) for n in counter.read_text().split()) if counter.exists() else 0
+
+
+@pytest.mark.slow
+def test_sigterm_mid_batch_keeps_the_work_in_flight_and_resumes_to_the_same_json(tiny_sd, digits_wds, tmp_path):
+    """SIGTERM (SLURM preemption) mid-batch: the images in flight are checkpointed, one line, exit 143; the
+    resumed run computes only the rest, so both runs together cost a clean run's calls (within one
+    denoiser batch: the one computing when the signal came) and write the clean run's JSON."""
+    batch = 16
+    opts = quick_options(tmp_path, strategy="full", n_samples=[6], batch_size=batch)
+    run_dir, ref_dir = tmp_path / "run", tmp_path / "ref"
+    run_dir.mkdir(), ref_dir.mkdir()
+    out = run_dir / "result.json"
+    clean = _counted_eval(_args(opts, tiny_sd, digits_wds, ref_dir / "result.json"), ref_dir, tmp_path / "clean.count",
+                          env={"CLIP_BENCHMARK_DIFFUSION_STORE": "off"})
+    assert clean.wait(timeout=600) == 0, clean.stderr.read()[-3000:]
+    clean_calls = _calls(tmp_path / "clean.count")
+    per_batch = 4 * 10 * 2 * 6       # dataloader batch 4 x 10 classes x 2 templates x 6 samples
+
+    first = _counted_eval(_args(opts, tiny_sd, digits_wds, out), run_dir, tmp_path / "first.count")
+    deadline = time.time() + 300
+    # in the middle of the third dataloader batch: half its work is in flight, none of it decided
+    while _calls(tmp_path / "first.count") < 2.5 * per_batch and first.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGTERM)
+    err = first.communicate(timeout=120)[1]
+    assert first.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        "clip_benchmark_diffusion: terminated (SIGTERM); every image finished so far is kept"), err[-3000:]
+    assert not out.exists()
+    assert _calls(tmp_path / "first.count") < 3 * per_batch, "the signal came too late to test anything"
+
+    second = _counted_eval(_args(opts, tiny_sd, digits_wds, out), run_dir, tmp_path / "second.count")
+    assert second.wait(timeout=600) == 0, second.stderr.read()[-3000:]
+    lost = _calls(tmp_path / "first.count") + _calls(tmp_path / "second.count") - clean_calls
+    assert 0 <= lost <= batch, f"{lost} denoiser calls computed twice"
+    assert _without_timing(json.loads(out.read_text())) == \
+        _without_timing(json.loads((ref_dir / "result.json").read_text()))
+    db = run_dir / "clip_benchmark_diffusion_scores.sqlite"
+    with sqlite3.connect(db) as conn:   # no checkpoint of a finished image is left behind
+        assert conn.execute("SELECT COUNT(*) FROM partial_parts").fetchone()[0] == 0

@@ -47,7 +47,11 @@ class CaptionSelectionMixin:
             allowed = (torch.arange(B * nim) // nim)[:, None] == (torch.arange(B * nt) // nt)[None, :]
             images = images.to(self.device_, torch.float32)
             seeds = [image_seed(image_digest(img), self.options.seed) for img in images]
-            results = self._pair_engine().score(self._latents(images), seeds, cands, allowed=allowed)
+            engine = self._pair_engine()
+            results = engine.score(self._latents(images), seeds, cands, allowed=allowed)
+        # counted like classification's, so the closing line reports the calls the JSON records
+        self.record.scored_images += len(images)
+        self.record.scored_calls += engine.stats.denoiser_calls
         err = torch.stack([r.outcome.mean_error for r in results]).view(B, nim, B, nt)
         pair = torch.stack([err[b, :, b, :] for b in range(B)])                        # (B, nim, nt)
         self.pair_errors.append(pair)

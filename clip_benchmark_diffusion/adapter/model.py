@@ -35,7 +35,8 @@ from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.progress import Progress, progress_bar
 from clip_benchmark_diffusion.registry import ModelSpec
 from clip_benchmark_diffusion import distributed as dist_util
-from clip_benchmark_diffusion.scoring.engine import Candidates, Conditioning, ImageResult, Levels, ScoringEngine
+from clip_benchmark_diffusion.scoring.engine import (Candidates, Conditioning, EngineStats, ImageResult, Levels,
+                                                     ScoringEngine)
 from clip_benchmark_diffusion.scoring.noise import image_seed
 from clip_benchmark_diffusion.store import (ScoreStore, image_digest, image_key, run_key, tensor_digest,
                                             weights_fingerprint)
@@ -329,10 +330,8 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         64 images on a CPU), so each round also gives the bar a chance to say it is alive
         (``update(0)``: a log line every ``LOG_EVERY_SECONDS``, a tqdm redraw) with the calls so far."""
         if self._bar is not None:
-            stats = self.engine.stats  # calls so far include those of images still being scored
-            cost = ({"calls_per_img": f"{stats.denoiser_calls / stats.images:.0f}"} if stats.images
-                    else {"denoiser_calls": stats.denoiser_calls})
-            self._bar.set_postfix(**cost, cands_left=f"{info['candidates_left']:.1f}", refresh=False)
+            self._bar.set_postfix(**heartbeat_postfix(self.engine.stats), cands_left=f"{info['candidates_left']:.1f}",
+                                  refresh=False)
             self._bar.update(0)
 
     def cost_summary(self) -> dict[str, float]:
@@ -348,6 +347,19 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             "denoiser_calls_per_image_max": max(calls),
             "seconds_per_image": sum(seconds) / len(seconds),
         }
+
+    def weights_digest(self) -> str:
+        """A short content fingerprint of the loaded weights (names a weights folder in results)."""
+        return weights_fingerprint(self.model.fingerprint_modules())[:16]
+
+    def close_store(self) -> None:
+        """The run is over (or stopped): leave the store's owners and close its connections, which folds
+        the WAL back into the file, so no -wal or -shm file is left beside a finished store."""
+        if self._claims is not None:
+            self._claims.leave()
+            self._claims.close()
+        if self.store is not None:
+            self.store.close()
 
     def store_report(self) -> str:
         """One line on what the score store saved in this process (the run is over: leave the store's owners)."""
@@ -374,6 +386,15 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             "hybrid": self.options.shortlist_label,   # None: pure diffusion
             "package_version": __version__,
         }
+
+
+def heartbeat_postfix(stats: EngineStats) -> dict[str, str | int]:
+    """The cost shown beside the progress: the calls run so far, and calls per image only once images
+    are decided (their own calls: the calls of images still in flight are no per-image figure)."""
+    cost: dict[str, str | int] = {"calls": stats.denoiser_calls}
+    if stats.images:
+        cost["calls_per_img"] = f"{stats.decided_calls / stats.images:.0f}"
+    return cost
 
 
 def pick_dtype(name: str, device: torch.device, cuda_default: str = "float16") -> torch.dtype:

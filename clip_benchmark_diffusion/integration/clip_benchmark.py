@@ -7,15 +7,18 @@ What happens to each run (checks, output file, result fields) is in ``integratio
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
+import signal
+import threading
 from importlib import metadata
-from typing import Any
+from typing import Any, Iterator
 
 from clip_benchmark_diffusion._interrupts import restore_interrupts
 from clip_benchmark_diffusion._watched import WATCHED
-from clip_benchmark_diffusion.errors import Interrupted, UserError
+from clip_benchmark_diffusion.errors import Interrupted, Terminated, UserError
 from clip_benchmark_diffusion.integration.checks import check_labels, check_model_list, check_plans, check_prompts
 from clip_benchmark_diffusion.integration.lifecycle import (LOAD_CLFS_ERROR, MODEL_TYPE, UNSUPPORTED_TASKS, current_run,
                                                              execute, output_path, plan_run, stderr_line,
@@ -147,9 +150,23 @@ def _patch_metric(task: str, module: Any) -> None:
             from clip_benchmark_diffusion.integration.caption_records import evaluate_recording_instances
 
             return evaluate_recording_instances(original, model, dataloader, *args, **kwargs)
-        return original(model, dataloader, *args, **kwargs)
+        with _without_metric_noise():
+            return original(model, dataloader, *args, **kwargs)
 
     module.evaluate = evaluate
+
+
+@contextlib.contextmanager
+def _without_metric_noise() -> Iterator[None]:
+    """clip_benchmark's mean per-class recall (scikit-learn's balanced accuracy) warns whenever a class is
+    predicted that no image of the set has, and its verbose report when a class is never predicted: on
+    any evaluation smaller than its class list. The metric is still right, and the user can do nothing."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"y_pred contains classes not in y_true", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"(Precision|Recall|F-score) is ill-defined", category=UserWarning)
+        yield
 
 
 def _patch_run_classification(module: Any) -> None:
@@ -242,13 +259,37 @@ def _patch_cli(cli: Any) -> None:
     @functools.wraps(original_main)
     def main(*a: Any, **kw: Any) -> Any:
         restore_interrupts()
+        previous = _raise_on_sigterm()
         try:
             return original_main(*a, **kw)
         except UserError as exc:
             stderr_line(str(exc))
             return exc.exit_code
-        except KeyboardInterrupt:  # outside a run (planning, imports): nothing to keep
-            stderr_line("clip_benchmark_diffusion: interrupted")
-            return Interrupted.exit_code
+        except KeyboardInterrupt as exc:  # outside a run (planning, imports): nothing to keep
+            terminated = isinstance(exc, Terminated)
+            stderr_line(f"clip_benchmark_diffusion: {'terminated (SIGTERM)' if terminated else 'interrupted'}")
+            return Terminated.exit_code if terminated else Interrupted.exit_code
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     cli.run, cli.main_eval, cli.main = run, main_eval, main
+
+
+def _raise_on_sigterm() -> Any:
+    """SIGTERM (what SLURM sends on preemption, and ``kill``'s default) raises :class:`Terminated` in
+    the main thread, so it takes Ctrl-C's path: the images in flight are checkpointed and one line
+    says what was kept. Python's default would end the process at once and lose their work. Only the
+    first raises: later ones (a scheduler repeating itself) must not cut the save short. Returns the
+    handler it replaced, or None when it could not install one (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    fired = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from clip_benchmark_diffusion.errors import Interrupted, UserError
+from clip_benchmark_diffusion.errors import Interrupted, Terminated, UserError
 from clip_benchmark_diffusion.partial_files import partial_path, remove_stale_partials
 from clip_benchmark_diffusion.predictions import DIGEST_FIELD, file_digest, predictions_path, write_predictions
 
@@ -161,12 +161,28 @@ def _slug(text: str) -> str:
     return text.strip("/").replace("/", "_") if not os.path.isfile(text) else os.path.basename(text)
 
 
+def _hybrid_from_environment(model: str) -> str | None:
+    """The hybrid label that ``CLIP_BENCHMARK_DIFFUSION_OPTIONS`` gives ``--model`` beyond what ``--model``
+    itself says (None when it makes no hybrid, or the same one as ``--model``'s options file)."""
+    from clip_benchmark_diffusion.options import OPTIONS_ENV
+    from clip_benchmark_diffusion.registry import parse_model_spec
+
+    if not os.environ.get(OPTIONS_ENV, "").strip():
+        return None
+    label = parse_model_spec(model).options.shortlist_label
+    return label if label != parse_model_spec(model, environ={}).options.shortlist_label else None
+
+
 def output_path(args: Any, task: str) -> Path:
     """clip_benchmark's output name, with ``/`` in model and weights names made file-safe; checked writable."""
     from clip_benchmark_diffusion.integration.checks import format_output
 
     dataset = dataset_name(args)
-    return format_output(args.output, dict(model=_slug(args.model), pretrained=_slug(args.pretrained),
+    model = _slug(args.model)
+    hybrid = _hybrid_from_environment(args.model) if is_ours(args) else None
+    if hybrid:  # the pure run's file name would be overwritten: the name says what ran, as the result does
+        model = f"{model}+{hybrid.replace('/', '_').replace(':', '-')}"
+    return format_output(args.output, dict(model=model, pretrained=_slug(args.pretrained),
                                            pretrained_full_path=args.pretrained.replace("/", "_"), task=task,
                                            dataset=dataset.replace("/", "_"), language=args.language))
 
@@ -190,7 +206,9 @@ def execute(original_run: Callable[[Any], Any], plan: RunPlan) -> Any:
             result = original_run(patched)
             if tmp.exists():
                 _finish(state, tmp, final)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): in-flight work is saved by now
+            if isinstance(exc, Terminated):
+                raise Interrupted(f"terminated (SIGTERM){_kept(plan)}", Terminated.exit_code) from None
             raise Interrupted(f"interrupted{_kept(plan)}") from None
         except UserError:
             raise
@@ -201,6 +219,8 @@ def execute(original_run: Callable[[Any], Any], plan: RunPlan) -> Any:
     finally:
         tmp.unlink(missing_ok=True)
         _state.reset(token)
+        if state.model is not None:  # the run is over: a closed store leaves no -wal or -shm beside it
+            state.model.close_store()
 
 
 def _finish(state: RunState, tmp: Path, final: Path) -> None:
@@ -211,6 +231,7 @@ def _finish(state: RunState, tmp: Path, final: Path) -> None:
         stderr_line(model.store_report())
         dump["metrics"].update(model.cost_summary())
         dump["diffusion_classifier"] = model.result_metadata(model_type=state.plan.args.model_type)
+        _portable_paths(dump, model.weights_digest)
         if dump["diffusion_classifier"].get("hybrid"):  # a hybrid's row must not pass for pure diffusion
             dump["model"] = f"{dump['model']}+{dump['diffusion_classifier']['hybrid']}"
             dump["metrics"]["shortlist_recall_at_k"] = state.shortlist_recall
@@ -240,6 +261,43 @@ def _write_any_predictions(state: RunState, final: Path, model: Any) -> Path | N
     return None
 
 
+SMALL_FILE = 16 << 20   # files up to this size are identified by a digest of their bytes
+
+
+def portable_path(text: str, weights_digest: Callable[[], str]) -> str:
+    """How a result names a local path without leaking the machine's folders into leaderboards: relative
+    to the working directory when inside it; otherwise the file or folder's name and a digest of its
+    content (a small file's bytes; the loaded weights' fingerprint for a folder or a weights file).
+    Anything else (a hub name, a preset, a relative path) is returned as given."""
+    path = Path(text)
+    if not path.is_absolute() or not path.exists():
+        return text
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        pass
+    if path.is_file() and path.stat().st_size <= SMALL_FILE:
+        import hashlib
+
+        digest = hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()
+    else:
+        digest = weights_digest()
+    return f"{path.name}#{digest}"
+
+
+def _portable_paths(dump: dict, weights_digest: Callable[[], str]) -> None:
+    """Our result's path fields (weights, options file, --model's options part, --pretrained) made portable."""
+    from clip_benchmark_diffusion.registry import OPTION_SEPARATOR
+
+    meta = dump["diffusion_classifier"]
+    for holder, name in ((meta, "weights"), (meta, "option_source"), (dump, "pretrained")):
+        if isinstance(holder.get(name), str):
+            holder[name] = portable_path(holder[name], weights_digest)
+    base, sep, source = dump["model"].partition(OPTION_SEPARATOR)
+    if sep:
+        dump["model"] = f"{base}{sep}{portable_path(source, weights_digest)}"
+
+
 def _write_predictions(final: Path, predictions: tuple[Any, Any, float], model: Any) -> Path:
     """``<output stem>.predictions.jsonl``: per image the label, the top-5 classes, the top-1
     probability and (ours) the calls."""
@@ -261,8 +319,8 @@ def _kept(plan: RunPlan) -> str:
     if plan.store_path is None:
         return "; no result file was written" if not plan.ours else \
             "; the score store is off, so the images scored so far are lost"
-    return (f"; every image finished so far is kept in the score store {plan.store_path}: "
-            "run the same command again to resume")
+    return (f"; every image finished so far is kept in the score store {plan.store_path}, and the work "
+            "done on the images in flight: run the same command again to resume")
 
 
 def _translate_errors(exc: BaseException, plan: RunPlan) -> None:

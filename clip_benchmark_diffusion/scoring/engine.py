@@ -10,7 +10,7 @@ used in order, so decisions never depend on batching).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -60,6 +60,7 @@ class EngineStats:
     denoiser_seconds: float = 0.0
     wall_seconds: float = 0.0
     images: int = 0
+    decided_calls: int = 0   # the calls of the images decided so far (the rest are in flight)
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -111,6 +112,9 @@ class _ImageState:
     # NaN in ``cerr``: a denoiser that returns NaN would otherwise look "not computed yet" forever.
     have: torch.Tensor
     calls: int = 0
+    # (q, 3) class, member, sample of the errors computed since the last checkpoint: a save writes
+    # only these, so its cost follows the compute since the last save, not the size of cerr
+    unsaved: list[torch.Tensor] = field(default_factory=list)
 
 
 class Checkpoints(Protocol):
@@ -119,18 +123,24 @@ class Checkpoints(Protocol):
     def load(self, i: int) -> tuple[torch.Tensor, int] | None:
         """Image i's saved (G, M, N) errors (NaN where not computed) and denoiser calls, if any."""
 
-    def save(self, i: int, cerr: torch.Tensor, calls: int) -> None:
-        """Keep image i's errors so far (NaN where not computed)."""
+    def save(self, i: int, cerr: torch.Tensor, calls: int, new: torch.Tensor) -> None:
+        """Keep image i's errors so far: ``new`` (q, 3) are the class, member and sample of those
+        computed since its previous save (the rest of ``cerr`` was handed over before)."""
+
 
 # The checkpoint format (and its users) mark missing errors with NaN. That stays unambiguous because
 # ``_run`` refuses any non-finite error before it is stored: a computed error is never NaN.
 
 
 CHECKPOINT_S = 5.0  # at most this much compute is lost when the process is killed
+# Saving may take at most this share of the time: when one round of saves takes longer than this
+# share of CHECKPOINT_S (a slow disk, a huge batch), the next save waits proportionally longer.
+MAX_SAVE_SHARE = 0.05
 
 
 class ScoringEngine:
     checkpoint_s = CHECKPOINT_S
+    max_save_share = MAX_SAVE_SHARE
 
     def __init__(self, denoiser: Denoiser, grid: NoiseGrid, objective: str, options: ScoringOptions,
                  device: torch.device | str, progress: Callable[[dict], None] | None = None,
@@ -151,6 +161,8 @@ class ScoringEngine:
         self._scale = scale.to(self.device) if scale is not None else None
         self._a, self._b = grid.a.float().to(self.device), grid.b.float().to(self.device)
         self._model_time = grid.model_time.float().to(self.device)
+        self._unsettled: int | None = None   # the image _run is writing errors into, if any
+        self.checkpoint_seconds = 0.0        # time spent saving checkpoints, cumulative
 
     def score(self, latents: torch.Tensor, seeds: list[int], cands: Candidates,
               on_done: Callable[[int, ImageResult], None] | None = None,
@@ -161,10 +173,12 @@ class ScoringEngine:
         ``allowed`` (B, G) limits each image to some candidates (the others rank last, unscored).
         ``checkpoints`` saves each undecided image's errors every ``checkpoint_s`` seconds and
         restores them at the start: a restored image replays the same decisions (strategies read
-        samples in order) without recomputing what was saved.
+        samples in order) without recomputing what was saved. On KeyboardInterrupt (Ctrl-C, and
+        SIGTERM through the integration's handler) every image in flight is saved before it propagates.
         """
         start = time.perf_counter()
         calls_before = self.stats.denoiser_calls
+        self._unsettled = None
         results: dict[int, ImageResult] = {}
         G, M = cands.members.shape
         N = self.options.max_sample_count
@@ -184,20 +198,34 @@ class ScoringEngine:
                 if saved is not None and saved[0].shape == st.cerr.shape:
                     st.have = ~saved[0].isnan() | ~valid[:, :, None]
                     st.cerr, st.calls = saved[0].nan_to_num(0.0), saved[1]
-        last_save, dirty = time.perf_counter(), set()
+        try:
+            self._rounds(states, cands, valid, start, calls_before, results, on_done, checkpoints)
+        except KeyboardInterrupt:
+            if checkpoints is not None:  # the work of every image in flight outlives the process
+                self._save(states, checkpoints, results)
+            raise
+        self.stats.wall_seconds += time.perf_counter() - start
+        return [results[i] for i in range(len(states))]
+
+    def _rounds(self, states: list[_ImageState], cands: Candidates, valid: torch.Tensor, start: float,
+                calls_before: int, results: dict[int, ImageResult],
+                on_done: Callable[[int, ImageResult], None] | None, checkpoints: Checkpoints | None) -> None:
+        """Score until every image is decided (``results`` filled in as they are)."""
+        last_save, interval = time.perf_counter(), self.checkpoint_s
         while active := [i for i, s in enumerate(states) if not s.strategy.done]:
             items = self._collect(states, active, valid, 0)            # (Q, 4): image, class, member, sample
             items = torch.cat([items, self._fill(states, active, valid, len(items))])
             for chunk in items.split(self.options.batch_size) if len(items) else ():  # restored: may be none
                 self._run(states, chunk, cands)
-                if checkpoints is not None:
-                    dirty.update(chunk[:, 0].unique().tolist())
-                    if time.perf_counter() - last_save >= self.checkpoint_s:
-                        for i in sorted(dirty):
-                            st = states[i]
-                            checkpoints.save(i, st.cerr.masked_fill(~st.have, float("nan")), st.calls)
-                        dirty.clear()
-                        last_save = time.perf_counter()
+                if checkpoints is not None and time.perf_counter() - last_save >= interval:
+                    cost = self._save(states, checkpoints, results)
+                    if self.checkpoint_s > 0:  # 0: after every denoiser batch, as tests and recorders ask
+                        # bounded share of the time: a slow save stretches the interval to match
+                        interval = max(self.checkpoint_s, cost / self.max_save_share)
+                    last_save = time.perf_counter()
+                if self.progress:  # a heartbeat within rounds too: a full strategy's round is the whole batch
+                    self.progress({"active": len(active), "candidates_left": sum(
+                        int(states[i].strategy.alive.sum()) for i in active) / len(active)})
             for i in active:
                 st = states[i]
                 done_cls = st.have.all(1)                              # (G, N)
@@ -207,15 +235,33 @@ class ScoringEngine:
                     self.stats.images += 1
                     spent = time.perf_counter() - start
                     per_call = spent / max(self.stats.denoiser_calls - calls_before, 1)
-                    results[i] = ImageResult(outcome=st.strategy.outcome(), denoiser_calls=st.calls,
-                                             seed=st.noise.seed, seconds=st.calls * per_call)
+                    result = ImageResult(outcome=st.strategy.outcome(), denoiser_calls=st.calls,
+                                         seed=st.noise.seed, seconds=st.calls * per_call)
+                    self.stats.decided_calls += st.calls
+                    st.unsaved = []      # its result is stored now: its checkpoint is never written again
                     if on_done:
-                        on_done(i, results[i])
+                        on_done(i, result)
+                    results[i] = result
             if self.progress:
                 self.progress({"active": len(active), "candidates_left": sum(
                     int(states[i].strategy.alive.sum()) for i in active) / len(active)})
-        self.stats.wall_seconds += time.perf_counter() - start
-        return [results[i] for i in range(len(states))]
+
+    def _save(self, states: list[_ImageState], checkpoints: Checkpoints, results: dict[int, ImageResult]) -> float:
+        """Checkpoint what each undecided image computed since its last save; returns the seconds it took.
+
+        Images already decided (their result is stored) and the one image ``_run`` was interrupted
+        while writing (its errors and calls may disagree) are not saved.
+        """
+        t0 = time.perf_counter()
+        for i, st in enumerate(states):
+            if i in results or i == self._unsettled or not st.unsaved:
+                continue
+            new = torch.cat(st.unsaved)
+            checkpoints.save(i, st.cerr, st.calls, new)
+            st.unsaved = []  # only now: a save interrupted before this line is written again, harmlessly
+        spent = time.perf_counter() - t0
+        self.checkpoint_seconds += spent
+        return spent
 
     @staticmethod
     def _class_error(cerr: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -274,9 +320,12 @@ class ScoringEngine:
         self._check_finite(eps_hat, err)
         for i in torch.unique(img).tolist():
             sel = img == i
+            self._unsettled = i  # an interrupt in these lines leaves image i's state unsaveable
             states[i].cerr[g[sel], m[sel], k[sel]] = err[sel]
             states[i].have[g[sel], m[sel], k[sel]] = True
             states[i].calls += int(sel.sum())
+            states[i].unsaved.append(chunk[sel, 1:])
+            self._unsettled = None
 
     def _check_finite(self, eps_hat: torch.Tensor, err: torch.Tensor) -> None:
         """Stop at the first batch with a NaN or inf output: the same inputs give it again on every
