@@ -1,10 +1,13 @@
 """Image-caption selection (Winoground, SugarCrepe) through clip_benchmark's real metric code."""
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
 from cli_helpers import quick_options
+from clip_benchmark_diffusion.scoring.engine import ImageResult
+from clip_benchmark_diffusion.scoring.strategies import Outcome
 from tiny_models import load_tiny_classifier
 
 
@@ -21,22 +24,90 @@ def _expected(pair: torch.Tensor) -> dict[str, float]:
     return {"image_acc": mean(img_ok), "text_acc": mean(txt_ok), "acc": mean(both)}
 
 
-def test_caption_selection_is_exact(tiny_sd, tmp_path):
-    opts = quick_options(tmp_path, min_samples=2, max_samples=4, p_value=2e-3, batch_size=64)
-    model, transform, tokenizer = load_tiny_classifier(tiny_sd, opts)
-    from clip_benchmark.metrics import image_caption_selection as ics
-
-    model.eval()
+def _winoground_like(transform):
     g = torch.Generator().manual_seed(0)
     pix = (torch.rand(6, 2, 20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
     images = torch.stack([torch.stack([transform(Image.fromarray(p)) for p in inst]) for inst in pix])  # (6, 2, C, H, W)
     texts = [[f"a photo of thing {i}", f"a drawing of thing {i}"] for i in range(6)]
-    loader = [(images[:4], texts[:4]), (images[4:], texts[4:])]  # Winoground-like: 2 images x 2 captions
-    metrics = ics.evaluate(model, loader, tokenizer, "cpu", amp=True)
+    return [(images[:4], texts[:4]), (images[4:], texts[4:])]  # Winoground-like: 2 images x 2 captions
+
+
+def test_caption_selection_is_exact(tiny_sd, tmp_path):
+    """The raw form (``caption_normalisation=none``): clip_benchmark's metrics are the errors' own verdicts."""
+    opts = quick_options(tmp_path, min_samples=2, max_samples=4, p_value=2e-3, batch_size=64,
+                         caption_normalisation="none")
+    model, transform, tokenizer = load_tiny_classifier(tiny_sd, opts)
+    from clip_benchmark.metrics import image_caption_selection as ics
+
+    model.eval()
+    metrics = ics.evaluate(model, _winoground_like(transform), tokenizer, "cpu", amp=True)
     pair = torch.cat(model.pair_errors)                       # (6, 2, 2)
     assert pair.shape == (6, 2, 2)
     assert metrics == _expected(pair)
     assert model.record.calls == [2 * 4] * 12                 # each image x its instance's 2 captions x 4 samples
+    assert model.unconditional_errors == []
+
+
+@pytest.mark.parametrize("how", ["difference", "ratio"])
+def test_winoground_errors_are_normalised_by_the_unconditional_error(tiny_sd, tmp_path, how):
+    """The images of an instance share their (t, noise) samples, each is also scored with the empty
+    prompt, and clip_benchmark's three scores follow the normalised errors."""
+    opts = quick_options(tmp_path, min_samples=2, max_samples=4, p_value=2e-3, batch_size=64,
+                         caption_normalisation=how)
+    model, transform, tokenizer = load_tiny_classifier(tiny_sd, opts)
+    from clip_benchmark.metrics import image_caption_selection as ics
+
+    metrics = ics.evaluate(model, _winoground_like(transform), tokenizer, "cpu", amp=True)
+    pair, uncond = torch.cat(model.pair_errors), torch.cat(model.unconditional_errors)    # (6, 2, 2), (6, 2)
+    normalised = pair - uncond[..., None] if how == "difference" else pair / uncond[..., None]
+    assert metrics == pytest.approx(_expected(normalised))
+    assert model.record.calls == [3 * 4] * 12                 # 2 captions + the empty prompt, 4 samples each
+    seeds = [r.seed for r in model.record.results]
+    assert seeds[0::2] == seeds[1::2] and len(set(seeds[0::2])) == 6   # shared within an instance only
+    meta = model.result_metadata("open_clip")
+    assert meta["caption_selection"]["normalisation"] == how and meta["scoring"]["caption_normalisation"] == how
+    assert "" not in [model.prompts.texts[i] for i in model.prompts.last_ids.tolist()]
+
+
+class _EasyImageEngine:
+    """Known answer: in every instance image 0 is easy to denoise (all its errors low) and image 1
+    hard, while each image's own caption lowers its error below the other caption's:
+
+    ======== ====== ====== =============
+    image    cap 0  cap 1  empty prompt
+    ======== ====== ====== =============
+    0 (easy) 1.0    1.1    1.2
+    1 (hard) 2.1    2.0    2.2
+    ======== ====== ====== =============
+
+    Raw errors: caption 1 picks the easy image 0 (1.1 < 2.0), so the image score fails; normalised
+    by the empty prompt (differences -0.2/-0.1 and -0.1/-0.2) every caption picks its image."""
+
+    table = torch.tensor([[1.0, 1.1, 1.2], [2.1, 2.0, 2.2]])
+
+    def score(self, latents, seeds, cands, allowed=None):
+        G = cands.num_classes
+        out = []
+        for j in range(len(latents)):
+            inst, img = divmod(j, 2)
+            err = torch.full((G,), 99.0)
+            err[2 * inst: 2 * inst + 2] = self.table[img, :2]
+            if G % 2:                                          # the empty prompt comes last
+                err[-1] = self.table[img, 2]
+            out.append(ImageResult(Outcome(rank=err.argsort().argsort(), mean_error=err,
+                                           samples=torch.full((G,), 4)), denoiser_calls=4 * G, seed=seeds[j]))
+        return out
+
+
+@pytest.mark.parametrize("how, image_acc", [("none", 0.0), ("difference", 1.0), ("ratio", 1.0)])
+def test_an_easy_image_no_longer_wins_every_caption(tiny_sd, tmp_path, how, image_acc):
+    opts = quick_options(tmp_path, caption_normalisation=how)
+    model, transform, tokenizer = load_tiny_classifier(tiny_sd, opts)
+    from clip_benchmark.metrics import image_caption_selection as ics
+
+    model._pair_engine = lambda: _EasyImageEngine()
+    metrics = ics.evaluate(model, _winoground_like(transform), tokenizer, "cpu", amp=True)
+    assert metrics == {"image_acc": image_acc, "text_acc": 1.0, "acc": image_acc}
 
 
 def test_single_image_instances(tiny_sd, tmp_path):

@@ -125,7 +125,8 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             if note:
                 _stderr_note(note)
         self._structure: tuple[int, int, int] | None = None
-        self.pair_errors: list[torch.Tensor] = []
+        self.pair_errors: list[torch.Tensor] = []            # caption selection: raw (B, nim, nt) per batch
+        self.unconditional_errors: list[torch.Tensor] = []   # ... and (B, nim) empty-prompt errors
         self.record = RunRecord()
         self._bar = progress_bar(expected_images, "diffusion scoring")
 
@@ -343,7 +344,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         """The identity of this evaluation for the result JSON and leaderboards."""
         from clip_benchmark_diffusion import __version__
 
-        return {
+        out = {
             "recipe": self.spec.recipe.name,
             "option_source": self.spec.option_source,
             "weights": self.weights,
@@ -356,6 +357,9 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             "hybrid": self.options.shortlist_label,   # None: pure diffusion
             "package_version": __version__,
         }
+        if self.task == CAPTION_SELECTION:
+            out["caption_selection"] = self.caption_selection_metadata()
+        return out
 
 
 def pick_dtype(name: str, device: torch.device, cuda_default: str = "float16") -> torch.dtype:
