@@ -29,6 +29,13 @@ UNSUPPORTED_TASKS = {
     "linear_probe": "a linear probe needs image features, and a diffusion classifier has none",
     "captioning": "captioning needs a text generator",
 }
+# clip_benchmark scores a multi-label set by each class's average precision, ranking that class's
+# logits *across images*; a diffusion classifier's logits are ranks made within each image, so the
+# ranking would be meaningless (a refusal, not a wrong mAP: see docs/compositional.md, issue 24).
+MULTILABEL_DATASETS = ("voc2007_multilabel",)
+MULTILABEL_ERROR = ("multi-label datasets ({dataset}) are not supported by diffusion models: clip_benchmark computes "
+                    "each class's average precision by ranking its logits across images, and a diffusion "
+                    "classifier's logits are ranks within each image; use a single-label dataset (e.g. voc2007)")
 LOAD_CLFS_ERROR = ("--load_clfs is not supported by diffusion models: a saved text classifier "
                    "holds no prompts to denoise with; drop --load_clfs")
 SAVE_CLF_ERROR = ("--save_clf is not supported by diffusion models: their classifier is a one-hot "
@@ -136,6 +143,8 @@ def validate_run(args: Any) -> None:
     task = task_of(args)
     if task in UNSUPPORTED_TASKS:
         raise unsupported_task_error(task)
+    if task == "zeroshot_classification" and dataset_name(args) in MULTILABEL_DATASETS:
+        raise UserError(MULTILABEL_ERROR.format(dataset=dataset_name(args)))
     if args.load_clfs:
         raise UserError(LOAD_CLFS_ERROR)
     if args.save_clf:
