@@ -53,6 +53,10 @@ def on_import(name: str, module: Any) -> None:
         _patch_models(module)
     elif name == "clip_benchmark.cli":
         _patch_cli(module)
+    elif name == "clip_benchmark.datasets.winoground":
+        from clip_benchmark_diffusion.integration.winoground_local import patch
+
+        patch(module)  # a local folder in Winoground's release layout, for any model
     else:
         _patch_metric(name.rsplit(".", 1)[1], module)
     setattr(module, MARK, True)
