@@ -318,6 +318,29 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             self._bar.set_postfix(**cost, cands_left=f"{info['candidates_left']:.1f}", refresh=False)
             self._bar.update(0)
 
+    def classification_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """clip_benchmark's (N, G) logits, or with ``prior_correction=class_mean`` the negated errors
+        minus each class's mean over this task's images (``prior_bias.class_mean_correction``)."""
+        if self.options.prior_correction == "none":
+            return logits
+        from clip_benchmark_diffusion.prior_bias import class_mean_correction
+
+        errors = torch.stack([r.outcome.mean_error for r in self.record.results]).double()   # (N, G)
+        if errors.shape != logits.shape:
+            raise RuntimeError(f"prior correction: {tuple(errors.shape)} errors for {tuple(logits.shape)} logits")
+        corrected = -class_mean_correction(errors)
+        self.corrected_changes = int((corrected.argmax(1) != logits.argmax(1).to(corrected.device)).sum())
+        return corrected.float().to(logits.device)
+
+    def prediction_histogram(self, logits: torch.Tensor, target: torch.Tensor) -> dict:
+        from clip_benchmark_diffusion.prior_bias import prediction_histogram
+
+        hist = prediction_histogram(logits.argmax(1), target, self._classnames, logits.shape[1])
+        if self.options.prior_correction != "none":
+            hist["prior_correction"] = {"method": self.options.prior_correction,
+                                        "predictions_changed": getattr(self, "corrected_changes", 0)}
+        return hist
+
     def cost_summary(self) -> dict[str, float]:
         """Denoiser calls per image (mean, max) and seconds per image, as recorded when each was scored.
 

@@ -80,6 +80,8 @@ class RunState:
     shortlist_recall: float | None = None   # a hybrid's shortlister recall@k on this run
     # caption selection: (per-instance verdicts, top captions of the first image) when asked
     caption_predictions: tuple[list[bool], list[list[int]]] | None = None
+    # zero-shot classification, diffusion: the predicted-class histogram (``prior_bias.prediction_histogram``)
+    prediction_histogram: dict | None = None
 
 
 _state: ContextVar[RunState | None] = ContextVar("clip_benchmark_diffusion_run", default=None)
@@ -208,6 +210,8 @@ def _finish(state: RunState, tmp: Path, final: Path) -> None:
         stderr_line(model.store_report())
         dump["metrics"].update(model.cost_summary())
         dump["diffusion_classifier"] = model.result_metadata(model_type=state.plan.args.model_type)
+        if state.prediction_histogram is not None:
+            dump["diffusion_classifier"]["predicted_classes"] = state.prediction_histogram
         if dump["diffusion_classifier"].get("hybrid"):  # a hybrid's row must not pass for pure diffusion
             dump["model"] = f"{dump['model']}+{dump['diffusion_classifier']['hybrid']}"
             dump["metrics"]["shortlist_recall_at_k"] = state.shortlist_recall
