@@ -120,3 +120,20 @@ def test_result_holds_the_histogram_and_the_correction_reuses_stored_scores(tiny
         p == json.loads(line)["target"] for p, line in
         zip(top1_c, (tmp_path / "corrected.predictions.jsonl").read_text().splitlines())) / 20)
     assert "20 of 20 images from the score store" in proc.stderr   # the correction needs no new scoring
+
+
+def test_options_refuse_a_correction_that_cannot_be_computed():
+    from clip_benchmark_diffusion.errors import UserError
+    from clip_benchmark_diffusion.options import ScoringOptions
+
+    base = ScoringOptions()
+    assert base.prior_correction == "none" and base.caption_normalisation == "difference"
+    with pytest.raises(UserError, match="prior_correction needs every class scored"):
+        base.replace(prior_correction="class_mean", shortlist_model="ViT-B-32", shortlist_pretrained="openai")
+    with pytest.raises(UserError, match="prior_correction"):
+        base.replace(prior_correction="median")
+    with pytest.raises(UserError, match="caption_normalisation"):
+        base.replace(caption_normalisation="softmax")
+    # post-processing only: stored scores stay valid whichever is chosen
+    assert base.replace(prior_correction="class_mean", caption_normalisation="none").fingerprint_dict() \
+        == base.fingerprint_dict()
