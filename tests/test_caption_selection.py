@@ -122,3 +122,39 @@ def test_single_image_instances(tiny_sd, tmp_path):
     texts = [["a cat on a mat", "a mat on a cat"]] * 5
     metrics = ics.evaluate(model, [(images, texts)], tokenizer, "cpu", amp=True)
     assert metrics == _expected(torch.cat(model.pair_errors))
+
+
+def test_stock_winoground_command_keeps_the_raw_errors_of_every_instance(tiny_sd, tmp_path, inproc):
+    """``clip_benchmark eval --dataset winoground --dataset_root <local folder>``: the result says how
+    errors were normalised, and the predictions keep each instance's raw pair and empty-prompt errors,
+    from which clip_benchmark's own per-instance verdict is recomputed exactly."""
+    import json
+
+    import numpy as np
+
+    folder = tmp_path / "wino"
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(5):
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "images" / f"ex_{i}_img_{k}.png")
+        lines.append(json.dumps({"id": i, "caption_0": f"a red thing {i}", "caption_1": f"a blue thing {i}",
+                                 "image_0": f"ex_{i}_img_0", "image_1": f"ex_{i}_img_1"}))
+    (folder / "examples.jsonl").write_text("\n".join(lines) + "\n")
+    opts = quick_options(tmp_path, strategy="full", n_samples=[2], batch_size=64)
+    proc = inproc("--model", f"diffusion_sd2@{opts}", "--pretrained", str(tiny_sd), "--dataset", "winoground",
+                  "--dataset_root", str(folder), "--batch_size", "2", "--output", str(tmp_path / "r.json"),
+                  cwd=tmp_path, env={"CLIP_BENCHMARK_DIFFUSION_DUMP_PREDICTIONS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["diffusion_classifier"]["caption_selection"]["normalisation"] == "difference"
+    rows = [json.loads(x) for x in (tmp_path / "r.predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 5
+    pair = torch.tensor([r["pair_errors"] for r in rows])                  # (5, 2, 2)
+    uncond = torch.tensor([r["unconditional_errors"] for r in rows])       # (5, 2)
+    expected = _expected(pair - uncond[..., None])
+    assert [r["correct"] for r in rows] == [
+        bool((e.argmin(1) == torch.arange(2)).all() and (e.argmin(0) == torch.arange(2)).all())
+        for e in pair - uncond[..., None]]
+    assert result["metrics"] == pytest.approx({**result["metrics"], **expected})

@@ -225,9 +225,24 @@ def _finish(state: RunState, tmp: Path, final: Path) -> None:
             calls = model.record.calls if model is not None else []
             if len(calls) != len(verdicts):  # Winoground: calls are per image, not per instance
                 calls = [None] * len(verdicts)
-            write_predictions(final, [0] * len(verdicts), rankings, calls, correct=verdicts)
+            write_predictions(final, [0] * len(verdicts), rankings, calls, correct=verdicts,
+                              extra=_caption_errors(model, len(verdicts)))
         if state.plan.args.verbose:
             print(f"Wrote {final}")
+
+
+def _caption_errors(model: Any, n: int) -> list[dict] | None:
+    """A diffusion model's raw errors per instance (what every caption normalisation is computed from)."""
+    if model is None or not getattr(model, "pair_errors", None):
+        return None
+    import torch
+
+    pair = torch.cat(model.pair_errors)                        # (N, nim, nt)
+    if len(pair) != n:
+        return None
+    uncond = torch.cat(model.unconditional_errors) if model.unconditional_errors else None
+    return [{"pair_errors": pair[i].tolist(),
+             **({"unconditional_errors": uncond[i].tolist()} if uncond is not None else {})} for i in range(n)]
 
 
 def _write_predictions(final: Path, predictions: tuple[Any, Any, float], model: Any) -> None:
