@@ -128,8 +128,9 @@ class ScoringOptions:
     caption_normalisation: str = "difference"
     # Zero-shot classification, opt-in: "class_mean" subtracts from each class's error its mean over the
     # evaluated images before ranking (label-free; removes a class's constant advantage, the prior
-    # bias that sends most predictions to one class). Needs every class scored on every image (no
-    # shortlist). Applied after scoring: stored scores stay valid. "none": each image on its own.
+    # bias that sends most predictions to one class). Needs every class scored on the same samples of
+    # every image (strategy "full", no shortlist). Applied after scoring: stored scores stay valid.
+    # "none" (the default; validation images did not support a change): each image on its own.
     prior_correction: str = "none"
 
     def __post_init__(self) -> None:
@@ -142,6 +143,12 @@ class ScoringOptions:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("caption_normalisation", self.caption_normalisation, CAPTION_NORMALISATIONS)
         _check_choice("prior_correction", self.prior_correction, PRIOR_CORRECTIONS)
+        if self.prior_correction != "none" and self.strategy != "full":
+            # Measured (docs/compositional.md, session 15): under anytime elimination a dropped class's mean
+            # error covers its first few (t, noise) samples only, its class mean mixes such means with full
+            # ones, and the correction cost diffusion_tiny 28.5 points on validation images.
+            raise UserError("prior_correction needs every class scored on the same samples of every image: add "
+                            "strategy=full (CLIP_BENCHMARK_DIFFUSION_OPTIONS=strategy=full,prior_correction=class_mean)")
         if self.prior_correction != "none" and self.shortlist_model:
             raise UserError("prior_correction needs every class scored on every image; a shortlist scores only "
                             "shortlist_k of them: drop one of the two options")

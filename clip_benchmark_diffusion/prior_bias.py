@@ -17,7 +17,7 @@ OVERSHARE = 3.0
 # ... on at least this many images (fewer cannot tell bias from chance).
 MIN_IMAGES = 50
 FIX_HINT = ("check the recipe's conventions against diffusers' pipeline (prediction type, timestep scale, shift), "
-            "or try the label-free correction CLIP_BENCHMARK_DIFFUSION_OPTIONS=prior_correction=class_mean")
+            "or try the label-free correction CLIP_BENCHMARK_DIFFUSION_OPTIONS=strategy=full,prior_correction=class_mean")
 
 
 def prediction_histogram(pred: torch.Tensor, target: torch.Tensor | None, classnames: list[str] | None,

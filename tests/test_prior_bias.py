@@ -128,12 +128,16 @@ def test_options_refuse_a_correction_that_cannot_be_computed():
 
     base = ScoringOptions()
     assert base.prior_correction == "none" and base.caption_normalisation == "difference"
+    with pytest.raises(UserError, match="add strategy=full"):   # anytime elimination: means over unequal samples
+        base.replace(prior_correction="class_mean")
+    full = base.replace(strategy="full")
+    assert full.replace(prior_correction="class_mean").prior_correction == "class_mean"
     with pytest.raises(UserError, match="prior_correction needs every class scored"):
-        base.replace(prior_correction="class_mean", shortlist_model="ViT-B-32", shortlist_pretrained="openai")
+        full.replace(prior_correction="class_mean", shortlist_model="ViT-B-32", shortlist_pretrained="openai")
     with pytest.raises(UserError, match="prior_correction"):
         base.replace(prior_correction="median")
     with pytest.raises(UserError, match="caption_normalisation"):
         base.replace(caption_normalisation="softmax")
     # post-processing only: stored scores stay valid whichever is chosen
-    assert base.replace(prior_correction="class_mean", caption_normalisation="none").fingerprint_dict() \
-        == base.fingerprint_dict()
+    assert full.replace(prior_correction="class_mean", caption_normalisation="none").fingerprint_dict() \
+        == full.fingerprint_dict()
