@@ -5,6 +5,7 @@ without importing each other. ``clip_benchmark.cli`` is last: it imports the oth
 """
 WATCHED = (
     "clip_benchmark.models",
+    "clip_benchmark.datasets.winoground",
     "clip_benchmark.metrics.captioning",
     "clip_benchmark.metrics.image_caption_selection",
     "clip_benchmark.metrics.linear_probe",

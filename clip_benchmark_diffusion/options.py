@@ -29,6 +29,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 # FLUX.1-dev is used at guidance 1 to 10; far above, its guidance embedding only drives activations
 # towards overflow (guidance=inf gave NaN outputs), so a larger number is taken for a typo.
 MAX_GUIDANCE = 100.0
+CAPTION_NORMALISATIONS = ("difference", "ratio", "none")
+PRIOR_CORRECTIONS = ("none", "class_mean")
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,19 @@ class ScoringOptions:
     # With temperature > 0: softmax(-(gap / temperature) ** temperature_power), the power fitted with
     # the temperature on the same validation images (1: plain temperature scaling). Scores do not depend on it.
     temperature_power: float = 1.0
+    # Image-caption selection with several images per instance (Winoground): each (image, caption)
+    # error made comparable across the instance's images. "difference": minus the image's own
+    # unconditional (empty-prompt) error on the same (t, noise) samples, as Diffusion-ITM (Krojer et
+    # al. 2023) does, so an image that is simply easy to denoise no longer wins every caption; "ratio":
+    # divided by it; "none": raw errors (near-random image scores). A per-image constant cannot reorder
+    # one image's captions, so text scores and one-image tasks (SugarCrepe) are the same under all three.
+    caption_normalisation: str = "difference"
+    # Zero-shot classification, opt-in: "class_mean" subtracts from each class's error its mean over the
+    # evaluated images before ranking (label-free; removes a class's constant advantage, the prior
+    # bias that sends most predictions to one class). Needs every class scored on the same samples of
+    # every image (strategy "full", no shortlist). Applied after scoring: stored scores stay valid.
+    # "none" (the default; validation images did not support a change): each image on its own.
+    prior_correction: str = "none"
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, STRATEGIES)
@@ -129,6 +144,17 @@ class ScoringOptions:
         _check_choice("sample_norm", self.sample_norm, SAMPLE_NORMS)
         _check_choice("guarantee", self.guarantee, GUARANTEES)
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("caption_normalisation", self.caption_normalisation, CAPTION_NORMALISATIONS)
+        _check_choice("prior_correction", self.prior_correction, PRIOR_CORRECTIONS)
+        if self.prior_correction != "none" and self.strategy != "full":
+            # Measured (docs/compositional.md, session 15): under anytime elimination a dropped class's mean
+            # error covers its first few (t, noise) samples only, its class mean mixes such means with full
+            # ones, and the correction cost diffusion_tiny 28.5 points on validation images.
+            raise UserError("prior_correction needs every class scored on the same samples of every image: add "
+                            "strategy=full (CLIP_BENCHMARK_DIFFUSION_OPTIONS=strategy=full,prior_correction=class_mean)")
+        if self.prior_correction != "none" and self.shortlist_model:
+            raise UserError("prior_correction needs every class scored on every image; a shortlist scores only "
+                            "shortlist_k of them: drop one of the two options")
         if not self.n_samples or any(n <= 0 for n in self.n_samples):
             raise UserError(f"n_samples must be positive integers, got {list(self.n_samples)}")
         if self.strategy == "staged":
@@ -208,6 +234,8 @@ class ScoringOptions:
         data.pop("lookahead")
         data.pop("temperature")  # only turns stored mean errors into probabilities
         data.pop("temperature_power")
+        data.pop("caption_normalisation")  # caption selection is never stored
+        data.pop("prior_correction")  # applied to stored mean errors after scoring
         if self.sample_norm == "none":  # keys as before the option existed
             data.pop("sample_norm")
         if self.strategy != "anytime":  # anytime-only fields: older runs' store keys stay valid

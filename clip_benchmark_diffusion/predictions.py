@@ -8,7 +8,10 @@ lowest expected error, ``scoring.strategies.best_probability``) and (diffusion m
 denoiser calls spent on it. For image-caption selection (SugarCrepe, Winoground) a line is one
 instance: ``target`` 0 (the true caption comes first), ``top5`` the captions ranked for the
 instance's first image, and ``correct``, clip_benchmark's own per-instance verdict (each image picks
-its caption and each caption its image), which is what its ``acc`` averages.
+its caption and each caption its image), which is what its ``acc`` averages; for a diffusion model
+also ``pair_errors`` (per image, its error under each caption, unnormalised) and, with several
+images per instance, ``unconditional_errors`` (per image, the empty prompt's): every caption
+normalisation can be recomputed from one run.
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ def file_digest(path: Path) -> str:
 
 def write_predictions(result: Path, target: list[int], top5: list[list[int]],
                       denoiser_calls: list[int | None], confidence: list[float | None] | None = None,
-                      correct: list[bool] | None = None) -> Path:
+                      correct: list[bool] | None = None, extra: list[dict] | None = None) -> Path:
     """Write the predictions file of ``result`` atomically (a reader never sees half of it); the
     result written after it records its digest (``DIGEST_FIELD``)."""
     path = predictions_path(result)
@@ -80,6 +83,9 @@ def write_predictions(result: Path, target: list[int], top5: list[list[int]],
     if correct is not None:
         for row, ok in zip(rows, correct, strict=True):
             row["correct"] = bool(ok)
+    if extra is not None:   # per-item fields of one model kind (e.g. a diffusion model's raw pair errors)
+        for row, more in zip(rows, extra, strict=True):
+            row.update(more)
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     os.replace(tmp, path)
     return path

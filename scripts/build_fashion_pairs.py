@@ -8,7 +8,13 @@ From the official Fashion-MNIST *test* split (Debian's dataset-fashion-mnist), s
 - ``fashion_pairs_probes/``: image-caption selection, clip_benchmark's ``sugar_crepe/<task>``
   layout (``val2017/<file>.png`` + ``<task>.json``), one item per probe on each of
   ``--probe-scenes`` scenes (default 500): swap_obj (position swap), swap_att (colour swap),
-  replace_obj and replace_att (controls).
+  replace_obj and replace_att (controls);
+- ``fashion_winoground/``: image-caption selection with two images per instance, Winoground's release
+  layout (``examples.jsonl`` + ``images/``; ``clip_benchmark eval --dataset winoground --dataset_root
+  <it>`` reads it through this package's loader, see ``integration/winoground_local.py``): each of
+  the first ``--winoground`` probe scenes (default 200) with its *swapped twin*, the same two source
+  garments in the other order (even instances: position swap) or with their colours exchanged (odd:
+  colour swap), each image with the caption that describes it (caption i matches image i).
 
 Positive captions and class-name templates use held-out wrappers (``EVAL_WRAPPERS``). The two sets
 use disjoint source images. Defaults rebuild the shipped folders byte for byte.
@@ -21,6 +27,7 @@ Usage:
     python scripts/build_fashion_pairs.py                                  # the shipped sets
     python scripts/build_fashion_pairs.py --out /data/pairs --per-class 40 --probe-scenes 2000
     python scripts/build_fashion_pairs.py --validation --out runs/fashion_pairs_validation --per-class 2
+    python scripts/build_fashion_pairs.py --validation-winoground --out runs/winoground_validation
 Then:
     clip_benchmark eval --dataset wds/fashion_pairs_100 --dataset_root <out>/fashion_pairs_100 ...
     clip_benchmark eval --dataset sugar_crepe/swap_att --dataset_root <out>/fashion_pairs_probes ...
@@ -49,6 +56,7 @@ from clip_benchmark_diffusion_demo.pairs import (
     PAIR_CLASSNAMES,
     PROBES,
     RELATIONS,
+    Scenes,
     compose,
 )
 from clip_benchmark_diffusion_demo.pairs_data import (
@@ -56,6 +64,8 @@ from clip_benchmark_diffusion_demo.pairs_data import (
     PROBES_DIR,
     SHIPPED_PER_CLASS,
     SHIPPED_PROBE_SCENES,
+    SHIPPED_WINOGROUND,
+    WINOGROUND_DIR,
     TEST_SEED,
     VALIDATION_SEED,
     EvalSets,
@@ -182,6 +192,56 @@ def write_probes(sets: EvalSets, out_dir: Path) -> int:
 
 
 _INDEX_NAMES = {"test": "Test-split", "validation": "Train-split (validation hold-out)"}
+# Winoground instance kinds, alternating: the probe whose negative caption describes the twin image.
+WINOGROUND_SWAPS = (("swap_obj", "position swap"), ("swap_att", "colour swap"))
+
+
+def swapped_twins(scenes: Scenes, probes: list[str]) -> Scenes:
+    """Scene i with its two garments exchanged (``swap_obj``: each keeps its colour) or its two
+    colours exchanged (``swap_att``): the scene that scene i's negative caption under that probe describes."""
+    pos = np.array([p == "swap_obj" for p in probes])
+    return Scenes(left_index=np.where(pos, scenes.right_index, scenes.left_index),
+                  right_index=np.where(pos, scenes.left_index, scenes.right_index),
+                  left_garment=np.where(pos, scenes.right_garment, scenes.left_garment),
+                  right_garment=np.where(pos, scenes.left_garment, scenes.right_garment),
+                  # both swaps exchange the colours of the two sides: with the garments, or without them
+                  left_colour=scenes.right_colour, right_colour=scenes.left_colour)
+
+
+def write_winoground(sets: EvalSets, out_dir: Path, n: int) -> int:
+    """The Winoground-layout folder from the first ``n`` probe scenes; returns the instance count."""
+    if n > len(sets.probes):
+        raise UserError(f"--winoground {n} needs as many probe scenes; there are {len(sets.probes)}")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    (out_dir / "images").mkdir(parents=True)
+    first = Scenes(*(getattr(sets.probes, f)[:n] for f in Scenes.__dataclass_fields__))
+    probes = [WINOGROUND_SWAPS[i % 2][0] for i in range(n)]
+    twins = swapped_twins(first, probes)
+    pixels, twin_pixels = compose(sets.images, first), compose(sets.images, twins)
+    lines = []
+    for i in range(n):
+        item = sets.items[probes[i]][i]
+        names = [f"ex_{i}_img_0", f"ex_{i}_img_1"]
+        for name, image in zip(names, (pixels[i], twin_pixels[i])):
+            Image.fromarray(image).save(out_dir / "images" / f"{name}.png", format="png")
+        lines.append(json.dumps({
+            "id": i, "caption_0": item.caption, "caption_1": item.negative_caption,
+            "image_0": names[0], "image_1": names[1], "tag": WINOGROUND_SWAPS[i % 2][1],
+            # Not read by the loader: the structured descriptions, for checks and analyses.
+            "source": {"split": sets.split, "left": int(first.left_index[i]), "right": int(first.right_index[i])},
+            "positive": [list(side) for side in item.positive], "negative": [list(side) for side in item.negative],
+        }))
+    (out_dir / "examples.jsonl").write_text("\n".join(lines) + "\n")
+    body = (f"- Winoground layout (`examples.jsonl`, `images/`): {n} instances from the first {n} probe scenes "
+            "of `fashion_pairs_probes` (the same scenes and captions); image 0 is the probe scene with its "
+            "positive caption (caption 0), image 1 its twin, made from the same two source images, with the "
+            "probe's negative caption (caption 1), which describes it exactly. Even ids: position swap (the "
+            "garments in the other order, each keeping its colour); odd ids: colour swap (the two colours "
+            "exchanged). `positive`/`negative` describe image 0/image 1 as in the probes; `source` gives the "
+            f"{sets.split}-split indices.\n")
+    (out_dir / "LICENSE.md").write_text(_license("Winoground-format instances", body, sets.split))
+    return n
 
 
 def _license(what: str, body: str, split: str = "test") -> str:
@@ -212,6 +272,11 @@ def build_validation(folder: Path, per_class: int) -> int:
     return write_classification(validation_eval_sets(per_class, 0), folder)
 
 
+def build_validation_winoground(folder: Path, n: int) -> int:
+    """Winoground instances from the validation hold-out's probe scenes (to choose settings on), in ``folder``."""
+    return write_winoground(validation_eval_sets(0, n), folder, n)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEMO_DIR,
@@ -220,11 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-scenes", type=int, default=SHIPPED_PROBE_SCENES, help="items per probe")
     parser.add_argument("--validation", action="store_true",
                         help="only the 100-class set, from the train split's validation hold-out (needs --out)")
+    parser.add_argument("--winoground", type=int, default=SHIPPED_WINOGROUND,
+                        help="Winoground-format instances (at most --probe-scenes)")
+    parser.add_argument("--validation-winoground", action="store_true",
+                        help="only the Winoground-format set, from the validation hold-out (needs --out)")
     args = parser.parse_args(argv)
     try:
         check_sizes(args.per_class, args.probe_scenes, args.validation)
-        if args.validation and args.out == DEMO_DIR:
+        if (args.validation or args.validation_winoground) and args.out == DEMO_DIR:
             raise UserError("--validation needs --out: the shipped folders hold test scenes")
+        if not 1 <= args.winoground <= (400 if args.validation_winoground else args.probe_scenes):
+            raise UserError(f"--winoground must be 1..{400 if args.validation_winoground else args.probe_scenes} "
+                            f"(one instance per probe scene), got {args.winoground}")
     except UserError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -232,11 +304,17 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.out / PAIRS_DATASET_DIR.name
         print(f"wrote {build_validation(folder, args.per_class)} validation classification scenes to {folder}")
         return 0
+    if args.validation_winoground:
+        folder = args.out / WINOGROUND_DIR.name
+        print(f"wrote {build_validation_winoground(folder, args.winoground)} validation Winoground instances to {folder}")
+        return 0
     sets = shipped_eval_sets(args.per_class, args.probe_scenes)
     n_cls = write_classification(sets, args.out / PAIRS_DATASET_DIR.name)
     n_probe = write_probes(sets, args.out / PROBES_DIR.name)
-    print(f"wrote {n_cls} classification scenes to {args.out / PAIRS_DATASET_DIR.name} and "
-          f"{n_probe} probe scenes x {len(PROBES)} probes to {args.out / PROBES_DIR.name}")
+    n_wino = write_winoground(sets, args.out / WINOGROUND_DIR.name, args.winoground)
+    print(f"wrote {n_cls} classification scenes to {args.out / PAIRS_DATASET_DIR.name}, "
+          f"{n_probe} probe scenes x {len(PROBES)} probes to {args.out / PROBES_DIR.name} and "
+          f"{n_wino} Winoground instances to {args.out / WINOGROUND_DIR.name}")
     return 0
 
 

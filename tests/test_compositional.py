@@ -63,7 +63,7 @@ def test_compositional_table_is_clip_benchmarks_own_figures(tiny_sd_32, random_p
         m = re.match(r"(.+?)\s{2,}(\d+)\s+(\d+)\s+([\d.]+) \[.*?\]\s+([\d.]+) \[", line)
         if m:
             table[m.group(1).strip()] = (int(m.group(2)), float(m.group(4)), float(m.group(5)))
-    assert len(table) == 5, proc.stdout
+    assert len(table) == 6, proc.stdout
     assert (tmp_path / "run" / "compositional.png").stat().st_size > 0
     # The 100-class row's calibration, each model's ECE from its own per-image probabilities, and the diagram.
     ece = {m.group(1): float(m.group(2))
@@ -79,6 +79,15 @@ def test_compositional_table_is_clip_benchmarks_own_figures(tiny_sd_32, random_p
             label = "100 ordered pairs (top-1)"
             rel = reliability([r["confidence"] for r in rows], [r["top5"][0] == r["target"] for r in rows])
             assert ece[result["model"]] == pytest.approx(100 * rel.ece, abs=0.006)
+        elif result["dataset"] == "winoground":   # the group score, from clip_benchmark's per-instance verdicts
+            n, value, label = 12, result["metrics"]["acc"], "Winoground group (2 swaps)"
+            assert sum(r["correct"] for r in rows) / n == pytest.approx(value)
+            m = result["metrics"]
+            line = f"text {100 * m['text_acc']:.1f} ["
+            assert re.search(rf"^{re.escape(result['model'])}: {re.escape(line)}.*image {100 * m['image_acc']:.1f} \[",
+                             proc.stdout, re.M), proc.stdout
+            if kind == 1:
+                assert result["diffusion_classifier"]["caption_selection"]["normalisation"] == "difference"
         else:
             probe = result["dataset"].split("/")[1]
             assert probe in PROBES

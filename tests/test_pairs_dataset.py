@@ -26,7 +26,7 @@ from clip_benchmark_diffusion_demo.pairs import (
     training_captions,
     untint,
 )
-from clip_benchmark_diffusion_demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR
+from clip_benchmark_diffusion_demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR, WINOGROUND_DIR
 
 from wds_data import needs_fashion_mnist  # noqa: E402
 
@@ -190,7 +190,7 @@ def test_validation_sets_come_from_the_hold_out_only() -> None:
 @needs_debian
 def test_build_script_reproduces_the_shipped_folders(tmp_path: Path) -> None:
     assert load_script("build_fashion_pairs").main(["--out", str(tmp_path)]) == 0
-    for shipped in (PAIRS_DATASET_DIR, PROBES_DIR):
+    for shipped in (PAIRS_DATASET_DIR, PROBES_DIR, WINOGROUND_DIR):
         files = sorted(p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file())
         rebuilt = sorted(p.relative_to(tmp_path / shipped.name) for p in (tmp_path / shipped.name).rglob("*") if p.is_file())
         assert files == rebuilt
@@ -242,3 +242,51 @@ def test_validation_build_refuses_sizes_past_the_hold_out_and_the_shipped_folder
     assert len(err) == 2 and err[0].startswith("clip_benchmark_diffusion: --per-class must be 1..5 with --validation")
     assert err[1] == "clip_benchmark_diffusion: --validation needs --out: the shipped folders hold test scenes"
     assert not list(tmp_path.iterdir())
+
+
+def test_winoground_folder_loads_through_clip_benchmarks_winoground_builder() -> None:
+    """``--dataset winoground --dataset_root <folder>``: clip_benchmark's own builder, our local loader."""
+    from clip_benchmark.datasets.builder import build_dataset, get_dataset_collate_fn
+
+    from clip_benchmark_diffusion.integration.clip_benchmark import ensure_installed
+    from clip_benchmark_diffusion.integration.winoground_local import read_examples
+
+    ensure_installed()
+    import torch
+
+    ds = build_dataset(dataset_name="winoground", root=str(WINOGROUND_DIR), task="image_caption_selection",
+                       transform=lambda im: torch.from_numpy(np.asarray(im).copy()))
+    assert len(ds) == 200
+    images, captions = ds[3]
+    assert images.shape == (2, 28, 56, 3) and images.dtype == torch.uint8
+    assert captions == [read_examples(WINOGROUND_DIR)[3][f"caption_{k}"] for k in (0, 1)]
+    assert get_dataset_collate_fn("winoground") is not None
+
+
+def test_winoground_twins_differ_only_by_the_swap() -> None:
+    """Image 0 is the probe scene (same pixels, same positive caption); image 1 is made of the same two
+    source garments, swapped in position (even ids) or in colour (odd ids), and caption 1 is the
+    probe's negative caption, which describes it."""
+    from PIL import Image
+
+    from clip_benchmark_diffusion.integration.winoground_local import read_examples
+
+    examples = read_examples(WINOGROUND_DIR)
+    assert [ex["tag"] for ex in examples[:4]] == ["position swap", "colour swap"] * 2
+    for ex in examples:
+        i, probe = ex["id"], ("swap_obj", "swap_att")[ex["id"] % 2]
+        item = _ann(probe)[str(i)]
+        img0 = np.asarray(Image.open(WINOGROUND_DIR / "images" / f"{ex['image_0']}.png"))
+        img1 = np.asarray(Image.open(WINOGROUND_DIR / "images" / f"{ex['image_1']}.png"))
+        np.testing.assert_array_equal(img0, np.asarray(Image.open(PROBES_DIR / "val2017" / item["filename"])))
+        assert (ex["caption_0"], ex["caption_1"]) == (item["caption"], item["negative_caption"])
+        (lg, lc), (rg, rc) = item["positive"]
+        a0, b0 = untint(img0)
+        a1, b1 = untint(img1)
+        if probe == "swap_obj":   # the garments change places, each with its colour
+            np.testing.assert_array_equal(a1, b0), np.testing.assert_array_equal(b1, a0)
+        else:                     # the garments stay, the colours change places
+            np.testing.assert_array_equal(a1, a0), np.testing.assert_array_equal(b1, b0)
+        assert item["negative"] == ([[rg, rc], [lg, lc]] if probe == "swap_obj" else [[lg, rc], [rg, lc]])
+        left_colour = int(np.flatnonzero(img1[..., :28, :].reshape(-1, 3).max(0))[0])
+        assert left_colour == [0, 1, 2, 0][rc]   # the twin's left garment wears the right one's colour

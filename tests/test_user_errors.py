@@ -78,6 +78,23 @@ def test_unsupported_tasks_stop_before_compute(tiny_sd, digits_wds, tmp_path, ta
                    f"task {task} is not supported by diffusion models", cwd=tmp_path)
 
 
+def test_multilabel_wds_is_refused_before_compute(tiny_sd, digits_wds, tmp_path, inproc):
+    """clip_benchmark's mAP ranks each class's logits across images; ours are ranks within an image."""
+    folder = tmp_path / "multi"
+    shutil.copytree(digits_wds, folder)
+    (folder / "dataset_type.txt").write_text("multilabel\n")
+    assert_clean_failure(_eval("diffusion_sd2", tiny_sd, folder, tmp_path, runner=inproc),
+                         "multi-label datasets (wds/digits: its dataset_type.txt says multilabel) are not supported",
+                         cwd=tmp_path)
+
+
+def test_voc2007_multilabel_is_refused_before_compute(tiny_sd, tmp_path, inproc):
+    proc = inproc("--model", "diffusion_sd2", "--pretrained", str(tiny_sd), "--dataset", "voc2007_multilabel",
+                  "--dataset_root", str(tmp_path / "voc"), cwd=tmp_path)
+    assert_clean_failure(proc, "multi-label datasets (voc2007_multilabel) are not supported", cwd=tmp_path)
+    assert not (tmp_path / "voc").exists()   # refused before clip_benchmark downloads anything
+
+
 def test_load_clfs_is_refused(tiny_sd, digits_wds, tmp_path, inproc):
     assert_clean_failure(_eval("diffusion_sd2", tiny_sd, digits_wds, tmp_path, "--load_clfs", "clf.pt", runner=inproc),
                    "--load_clfs is not supported", cwd=tmp_path)

@@ -5,6 +5,12 @@ instance compares ``images_emb @ texts_emb.T`` along both axes. Text j of an ins
 one-hot row e_j; image a gets ``0.95 ** (joint rank of its pair errors within the instance)`` in
 slots 0..nt-1, plus a padding slot that gives every image vector the same norm, so the
 normalisation clip_benchmark applies cannot reorder scores across images.
+
+Winoground's image score asks, for each caption, which of two *images* fits it better. Raw
+denoising errors of different images are not comparable (some images are simply easier to
+denoise: Krojer et al., Diffusion-ITM), so with several images per instance every image of the
+instance is scored on the same (t, noise) samples, also with the empty prompt, and each pair
+error is normalised by that image's unconditional error (``options.caption_normalisation``).
 """
 from __future__ import annotations
 
@@ -18,6 +24,35 @@ from clip_benchmark_diffusion.store import image_digest
 
 CAPTION_SELECTION = "image_caption_selection"
 RANK_BASE = 0.95  # logits are RANK_BASE ** rank: neighbouring ranks stay 5% apart in half precision
+UNCONDITIONAL_PROMPT = ""  # the empty prompt, as classifier-free guidance trains it
+
+
+def normalise_pair_errors(pair: torch.Tensor, uncond: torch.Tensor | None, how: str) -> torch.Tensor:
+    """(B, nim, nt) pair errors made comparable across an instance's images.
+
+    ``uncond`` (B, nim) is each image's empty-prompt error on the same samples (None with one
+    image per instance, where no normalisation can change an image's ranking of its captions).
+    """
+    if uncond is None or how == "none":
+        return pair
+    if how == "difference":
+        return pair - uncond[:, :, None]
+    if how == "ratio":
+        return pair / uncond[:, :, None].clamp(min=torch.finfo(pair.dtype).tiny)
+    raise ValueError(f"unknown caption normalisation {how!r}")
+
+
+def instance_seeds(digests: list[str], nim: int, seed: int) -> list[int]:
+    """One noise seed per instance, shared by its images, so that they are scored on the same
+    (t, noise) samples and their errors differ only by the image. One image per instance keeps
+    the image's own seed (the SugarCrepe scores of earlier versions stay the same)."""
+    if nim == 1:
+        return [image_seed(d, seed) for d in digests]
+    out = []
+    for b in range(0, len(digests), nim):
+        shared = image_seed("+".join(digests[b:b + nim]), seed)
+        out.extend([shared] * nim)
+    return out
 
 
 class CaptionSelectionMixin:
@@ -40,28 +75,54 @@ class CaptionSelectionMixin:
         if len(ids) != B * nt or len(images) != B * nim:
             raise RuntimeError(f"caption selection batch mismatch: {len(images)} images, {len(ids)} texts, "
                                f"structure {(B, nim, nt)}")
+        how = self.options.caption_normalisation
+        unconditional = nim > 1 and how != "none"   # one image: nothing to compare across
         with torch.autocast(self.device_.type, enabled=False):
-            self._encode_prompts(sorted(set(ids.tolist())))
-            cands = Candidates(cond=stack_rows([self._text_cache[i] for i in ids.tolist()]),
-                               members=torch.arange(B * nt)[:, None])
+            prompt_ids = ids.tolist()
+            if unconditional:
+                prompt_ids = prompt_ids + self.prompts.add([UNCONDITIONAL_PROMPT]).tolist()
+                self.prompts.last_ids = ids   # the empty prompt is ours, not one of the batch's texts
+            self._encode_prompts(sorted(set(prompt_ids)))
+            cands = Candidates(cond=stack_rows([self._text_cache[i] for i in prompt_ids]),
+                               members=torch.arange(len(prompt_ids))[:, None])
             allowed = (torch.arange(B * nim) // nim)[:, None] == (torch.arange(B * nt) // nt)[None, :]
+            if unconditional:
+                allowed = torch.cat([allowed, torch.ones(B * nim, 1, dtype=torch.bool)], 1)
             images = images.to(self.device_, torch.float32)
-            seeds = [image_seed(image_digest(img), self.options.seed) for img in images]
+            seeds = instance_seeds([image_digest(img) for img in images], nim, self.options.seed)
             engine = self._pair_engine()
             results = engine.score(self._latents(images), seeds, cands, allowed=allowed)
         # counted like classification's, so the closing line reports the calls the JSON records
         self.record.scored_images += len(images)
         self.record.scored_calls += engine.stats.denoiser_calls
-        err = torch.stack([r.outcome.mean_error for r in results]).view(B, nim, B, nt)
+        mean_error = torch.stack([r.outcome.mean_error for r in results])             # (B*nim, B*nt [+1])
+        err = mean_error[:, : B * nt].reshape(B, nim, B, nt)
         pair = torch.stack([err[b, :, b, :] for b in range(B)])                        # (B, nim, nt)
+        uncond = mean_error[:, -1].reshape(B, nim) if unconditional else None
         self.pair_errors.append(pair)
+        if uncond is not None:
+            self.unconditional_errors.append(uncond)
         self.record.add(results)
-        rank = torch.argsort(torch.argsort(pair.reshape(B, nim * nt), dim=1), dim=1)
+        scores = normalise_pair_errors(pair, uncond, how)
+        rank = torch.argsort(torch.argsort(scores.reshape(B, nim * nt), dim=1), dim=1)
         values = (RANK_BASE ** rank.float()).view(B * nim, nt)
         out = torch.zeros(B * nim, self.options.max_classes)
         out[:, :nt] = values
         out[:, -1] = (nt - values.pow(2).sum(1)).clamp(min=0).sqrt()
         return out.to(self.device_)
+
+    def caption_selection_metadata(self) -> dict:
+        """How the pair errors were made comparable, for the result JSON."""
+        several = self._structure is not None and self._structure[1] > 1
+        how = self.options.caption_normalisation
+        return {
+            "normalisation": how if several else "none (one image per instance: nothing to compare across)",
+            "unconditional_prompt": UNCONDITIONAL_PROMPT if several and how != "none" else None,
+            "noise": "shared by the images of an instance" if several else "per image",
+            "score": {"difference": "pair error minus the image's unconditional error",
+                      "ratio": "pair error divided by the image's unconditional error",
+                      "none": "raw pair error"}[how] if several else "raw pair error",
+        }
 
     def _require_structure(self) -> tuple[int, int, int]:
         if self._structure is None:

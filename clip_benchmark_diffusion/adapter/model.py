@@ -138,7 +138,8 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             if note:
                 stderr_note(note)
         self._structure: tuple[int, int, int] | None = None
-        self.pair_errors: list[torch.Tensor] = []
+        self.pair_errors: list[torch.Tensor] = []            # caption selection: raw (B, nim, nt) per batch
+        self.unconditional_errors: list[torch.Tensor] = []   # ... and (B, nim) empty-prompt errors
         self.record = RunRecord()
         self._load_shortlister()  # weights that do not fit the shortlist model: one line before any image
         self._bar = progress_bar(expected_images, "diffusion scoring")
@@ -334,6 +335,29 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
                                   refresh=False)
             self._bar.update(0)
 
+    def classification_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """clip_benchmark's (N, G) logits, or with ``prior_correction=class_mean`` the negated errors
+        minus each class's mean over this task's images (``prior_bias.class_mean_correction``)."""
+        if self.options.prior_correction == "none":
+            return logits
+        from clip_benchmark_diffusion.prior_bias import class_mean_correction
+
+        errors = torch.stack([r.outcome.mean_error for r in self.record.results]).double()   # (N, G)
+        if errors.shape != logits.shape:
+            raise RuntimeError(f"prior correction: {tuple(errors.shape)} errors for {tuple(logits.shape)} logits")
+        corrected = -class_mean_correction(errors)
+        self.corrected_changes = int((corrected.argmax(1) != logits.argmax(1).to(corrected.device)).sum())
+        return corrected.float().to(logits.device)
+
+    def prediction_histogram(self, logits: torch.Tensor, target: torch.Tensor) -> dict:
+        from clip_benchmark_diffusion.prior_bias import prediction_histogram
+
+        hist = prediction_histogram(logits.argmax(1), target, self._classnames, logits.shape[1])
+        if self.options.prior_correction != "none":
+            hist["prior_correction"] = {"method": self.options.prior_correction,
+                                        "predictions_changed": getattr(self, "corrected_changes", 0)}
+        return hist
+
     def cost_summary(self) -> dict[str, float]:
         """Denoiser calls per image (mean, max) and seconds per image, as recorded when each was scored.
 
@@ -373,7 +397,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         """The identity of this evaluation for the result JSON and leaderboards."""
         from clip_benchmark_diffusion import __version__
 
-        return {
+        out = {
             "recipe": self.spec.recipe.name,
             "option_source": self.spec.option_source,
             "weights": self.weights,
@@ -386,6 +410,9 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             "hybrid": self.options.shortlist_label,   # None: pure diffusion
             "package_version": __version__,
         }
+        if self.task == CAPTION_SELECTION:
+            out["caption_selection"] = self.caption_selection_metadata()
+        return out
 
 
 def heartbeat_postfix(stats: EngineStats) -> dict[str, str | int]:

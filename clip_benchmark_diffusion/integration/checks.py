@@ -152,6 +152,11 @@ def check_wds(args: Any, root: str, task: str, diffusion: bool) -> None:
         classes, templates = _classes_and_templates(args, root, task)
         check_prompts(classes, templates, f"the class list of {args.dataset}", diffusion)
     kind = folder / "dataset_type.txt"
+    if diffusion and task == "zeroshot_classification" and kind.is_file() \
+            and kind.read_text().strip().lower() == "multilabel":
+        from clip_benchmark_diffusion.integration.refusals import MULTILABEL_ERROR
+
+        raise UserError(MULTILABEL_ERROR.format(dataset=f"{args.dataset}: its dataset_type.txt says multilabel"))
     labelled = task == "zeroshot_classification" and (
         not kind.is_file() or kind.read_text().strip().lower() == "classification")
     nshards = check_shards(folder / args.split, classes, labelled=labelled)

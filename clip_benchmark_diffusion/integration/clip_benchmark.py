@@ -57,6 +57,10 @@ def on_import(name: str, module: Any) -> None:
         _patch_models(module)
     elif name == "clip_benchmark.cli":
         _patch_cli(module)
+    elif name == "clip_benchmark.datasets.winoground":
+        from clip_benchmark_diffusion.integration.winoground_local import patch
+
+        patch(module)  # a local folder in Winoground's release layout, for any model
     else:
         _patch_metric(name.rsplit(".", 1)[1], module)
     setattr(module, MARK, True)
@@ -178,6 +182,16 @@ def _patch_run_classification(module: Any) -> None:
         logits, target = original(model, classifier, dataloader, device, amp=amp)
         check_labels(target, classifier.shape[1])
         state = current_run()
+        if getattr(model, "is_diffusion_classifier", False) and target.dim() == 1:
+            logits = model.classification_logits(logits)   # the prior correction, when asked
+            hist = model.prediction_histogram(logits, target)
+            if state is not None:
+                state.prediction_histogram = hist
+            from clip_benchmark_diffusion.prior_bias import bias_warning
+
+            line = bias_warning(hist)
+            if line is not None and model.world.rank == 0:
+                stderr_line(line)
         if state is not None and getattr(model, "is_diffusion_classifier", False):
             state.shortlist_recall = model.shortlist_recall(target)   # None unless a hybrid
         if state is not None and os.environ.get(PREDICTIONS_ENV):

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from clip_benchmark_diffusion.errors import Interrupted, Terminated, UserError
+from clip_benchmark_diffusion.integration.refusals import (LOAD_CLFS_ERROR, MULTILABEL_DATASETS,  # noqa: F401
+                                                           MULTILABEL_ERROR, SAVE_CLF_ERROR, UNSUPPORTED_TASKS,
+                                                           unsupported_task_error)
 from clip_benchmark_diffusion.partial_files import partial_path, remove_stale_partials
 from clip_benchmark_diffusion.predictions import DIGEST_FIELD, file_digest, predictions_path, write_predictions
 
@@ -28,24 +31,6 @@ if TYPE_CHECKING:
     from clip_benchmark_diffusion.registry import ResolvedModel
 
 MODEL_TYPE = "diffusion"
-# Tasks a diffusion model cannot serve exactly, and why (one line each).
-UNSUPPORTED_TASKS = {
-    "zeroshot_retrieval": "retrieval scores every text against every image in independent batches, "
-                          "which a joint image-text score cannot serve exactly",
-    "linear_probe": "a linear probe needs image features, and a diffusion classifier has none",
-    "captioning": "captioning needs a text generator",
-}
-LOAD_CLFS_ERROR = ("--load_clfs is not supported by diffusion models: a saved text classifier "
-                   "holds no prompts to denoise with; drop --load_clfs")
-SAVE_CLF_ERROR = ("--save_clf is not supported by diffusion models: their classifier is a one-hot "
-                  "placeholder, not text features; drop --save_clf")
-
-
-def unsupported_task_error(task: str) -> UserError:
-    return UserError(f"task {task} is not supported by diffusion models: {UNSUPPORTED_TASKS[task]}; "
-                     "use zeroshot_classification")
-
-
 def stderr_line(text: str) -> None:
     """Print one line to stderr in a single write: under torchrun the ranks share stderr, and
     print() writes the text and its newline separately, so another rank's output can land between."""
@@ -80,6 +65,8 @@ class RunState:
     shortlist_recall: float | None = None   # a hybrid's shortlister recall@k on this run
     # caption selection: (per-instance verdicts, top captions of the first image) when asked
     caption_predictions: tuple[list[bool], list[list[int]]] | None = None
+    # zero-shot classification, diffusion: the predicted-class histogram (``prior_bias.prediction_histogram``)
+    prediction_histogram: dict | None = None
 
 
 _state: ContextVar[RunState | None] = ContextVar("clip_benchmark_diffusion_run", default=None)
@@ -147,6 +134,8 @@ def validate_run(args: Any) -> "ResolvedModel | None":
     task = task_of(args)
     if task in UNSUPPORTED_TASKS:
         raise unsupported_task_error(task)
+    if task == "zeroshot_classification" and dataset_name(args) in MULTILABEL_DATASETS:
+        raise UserError(MULTILABEL_ERROR.format(dataset=dataset_name(args)))
     if args.load_clfs:
         raise UserError(LOAD_CLFS_ERROR)
     if args.save_clf:
@@ -232,6 +221,8 @@ def _finish(state: RunState, tmp: Path, final: Path) -> None:
         dump["metrics"].update(model.cost_summary())
         dump["diffusion_classifier"] = model.result_metadata(model_type=state.plan.args.model_type)
         _portable_paths(dump, model.weights_digest)
+        if state.prediction_histogram is not None:
+            dump["diffusion_classifier"]["predicted_classes"] = state.prediction_histogram
         if dump["diffusion_classifier"].get("hybrid"):  # a hybrid's row must not pass for pure diffusion
             dump["model"] = f"{dump['model']}+{dump['diffusion_classifier']['hybrid']}"
             dump["metrics"]["shortlist_recall_at_k"] = state.shortlist_recall
@@ -257,7 +248,8 @@ def _write_any_predictions(state: RunState, final: Path, model: Any) -> Path | N
         calls = model.record.calls if model is not None else []
         if len(calls) != len(verdicts):  # Winoground: calls are per image, not per instance
             calls = [None] * len(verdicts)
-        return write_predictions(final, [0] * len(verdicts), rankings, calls, correct=verdicts)
+        return write_predictions(final, [0] * len(verdicts), rankings, calls, correct=verdicts,
+                                 extra=_caption_errors(model, len(verdicts)))
     return None
 
 
@@ -296,6 +288,20 @@ def _portable_paths(dump: dict, weights_digest: Callable[[], str]) -> None:
     base, sep, source = dump["model"].partition(OPTION_SEPARATOR)
     if sep:
         dump["model"] = f"{base}{sep}{portable_path(source, weights_digest)}"
+
+
+def _caption_errors(model: Any, n: int) -> list[dict] | None:
+    """A diffusion model's raw errors per instance (what every caption normalisation is computed from)."""
+    if model is None or not getattr(model, "pair_errors", None):
+        return None
+    import torch
+
+    pair = torch.cat(model.pair_errors)                        # (N, nim, nt)
+    if len(pair) != n:
+        return None
+    uncond = torch.cat(model.unconditional_errors) if model.unconditional_errors else None
+    return [{"pair_errors": pair[i].tolist(),
+             **({"unconditional_errors": uncond[i].tolist()} if uncond is not None else {})} for i in range(n)]
 
 
 def _write_predictions(final: Path, predictions: tuple[Any, Any, float], model: Any) -> Path:

@@ -1,7 +1,10 @@
 """``clip_benchmark_diffusion demo --compositional``: issue 11's table, diffusion vs CLIP on the same scenes.
 
-Two stock ``clip_benchmark eval`` commands, each holding both models: one on the four caption-selection
-probes (``sugar_crepe/<probe>``), one on the 100-class set (``wds/fashion_pairs_100``).
+Three stock ``clip_benchmark eval`` commands, each holding both models: one on the four caption-selection
+probes (``sugar_crepe/<probe>``), one on the two-garment Winoground set (``winoground`` from a local
+folder: two scenes that differ by a position or colour swap, their two captions), one on the 100-class
+set (``wds/fashion_pairs_100``). The Winoground row is the group score (each image picks its caption
+and each caption its image); its text and image scores are printed under the table.
 With per-item predictions dumped, every row gets each model's accuracy with a 95% Wilson interval
 and the exact McNemar test of the paired difference (:mod:`clip_benchmark_diffusion.compare`).
 """
@@ -12,10 +15,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from clip_benchmark_diffusion.compare import Accuracy, PairedComparison
+from clip_benchmark_diffusion.compare import Accuracy, PairedComparison, accuracy_interval
 from clip_benchmark_diffusion_demo import CLIP_PAIRS_NAME, CLIP_PAIRS_WEIGHTS, DIFFUSION_PAIRS_DIR
 from clip_benchmark_diffusion_demo.pairs import N_PAIR_CLASSES, PROBES
-from clip_benchmark_diffusion_demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR
+from clip_benchmark_diffusion_demo.pairs_data import PAIRS_DATASET_DIR, PROBES_DIR, WINOGROUND_DIR
 from clip_benchmark_diffusion_demo.run import _console, run_stock, subset_dataset
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.predictions import Run, calibration_lines, compare_runs, read_run
@@ -30,7 +33,11 @@ ROW_LABELS = {
     "swap_att": "colour swap (binding)",
     "replace_obj": "replace garment (control)",
     "replace_att": "replace colour (control)",
+    "winoground": "Winoground group (2 swaps)",
 }
+# Chance of each row: 1/100 top-1, 1/2 for a two-caption probe, 1/6 for Winoground's group score
+# (of the 24 joint orderings of an instance's four scores, 4 satisfy both directions).
+CHANCE = {"fashion_pairs_100": 1 / N_PAIR_CLASSES, "winoground": 1 / 6}
 
 
 @dataclass(frozen=True)
@@ -62,16 +69,35 @@ def probe_subset(items: int, dest: Path) -> Path:
     return dest
 
 
+def winoground_subset(items: int, dest: Path) -> Path:
+    """The first ``items`` Winoground instances (the same scenes as the probes' first items), as a local root."""
+    from clip_benchmark_diffusion.integration.winoground_local import EXAMPLES, IMAGES, read_examples
+
+    examples = read_examples(WINOGROUND_DIR)
+    if items >= len(examples):
+        return WINOGROUND_DIR
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / IMAGES).mkdir(parents=True)
+    for ex in examples[:items]:
+        for key in ("image_0", "image_1"):
+            shutil.copy(WINOGROUND_DIR / IMAGES / f"{ex[key]}.png", dest / IMAGES / f"{ex[key]}.png")
+    (dest / EXAMPLES).write_text("".join(json.dumps(ex) + "\n" for ex in examples[:items]))
+    return dest
+
+
 def stock_commands(diffusion: str, clip: str, classification_root: Path, probes_root: Path, results: Path,
-                   batch_size: int) -> list[list[str]]:
-    """The two ``clip_benchmark eval`` command lines: all probes, then classification. The probes come
-    first because caption selection is not kept in the score store: if the long 100-class run is cut
-    short, a rerun resumes it from the store without having lost the probes' work."""
+                   batch_size: int, winoground_root: Path | None = None) -> list[list[str]]:
+    """The ``clip_benchmark eval`` command lines: all probes, Winoground, then classification. Caption
+    selection comes first because it is not kept in the score store: if the long 100-class run is cut
+    short, a rerun resumes it from the store without having lost the caption tasks' work."""
     common = ["--pretrained_model", diffusion, clip, "--batch_size", str(batch_size), "--num_workers", "0",
               "--output", str(results / "{dataset}_{model}_{pretrained}.json")]
     return [
         [_console("clip_benchmark"), "eval", "--dataset", *(f"sugar_crepe/{p}" for p in PROBES),
          "--dataset_root", str(probes_root), *common],
+        *([[_console("clip_benchmark"), "eval", "--dataset", "winoground", "--dataset_root", str(winoground_root),
+             *common]] if winoground_root is not None else []),
         [_console("clip_benchmark"), "eval", "--dataset", CLASSIFICATION, "--dataset_root", str(classification_root),
          *common],
     ]
@@ -96,8 +122,25 @@ def table_rows(runs: dict[str, dict[str, Run]]) -> list[Row]:
     rows = []
     for task in ROW_LABELS:
         diffusion, clip, paired = compare_runs(runs[task]["diffusion"], runs[task]["clip"])
-        rows.append(Row(task, 1 / N_PAIR_CLASSES if task == "fashion_pairs_100" else 0.5, diffusion, clip, paired))
+        rows.append(Row(task, CHANCE.get(task, 0.5), diffusion, clip, paired))
     return rows
+
+
+def winoground_lines(runs: dict[str, Run]) -> list[str]:
+    """Each model's Winoground text, image and group scores with 95% Wilson intervals, and (diffusion)
+    how its errors were made comparable across images."""
+    lines = []
+    for kind in ("diffusion", "clip"):
+        run = runs[kind]
+        metrics, n = run.result["metrics"], len(run.target)
+        parts = []
+        for name, key in (("text", "text_acc"), ("image", "image_acc"), ("group", "acc")):
+            k = round(metrics[key] * n)
+            a = accuracy_interval([True] * k + [False] * (n - k))
+            parts.append(f"{name} {100 * a.value:.1f} [{100 * a.low:.1f}, {100 * a.high:.1f}]")
+        norm = run.result.get("diffusion_classifier", {}).get("caption_selection", {}).get("normalisation")
+        lines.append(f"{run.model}: " + ", ".join(parts) + (f" (errors normalised: {norm})" if norm else ""))
+    return lines
 
 
 def format_table(rows: list[Row], diffusion_name: str, clip_name: str) -> str:
@@ -158,11 +201,14 @@ def main(out: str = "runs/compositional", images: int = 1000, items: int = 500, 
     results = out_dir / "results"
     classification = subset_dataset(images, out_dir / "data" / "fashion_pairs_100", source=PAIRS_DATASET_DIR)
     probes = probe_subset(items, out_dir / "data" / "fashion_pairs_probes")
-    wall = run_stock(stock_commands(diffusion, clip, classification, probes, results, batch_size))
+    winoground = winoground_subset(items, out_dir / "data" / "fashion_winoground")
+    wall = run_stock(stock_commands(diffusion, clip, classification, probes, results, batch_size, winoground))
     runs = load_runs(results)
     rows = table_rows(runs)
     names = diffusion.split(",", 1)[0], clip.split(",", 1)[0]
     print("\n" + format_table(rows, *names) + "\n")
+    print("Winoground, two garments (text / image / group, 95% Wilson; chance 25 / 25 / 16.7):")
+    print("\n".join(winoground_lines(runs["winoground"])) + "\n")
     classification_runs = runs["fashion_pairs_100"]
     print(f"{ROW_LABELS['fashion_pairs_100']}, per-image top-1 probabilities:")
     print("\n".join(calibration_lines(classification_runs["diffusion"], classification_runs["clip"])) + "\n")

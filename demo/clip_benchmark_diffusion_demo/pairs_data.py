@@ -21,9 +21,12 @@ if TYPE_CHECKING:
 
 PAIRS_DATASET_DIR = DEMO_DIR / "fashion_pairs_100"
 PROBES_DIR = DEMO_DIR / "fashion_pairs_probes"
+WINOGROUND_DIR = DEMO_DIR / "fashion_winoground"
 # Shipped sizes: 10 scenes per ordered pair (1,000) and 500 probe scenes (one item per probe each).
 SHIPPED_PER_CLASS = 10
 SHIPPED_PROBE_SCENES = 500
+# Winoground-format instances made from the first probe scenes (half position swaps, half colour swaps).
+SHIPPED_WINOGROUND = 200
 TEST_SEED = 0
 VALIDATION_SEED = 1
 
