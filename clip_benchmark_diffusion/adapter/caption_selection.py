@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from clip_benchmark_diffusion.adapter.conditioning import stack_rows
-from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.errors import UserError, stderr_note
 from clip_benchmark_diffusion.scoring.engine import Candidates, ScoringEngine
 from clip_benchmark_diffusion.scoring.noise import image_seed
 from clip_benchmark_diffusion.store import image_digest
@@ -135,4 +135,4 @@ class CaptionSelectionMixin:
         """Every (image, caption) pair on every sample: comparisons across images need full scores."""
         options = self.options.replace(strategy="full", n_samples=(self.options.max_sample_count,))
         return ScoringEngine(self._denoise, self.grid, self.model.objective, options, self.device_,
-                             nonfinite_error=self._nonfinite_error)
+                             nonfinite_error=self._nonfinite_error, note=stderr_note)

@@ -108,7 +108,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
 
     def _make_engine(self, options: ScoringOptions) -> ScoringEngine:
         return ScoringEngine(self._denoise, self.grid, self.model.objective, options, self.device_,
-                             progress=self._on_progress, nonfinite_error=self._nonfinite_error)
+                             progress=self._on_progress, nonfinite_error=self._nonfinite_error, note=stderr_note)
 
     def _nonfinite_error(self, what: str) -> UserError:
         """One line for a denoiser batch with NaN or inf in it, naming what the user can change."""

@@ -3,7 +3,8 @@
 One call scores a dataloader batch of images against the candidate classes. Work items are
 (image, candidate, condition, sample) quadruples; every round each unfinished image's strategy
 says which it needs, the items of all images are packed into denoiser batches of
-``options.batch_size``, and the errors are scattered back. When a round would leave the
+``options.batch_size`` (halved, for the rest of the run, when the device runs out of memory), and
+the errors are scattered back. When a round would leave the
 denoiser under-filled, strategies are asked for look-ahead samples (computed, counted, and only
 used in order, so decisions never depend on batching).
 """
@@ -144,12 +145,17 @@ class ScoringEngine:
 
     def __init__(self, denoiser: Denoiser, grid: NoiseGrid, objective: str, options: ScoringOptions,
                  device: torch.device | str, progress: Callable[[dict], None] | None = None,
-                 nonfinite_error: Callable[[str], Exception] = NonFiniteOutput) -> None:
+                 nonfinite_error: Callable[[str], Exception] = NonFiniteOutput,
+                 note: Callable[[str], None] | None = None) -> None:
         """``grid`` holds at least ``options.max_sample_count`` noise levels in sample order;
         ``objective`` is what the denoiser was trained to predict (for the ``native`` weighting).
         ``nonfinite_error(what)`` is raised when a denoiser batch is not finite (the caller knows
         the model, dtype and options that a user can change)."""
         self.nonfinite_error = nonfinite_error
+        # The denoiser batch in use: options.batch_size until the device runs out of memory, then halved
+        # (for the rest of the run: the engine lives as long as the model). ``note`` says so in one line.
+        self.batch_size = options.batch_size
+        self.note = note
         if len(grid) < options.max_sample_count:
             raise ValueError(f"the grid has {len(grid)} levels, the options need {options.max_sample_count}")
         self.denoiser, self.grid, self.options = denoiser, grid, options
@@ -215,8 +221,11 @@ class ScoringEngine:
         while active := [i for i, s in enumerate(states) if not s.strategy.done]:
             items = self._collect(states, active, valid, 0)            # (Q, 4): image, class, member, sample
             items = torch.cat([items, self._fill(states, active, valid, len(items))])
-            for chunk in items.split(self.options.batch_size) if len(items) else ():  # restored: may be none
-                self._run(states, chunk, cands)
+            pos = 0
+            while pos < len(items):                                    # restored images: may be none
+                chunk = items[pos: pos + self.batch_size]
+                self._run_fitting(states, chunk, cands)
+                pos += len(chunk)
                 if checkpoints is not None and time.perf_counter() - last_save >= interval:
                     cost = self._save(states, checkpoints, results)
                     if self.checkpoint_s > 0:  # 0: after every denoiser batch, as tests and recorders ask
@@ -286,7 +295,7 @@ class ScoringEngine:
         They are computed and counted, but a strategy only reads samples in order, so decisions
         never depend on them; they cost denoiser work for candidates that may be dropped later.
         """
-        room = -queued % self.options.batch_size
+        room = -queued % self.batch_size
         if not self.options.lookahead or not room:
             return torch.empty(0, 4, dtype=torch.long)
         ahead = self._collect(states, active, valid, self.options.lookahead)
@@ -327,6 +336,28 @@ class ScoringEngine:
             states[i].unsaved.append(chunk[sel, 1:])
             self._unsettled = None
 
+    def _run_fitting(self, states: list[_ImageState], chunk: torch.Tensor, cands: Candidates) -> None:
+        """:meth:`_run`, halving the denoiser batch on an out-of-memory error and running the chunk in
+        pieces. Nothing is lost: an image's state changes only after its denoiser call returned, and
+        the pieces draw the same (t, noise) samples, so the errors equal an unsplit run's."""
+        try:
+            self._run(states, chunk, cands)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, everything else re-raised
+            if not is_out_of_memory(exc) or len(chunk) == 1:
+                raise
+            del exc                                                     # its traceback holds the batch's tensors
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            previous, self.batch_size = len(chunk), max(1, len(chunk) // 2)
+            if self.note is not None:
+                self.note(f"the denoiser ran out of memory at a batch of {previous}; carrying on at "
+                          f"{self.batch_size} with nothing lost (batch_size={self.batch_size} starts there)")
+            pos = 0
+            while pos < len(chunk):                    # at the batch in use: it may halve again on the way
+                part = chunk[pos: pos + self.batch_size]
+                self._run_fitting(states, part, cands)
+                pos += len(part)
+
     def _check_finite(self, eps_hat: torch.Tensor, err: torch.Tensor) -> None:
         """Stop at the first batch with a NaN or inf output: the same inputs give it again on every
         retry, and an infinite error ties every class (class 0 would win with confidence 1)."""
@@ -335,3 +366,11 @@ class ScoringEngine:
         bad = ~torch.isfinite(eps_hat.flatten(1)).all(1).cpu() | ~torch.isfinite(err)
         kind = "NaN" if bool(eps_hat.isnan().any()) or bool(err.isnan().any()) else "inf"
         raise self.nonfinite_error(f"{kind} for {int(bad.sum())} of {len(err)} inputs")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device allocation failure: CUDA's OutOfMemoryError, or the RuntimeError other backends raise."""
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or \
+            isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
