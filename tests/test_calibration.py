@@ -226,6 +226,7 @@ def test_the_temperature_leaves_the_score_store_key_alone_and_refuses_bad_values
 
 
 
+@pytest.mark.slow  # three stock commands (42 s); the recipe temperature's confidences stay pinned in test_demo's fast run
 @pytest.mark.skipif(not (CLIP_TINY_DIR.parent / "diffusion_tiny" / "model_index.json").is_file(),
                     reason="demo weights not built")
 def test_the_stock_command_writes_temperature_probabilities(tmp_path):

@@ -122,6 +122,7 @@ def test_the_shipped_pairs_clip_through_the_stock_command(tmp_path):
         assert abs(acc[probe] * 40 - right) <= 1 + 1e-6, (probe, acc[probe])
 
 
+@pytest.mark.slow  # 70 s; the pair recipe's scores stay pinned by the probabilities test below, and the probes by the table test
 @pytest.mark.skipif(not (DIFFUSION_PAIRS_DIR / "model_index.json").is_file(), reason="the diffusion pair is not shipped")
 def test_the_shipped_pairs_diffusion_model_through_the_stock_command(tmp_path):
     # The trained 28x56 diffusion pair (4,200 steps) by its recipe name through clip_benchmark itself, at

@@ -39,7 +39,14 @@ def imagenet_wds(tmp_path_factory):
     return write_digits_wds(tmp_path_factory.mktemp("wds") / "imagenet10", per_class=2, classes=names)
 
 
-@pytest.mark.parametrize("name", list(TINY_FAMILIES))
+# The stock command end to end for four families by default (a UNet, SDXL's extra inputs, an MMDiT, FLUX's
+# packing); the rest under -m slow: every family's denoiser path is also checked in-process against its own
+# diffusers pipeline by tests/test_pipeline_parity*.py, at a fraction of a subprocess's cost.
+FAST_STOCK_FAMILIES = ("stable_diffusion", "sdxl", "sd3", "flux_dev")
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_STOCK_FAMILIES else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in TINY_FAMILIES])
 def test_stock_command_scores_every_family(name, tiny_folders, digits_wds, imagenet_wds, tmp_path):
     from clip_benchmark_diffusion.registry import get_family, get_recipe
 
