@@ -44,15 +44,20 @@ def test_encoding_is_exact():
     assert calls == 7 and torch.equal(back.isnan(), cerr.isnan()) and torch.equal(back.nan_to_num(), cerr.nan_to_num())
 
 
-@pytest.mark.parametrize("strategy", ["full", "ttest"])
-def test_a_batch_killed_mid_way_resumes_from_its_checkpoints_to_the_same_results(strategy, tmp_path):
+def _six_images(strategy: str):
+    """Six images of five classes, the options both resume tests use, and their uninterrupted results."""
     torch.manual_seed(0)
     protos = torch.randn(5, *SHAPE)
     x = images(protos, [0, 3, 1, 4, 2, 2], noise=1.0)
     seeds = list(range(6))
     options = ScoringOptions(strategy=strategy, n_samples=(12,), min_samples=4, max_samples=30, p_value=0.05,
                              batch_size=16)
-    reference = _engine(options).score(x, seeds, cands(protos))
+    return protos, x, seeds, options, _engine(options).score(x, seeds, cands(protos))
+
+
+@pytest.mark.parametrize("strategy", ["full", "ttest"])
+def test_a_batch_killed_mid_way_resumes_from_its_checkpoints_to_the_same_results(strategy, tmp_path):
+    protos, x, seeds, options, reference = _six_images(strategy)
     total = sum(r.denoiser_calls for r in reference)
 
     keys = [f"img{i}" for i in range(6)]
@@ -115,13 +120,7 @@ class _Interrupt:
 
 @pytest.mark.parametrize("strategy", ["full", "ttest"])
 def test_an_interrupt_saves_every_image_in_flight_so_nothing_computed_is_lost(strategy, tmp_path):
-    torch.manual_seed(0)
-    protos = torch.randn(5, *SHAPE)
-    x = images(protos, [0, 3, 1, 4, 2, 2], noise=1.0)
-    seeds = list(range(6))
-    options = ScoringOptions(strategy=strategy, n_samples=(12,), min_samples=4, max_samples=30, p_value=0.05,
-                             batch_size=16)
-    reference = _engine(options).score(x, seeds, cands(protos))
+    protos, x, seeds, options, reference = _six_images(strategy)
     total = sum(r.denoiser_calls for r in reference)
     keys = [f"img{i}" for i in range(6)]
     with ScoreStore(tmp_path / "s.sqlite") as store:
