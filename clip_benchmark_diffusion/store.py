@@ -302,7 +302,7 @@ class ScoreStore:
                 self._db.execute(sql, params)
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            rollback(self._db)   # a full disk has rolled back already: its one line must not be masked
             raise
 
     def _tables(self) -> set[str]:

@@ -306,3 +306,34 @@ def test_a_checkpoint_with_one_edited_embedding_row_is_scored_again(tmp_path, di
     assert sum(pair[0] != pair[1] for pair in by_image.values()) >= 15
     assert json.loads((tmp_path / "r.json").read_text())["metrics"]["denoiser_calls_per_image"] == \
         before["metrics"]["denoiser_calls_per_image"]
+
+
+class _FullDiskOnStore:
+    """A connection whose result insert hits a full disk: SQLite rolls the transaction back by itself
+    (SQLITE_FULL) before the error reaches Python, as in claims' test of the same case."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def execute(self, sql, *args):
+        if sql.startswith("INSERT OR REPLACE INTO scores"):
+            self.conn.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+
+def test_a_full_disk_while_storing_a_result_is_the_one_line_not_a_rollback_error(tmp_path):
+    store = ScoreStore(tmp_path / "s.sqlite")
+    store.put("k0", {"v": 0})
+    store._conn = _FullDiskOnStore(store._db)
+    with pytest.raises(UserError) as err:
+        store.put("k1", {"v": 1})
+    assert "could not be written (database or disk is full); free disk space" in str(err.value)
+    store._conn = store._conn.conn
+    store.put("k1", {"v": 1})                             # the connection is usable again
+    assert store.get_many(["k0", "k1", "k0"]) == {"k0": {"v": 0}, "k1": {"v": 1}}
+    store.close()
