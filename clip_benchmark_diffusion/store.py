@@ -122,16 +122,7 @@ class ScoreStore:
     # -- public API --------------------------------------------------------------------------
     def get_many(self, keys: list[str]) -> dict[str, dict]:
         """The decoded payloads of those ``keys`` that are present."""
-        unique = list(dict.fromkeys(keys))
-        found: dict[str, dict] = {}
-        if self._conn is None and not self.path.exists():
-            return found
-        for start in range(0, len(unique), _IN_CHUNK):
-            part = unique[start : start + _IN_CHUNK]
-            sql = f"SELECT key, payload FROM scores WHERE key IN ({','.join('?' * len(part))})"
-            rows = with_retries(lambda: self._db.execute(sql, part).fetchall(), self.path)
-            found.update((key, json.loads(payload)) for key, payload in rows)
-        return found
+        return {key: json.loads(payload) for key, payload in self._select_keys("scores", "payload", keys)}
 
     def put(self, key: str, payload: dict) -> None:
         """Insert or replace one entry and drop its partial work, in one transaction (committed on return)."""
@@ -148,16 +139,9 @@ class ScoreStore:
 
     def get_partial_parts(self, keys: list[str]) -> dict[str, list[bytes]]:
         """The pieces of partial work stored for those ``keys`` that have some, each in the order written."""
-        if self._conn is None and not self.path.exists():
-            return {}
         found: dict[str, list[bytes]] = {}
-        unique = list(dict.fromkeys(keys))
-        for start in range(0, len(unique), _IN_CHUNK):
-            part = unique[start : start + _IN_CHUNK]
-            sql = (f"SELECT key, data FROM partial_parts WHERE key IN ({','.join('?' * len(part))}) "
-                   "ORDER BY id")
-            for key, data in with_retries(lambda: self._db.execute(sql, part).fetchall(), self.path):
-                found.setdefault(key, []).append(data)
+        for key, data in self._select_keys("partial_parts", "data", keys, order="ORDER BY id"):
+            found.setdefault(key, []).append(data)
         return found
 
     def put_partial(self, key: str, data: bytes) -> None:
@@ -167,15 +151,7 @@ class ScoreStore:
 
     def get_partials(self, keys: list[str]) -> dict[str, bytes]:
         """The partial work stored for those ``keys`` that have some."""
-        if self._conn is None and not self.path.exists():
-            return {}
-        found: dict[str, bytes] = {}
-        unique = list(dict.fromkeys(keys))
-        for start in range(0, len(unique), _IN_CHUNK):
-            part = unique[start : start + _IN_CHUNK]
-            sql = f"SELECT key, data FROM partials WHERE key IN ({','.join('?' * len(part))})"
-            found.update(with_retries(lambda: self._db.execute(sql, part).fetchall(), self.path))
-        return found
+        return dict(self._select_keys("partials", "data", keys))
 
     def create(self) -> None:
         """Create the file now if it does not exist (it is otherwise created by the first put)."""
@@ -293,6 +269,19 @@ class ScoreStore:
             raise self._error(f"is damaged ({' '.join(str(exc).split())})") from None
         if problems != ["ok"]:
             raise self._error(f"is damaged ({problems[0]})")
+
+    def _select_keys(self, table: str, column: str, keys: list[str], order: str = "") -> list[tuple]:
+        """``(key, column)`` rows of ``table`` for ``keys`` (duplicates asked once), in chunks under
+        SQLite's variable limit; none, without creating the file, when the store does not exist yet."""
+        if self._conn is None and not self.path.exists():
+            return []
+        unique = list(dict.fromkeys(keys))
+        rows: list[tuple] = []
+        for start in range(0, len(unique), _IN_CHUNK):
+            part = unique[start : start + _IN_CHUNK]
+            sql = f"SELECT key, {column} FROM {table} WHERE key IN ({','.join('?' * len(part))}) {order}"
+            rows += with_retries(lambda: self._db.execute(sql, part).fetchall(), self.path)
+        return rows
 
     def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
         """Run ``statements`` as one transaction: all of them, or (on any error) none."""
