@@ -84,7 +84,9 @@ class ModelSpec:
     # The text after "@" (preset or options file), or None.
     option_source: str | None
     # The whole --model value as given (recipe and option source).
-    model: str = ""
+    model: str
+    # The options --model alone selects (recipe defaults and option source), before the environment's.
+    model_options: ScoringOptions
 
     @property
     def family(self) -> "Family":
@@ -243,13 +245,13 @@ def is_diffusion_model(model: str) -> bool:
     return base.startswith(RESERVED_PREFIX) or base in REGISTRY.names()
 
 
-def parse_model_spec(model: str, environ: Mapping[str, str] | None = None) -> ModelSpec:
-    """Parse ``RECIPE[@PRESET_OR_JSON_FILE]`` into a recipe and its scoring options (with the options
-    environment variable of ``environ``, by default the process's)."""
+def parse_model_spec(model: str) -> ModelSpec:
+    """Parse ``RECIPE[@PRESET_OR_JSON_FILE]`` into a recipe and its scoring options (the options
+    environment variable applied last)."""
     base, sep, source = model.partition(OPTION_SEPARATOR)
     recipe = get_recipe(base)
     options = recipe.default_options()
     if sep:
         options = parse_option_source(source, options)
-    options = env_overrides(options) if environ is None else env_overrides(options, environ)
-    return ModelSpec(recipe=recipe, options=options, option_source=source or None, model=model)
+    return ModelSpec(recipe=recipe, options=env_overrides(options), option_source=source or None, model=model,
+                     model_options=options)

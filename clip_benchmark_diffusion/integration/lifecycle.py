@@ -28,9 +28,11 @@ if TYPE_CHECKING:
     from argparse import Namespace
 
     from clip_benchmark_diffusion.adapter.model import DiffusionClassifier
-    from clip_benchmark_diffusion.registry import ResolvedModel
+    from clip_benchmark_diffusion.registry import ModelSpec, ResolvedModel
 
 MODEL_TYPE = "diffusion"
+
+
 def stderr_line(text: str) -> None:
     """Print one line to stderr in a single write: under torchrun the ranks share stderr, and
     print() writes the text and its newline separately, so another rank's output can land between."""
@@ -108,7 +110,7 @@ def plan_run(args: Any) -> RunPlan:
     ours = is_ours(args)
     resolved = validate_run(args) if ours else None
     task = task_of(args)
-    output = output_path(args, task)
+    output = output_path(args, task, resolved)
     if args.skip_existing and output.exists():  # will be skipped: its data need not be there any more
         return RunPlan(args=args, task=task, output=output, ours=ours, store_path=None, resolved=resolved)
     check_run(args, task, dataset_name(args), diffusion=ours)
@@ -150,25 +152,27 @@ def _slug(text: str) -> str:
     return text.strip("/").replace("/", "_") if not os.path.isfile(text) else os.path.basename(text)
 
 
-def _hybrid_from_environment(model: str) -> str | None:
+def _hybrid_from_environment(spec: "ModelSpec") -> str | None:
     """The hybrid label that ``CLIP_BENCHMARK_DIFFUSION_OPTIONS`` gives ``--model`` beyond what ``--model``
     itself says (None when it makes no hybrid, or the same one as ``--model``'s options file)."""
+    label = spec.options.shortlist_label
+    return label if label != spec.model_options.shortlist_label else None
+
+
+def output_path(args: Any, task: str, resolved: "ResolvedModel | None" = None) -> Path:
+    """clip_benchmark's output name, with ``/`` in model and weights names made file-safe; checked writable.
+    ``resolved``: the run's model, when the plan has it (else ``--model`` is parsed here)."""
+    from clip_benchmark_diffusion.integration.checks import format_output
     from clip_benchmark_diffusion.options import OPTIONS_ENV
     from clip_benchmark_diffusion.registry import parse_model_spec
 
-    if not os.environ.get(OPTIONS_ENV, "").strip():
-        return None
-    label = parse_model_spec(model).options.shortlist_label
-    return label if label != parse_model_spec(model, environ={}).options.shortlist_label else None
-
-
-def output_path(args: Any, task: str) -> Path:
-    """clip_benchmark's output name, with ``/`` in model and weights names made file-safe; checked writable."""
-    from clip_benchmark_diffusion.integration.checks import format_output
-
     dataset = dataset_name(args)
     model = _slug(args.model)
-    hybrid = _hybrid_from_environment(args.model) if is_ours(args) else None
+    hybrid = None
+    if resolved is not None:
+        hybrid = _hybrid_from_environment(resolved.spec)
+    elif is_ours(args) and os.environ.get(OPTIONS_ENV, "").strip():  # without the variable, no hybrid
+        hybrid = _hybrid_from_environment(parse_model_spec(args.model))
     if hybrid:  # the pure run's file name would be overwritten: the name says what ran, as the result does
         model = f"{model}+{hybrid.replace('/', '_').replace(':', '-')}"
     return format_output(args.output, dict(model=model, pretrained=_slug(args.pretrained),
