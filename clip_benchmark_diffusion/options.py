@@ -1,10 +1,14 @@
-"""Scoring options: one frozen dataclass, written into every result.
+"""Scoring options: sections that own their fields, read and written by flat names, recorded in every result.
 
 The stock ``clip_benchmark`` command accepts no new flags, so options reach the scorer through
 the model name: ``--model diffusion_sd2`` uses the recipe's defaults, ``--model
 diffusion_sd2@fast`` a named preset, and ``--model diffusion_sd2@path/to/options.json`` a JSON
-file of any fields below. The environment variable ``CLIP_BENCHMARK_DIFFUSION_OPTIONS``
-(``key=value,key=value``) overrides fields last, for hardware knobs such as ``batch_size``.
+file of any options. The environment variable ``CLIP_BENCHMARK_DIFFUSION_OPTIONS``
+(``key=value,key=value``) overrides options last, for hardware knobs such as ``batch_size``.
+
+Every option is a field of one section, by the same flat name in all of these: a strategy's own
+config (``scoring/strategy_options.py``) or one of ``option_sections.py``'s. A section says
+whether it changes scores; the score store's key is the fingerprint of those that do.
 """
 from __future__ import annotations
 
@@ -16,194 +20,125 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.option_sections import (
+    CalibrationOptions,
+    ConditioningOptions,
+    ErrorOptions,
+    RuntimeOptions,
+    Section,
+    ShortlistOptions,
+    plain,
+)
+from clip_benchmark_diffusion.scoring.strategy_options import (
+    DEFAULT_STRATEGY,
+    StrategyConfig,
+    StrategySection,
+    pool_defaults,
+    strategy_fields,
+    switch_defaults,
+)
 
 OPTIONS_ENV = "CLIP_BENCHMARK_DIFFUSION_OPTIONS"
 
-STRATEGIES = ("full", "staged", "ttest", "anytime")
-LOSSES = ("l2", "l1", "huber")
-WEIGHTINGS = ("uniform", "native", "elbo", "exp7")
-ENSEMBLES = ("error_mean", "embedding_mean")
-SAMPLE_NORMS = ("none", "mean")
-GUARANTEES = ("expected", "full")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-# FLUX.1-dev is used at guidance 1 to 10; far above, its guidance embedding only drives activations
-# towards overflow (guidance=inf gave NaN outputs), so a larger number is taken for a typo.
-MAX_GUIDANCE = 100.0
-CAPTION_NORMALISATIONS = ("difference", "ratio", "none")
-PRIOR_CORRECTIONS = ("none", "class_mean")
+# The sections besides the strategy's, by attribute name; each owns its fields (option_sections.py).
+SECTIONS: dict[str, type[Section]] = {
+    "error": ErrorOptions,
+    "conditioning": ConditioningOptions,
+    "runtime": RuntimeOptions,
+    "shortlist": ShortlistOptions,
+    "calibration": CalibrationOptions,
+}
+STRATEGY_SECTION = "strategy_section"
 
 
-@dataclass(frozen=True)
+def option_owners() -> dict[str, str]:
+    """Every option name (the flat ``key=value`` names) -> the attribute of the section that owns it."""
+    owners = {"strategy": STRATEGY_SECTION, **{name: STRATEGY_SECTION for name in strategy_fields()}}
+    for attr, cls in SECTIONS.items():
+        owners.update({f.name: attr for f in dataclasses.fields(cls)})
+    return owners
+
+
+@dataclass(frozen=True, init=False)
 class ScoringOptions:
-    """How an image is scored against the candidate prompts."""
+    """How an image is scored against the candidate prompts: one section per concern.
 
-    # Which evaluation: every candidate on every sample ("full", the reference), Li et al.'s
-    # staged pruning ("staged"), Clark & Jaini's paired t-test elimination ("ttest"), or
-    # successive elimination with a time-uniform error guarantee ("anytime", the default: in every
-    # world of docs/elimination_benchmark.md it kept full evaluation's top-1, with a guarantee the
-    # t-test lacks, at 0.86x to 1.2x the t-test's calls; 0.77x on the embedded model).
-    strategy: str = "anytime"
-    # full: (n,) samples per candidate; staged: samples per stage, nested on one uniform grid.
-    n_samples: tuple[int, ...] = (50,)
-    # staged only: how many candidates survive each stage (last entry is normally 1).
-    to_keep: tuple[int, ...] = ()
-    # ttest/anytime: samples every candidate gets before the first test (Clark & Jaini use 20;
-    # anytime needs no floor, only enough samples for a pooled variance: 4). Switching strategy
-    # resets it to the new strategy's default unless it is given too (``STRATEGY_DEFAULTS``).
-    min_samples: int = 4
-    # ttest/anytime: stop after this many samples even if several candidates survive.
-    max_samples: int = 100
-    # ttest: drop a candidate when the one-sided paired t-test against the best has p below this.
-    p_value: float = 2e-3
-    # anytime: probability of ever dropping the best class (split over the K - 1 pairs with it);
-    # the boundary grows only like sqrt(log(K / alpha)), so 0.05 costs little over 0.5.
-    alpha: float = 0.05
-    # anytime: stop eliminating at this many candidates and score them all on max_samples, so
-    # that top-m (clip_benchmark's acc5: 5) ranks the m best on equal evidence; 1 = plain elimination.
-    survivors: int = 1
-    # anytime: what the guarantee is about. "expected": the class with the lowest expected error
-    # survives with probability >= 1 - alpha (Howard et al.'s sequence on i.i.d. samples). "full": the
-    # class that full evaluation on the same max_samples samples ranks first survives (Waudby-Smith &
-    # Ramdas' sequence for sampling without replacement), so late looks can drop more: the unseen
-    # remainder shrinks. Exact for random sample order; the grid's stratified order is measured in
-    # docs/elimination_benchmark.md. "full" is the default: it is what a benchmark compares with, and
-    # it costs about a fifth fewer calls.
-    guarantee: str = "full"
-    # anytime: the sample count near which the confidence sequence is tightest (it tunes the normal
-    # mixture; every value keeps the guarantee). 12, chosen on both embedded models' validation
-    # images (docs/elimination_benchmark.md, session 10): 4-5% fewer calls there than the mixture used before,
-    # which was tightest near the 50-sample horizon at ten classes and later still at more.
-    tightest_at: float = 12.0
-    # Per-sample error between target and prediction; Li et al.: l1 on small datasets, l2 on ImageNet.
-    loss: str = "l2"
-    # Noise-level weighting, defined on log-SNR so it means the same in every family: uniform (Li:
-    # the epsilon error on the model's own time grid), native (the family's training loss), elbo
-    # (uniform in log-SNR: the variational bound), exp7 (Clark & Jaini: exp(-7 t) on the x0 error).
-    weighting: str = "uniform"
-    # Per-sample normalisation: "mean" divides each (t, noise) sample's errors by their mean over the
-    # candidates scored on it before any decision, a data-driven weighting that removes the
-    # several-fold spread of class gaps over t from the paired differences: sequential strategies
-    # stop 3-4x sooner in the synthetic worlds, but diffusion_tiny's full evaluation loses 6.75
-    # points under it (docs/elimination_benchmark.md). "none": the weighting alone (Li et al.).
-    sample_norm: str = "none"
-    # How several prompts of one class make one class score: mean of their errors on the same
-    # (t, noise) pairs, or one conditioning from the mean of their text embeddings (1 prompt's cost).
-    template_ensemble: str = "error_mean"
-    # Seed of the (t, noise) pairs; each image's noise is derived from it and the image content.
-    seed: int = 0
-    # Denoiser batch size: (image, prompt, timestep) triples packed per forward.
-    batch_size: int = 64
-    # Samples of look-ahead used to fill a round's last, partial denoiser batch (0: none). Helps
-    # when small batches cost as much as full ones; wastes work on candidates dropped later.
-    lookahead: int = 0
-    # Denoiser dtype; "auto" is float16 on CUDA, float32 elsewhere. Errors are always float32.
-    dtype: str = "auto"
-    # Width of the embedding returned to clip_benchmark: the most classes one run can hold.
-    max_classes: int = 1000
-    # Image side to score at (0: the model's native resolution). Lower is cheaper (e.g. SDXL at 512).
-    resolution: int = 0
-    # Tokens read by T5/Gemma encoders (0: the pipeline's default: SD3 256, FLUX 512, PixArt 120/300).
-    max_sequence_length: int = 0
-    # FLUX.1-dev's distilled guidance input (models without a guidance embedding ignore it).
-    guidance: float = 3.5
-    # Hybrid: an open_clip architecture that ranks all classes first, so the
-    # diffusion model only scores its top shortlist_k ("" = pure diffusion, the leaderboard mode).
-    shortlist_model: str = ""
-    # hybrid: the shortlister's open_clip weights (a tag such as laion2b_s34b_b79k, or a file).
-    shortlist_pretrained: str = ""
-    # hybrid: classes passed on per image; top-1 can be right only if the true class is among them.
-    shortlist_k: int = 10
-    # Per-image class probabilities in the predictions file. 0: the sampling posterior P(best),
-    # which needs no data but measures only Monte-Carlo uncertainty. > 0: softmax(-mean error /
-    # temperature), CLIP's form with the temperature fitted on held-out validation images, never
-    # test labels (scripts/fit_temperature.py), as CLIP's logit scale is learned. Scores do not
-    # depend on it, so stored scores stay valid when it changes.
-    temperature: float = 0.0
-    # With temperature > 0: softmax(-(gap / temperature) ** temperature_power), the power fitted with
-    # the temperature on the same validation images (1: plain temperature scaling). Scores do not depend on it.
-    temperature_power: float = 1.0
-    # Image-caption selection with several images per instance (Winoground): each (image, caption)
-    # error made comparable across the instance's images. "difference": minus the image's own
-    # unconditional (empty-prompt) error on the same (t, noise) samples, as Diffusion-ITM (Krojer et
-    # al. 2023) does, so an image that is simply easy to denoise no longer wins every caption; "ratio":
-    # divided by it; "none": raw errors (near-random image scores). A per-image constant cannot reorder
-    # one image's captions, so text scores and one-image tasks (SugarCrepe) are the same under all three.
-    caption_normalisation: str = "difference"
-    # Zero-shot classification, opt-in: "class_mean" subtracts from each class's error its mean over the
-    # evaluated images before ranking (label-free; removes a class's constant advantage, the prior
-    # bias that sends most predictions to one class). Needs every class scored on the same samples of
-    # every image (strategy "full", no shortlist). Applied after scoring: stored scores stay valid.
-    # "none" (the default; validation images did not support a change): each image on its own.
-    prior_correction: str = "none"
+    Built from the flat option names (``ScoringOptions(strategy="full", n_samples=(50,))``), which
+    also read through (``options.n_samples``): the syntax users write and results record.
+    """
 
-    def __post_init__(self) -> None:
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_choice("loss", self.loss, LOSSES)
-        _check_choice("weighting", self.weighting, WEIGHTINGS)
-        _check_choice("template_ensemble", self.template_ensemble, ENSEMBLES)
-        _check_choice("sample_norm", self.sample_norm, SAMPLE_NORMS)
-        _check_choice("guarantee", self.guarantee, GUARANTEES)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("caption_normalisation", self.caption_normalisation, CAPTION_NORMALISATIONS)
-        _check_choice("prior_correction", self.prior_correction, PRIOR_CORRECTIONS)
-        if self.prior_correction != "none" and self.strategy != "full":
+    # Which strategy runs, and every strategy's settings (scoring/strategy_options.py).
+    strategy_section: StrategySection
+    error: ErrorOptions
+    conditioning: ConditioningOptions
+    runtime: RuntimeOptions
+    shortlist: ShortlistOptions
+    calibration: CalibrationOptions
+
+    def __init__(self, **values: Any) -> None:
+        owners = option_owners()
+        unknown = sorted(set(values) - set(owners))
+        if unknown:
+            raise TypeError(f"ScoringOptions got unknown options {unknown}")
+        pool = pool_defaults()
+        parts: dict[str, dict[str, Any]] = {attr: {} for attr in SECTIONS}
+        for key, value in values.items():
+            if key == "strategy":
+                continue
+            (pool if owners[key] == STRATEGY_SECTION else parts[owners[key]])[key] = value
+        object.__setattr__(self, STRATEGY_SECTION,
+                           StrategySection(values.get("strategy", DEFAULT_STRATEGY), tuple(pool.items())))
+        for attr, cls in SECTIONS.items():
+            object.__setattr__(self, attr, cls(**parts[attr]))
+        self._check_across_sections()
+
+    def _check_across_sections(self) -> None:
+        if self.calibration.prior_correction != "none" and self.strategy_section.name != "full":
             # Measured (docs/compositional.md, session 15): under anytime elimination a dropped class's mean
             # error covers its first few (t, noise) samples only, its class mean mixes such means with full
             # ones, and the correction cost diffusion_tiny 28.5 points on validation images.
             raise UserError("prior_correction needs every class scored on the same samples of every image: add "
                             "strategy=full (CLIP_BENCHMARK_DIFFUSION_OPTIONS=strategy=full,prior_correction=class_mean)")
-        if self.prior_correction != "none" and self.shortlist_model:
+        if self.calibration.prior_correction != "none" and self.shortlist.enabled:
             raise UserError("prior_correction needs every class scored on every image; a shortlist scores only "
                             "shortlist_k of them: drop one of the two options")
-        if not self.n_samples or any(n <= 0 for n in self.n_samples):
-            raise UserError(f"n_samples must be positive integers, got {list(self.n_samples)}")
-        if self.strategy == "staged":
-            if len(self.to_keep) != len(self.n_samples):
-                raise UserError("staged strategy needs as many to_keep entries as n_samples entries")
-            if list(self.n_samples) != sorted(self.n_samples):
-                raise UserError(f"staged n_samples must increase, got {list(self.n_samples)}")
-        if self.strategy in ("ttest", "anytime") and not 1 < self.min_samples <= self.max_samples:
-            raise UserError(f"{self.strategy} needs 1 < min_samples <= max_samples, got min_samples="
-                            f"{self.min_samples}, max_samples={self.max_samples}")
-        if self.strategy == "staged":
-            if any(k <= 0 for k in self.to_keep) or list(self.to_keep) != sorted(self.to_keep, reverse=True):
-                raise UserError(f"staged to_keep must be positive and not increase, got {list(self.to_keep)}")
-        if not 0 < self.p_value < 1:  # also false for NaN
-            raise UserError(f"scoring option p_value={self.p_value!r} must lie strictly between 0 and 1 (e.g. 0.002)")
-        if self.strategy == "anytime":
-            if not 0 < self.alpha < 1:  # also false for NaN
-                raise UserError(f"anytime needs 0 < alpha < 1 (the error level), got alpha={self.alpha}")
-            if self.survivors < 1:
-                raise UserError(f"anytime needs survivors >= 1, got survivors={self.survivors}")
-            if not self.tightest_at > 0:  # also false for NaN
-                raise UserError(f"anytime needs tightest_at > 0 (a sample count, e.g. 12), got {self.tightest_at}")
-        if self.shortlist_model and (not self.shortlist_pretrained or self.shortlist_k < 1):
-            raise UserError("a shortlist needs shortlist_pretrained (the open_clip weights) and shortlist_k >= 1, "
-                            f"got shortlist_pretrained={self.shortlist_pretrained!r}, shortlist_k={self.shortlist_k}")
-        if self.batch_size <= 0 or self.max_classes <= 0:
-            raise UserError("batch_size and max_classes must be positive")
-        if self.lookahead < 0:
-            raise UserError(f"scoring option lookahead={self.lookahead} must be 0 or more")
-        if not self.temperature >= 0 or self.temperature == float("inf"):  # also catches NaN
-            raise UserError(f"scoring option temperature={self.temperature!r} must be 0 (the sampling posterior) "
-                            "or a positive number fitted by scripts/fit_temperature.py")
-        if not 0 < self.temperature_power < float("inf"):  # also catches NaN
-            raise UserError(f"scoring option temperature_power={self.temperature_power!r} must be a positive number "
-                            "(1: plain temperature scaling), fitted by scripts/fit_temperature.py")
-        if not 0 <= self.guidance <= MAX_GUIDANCE:  # also catches NaN; inf or 1e9 only make FLUX overflow
-            raise UserError(f"scoring option guidance={self.guidance!r} must be a number from 0 to {MAX_GUIDANCE:g} "
-                            "(FLUX.1-dev's distilled guidance; the default is 3.5)")
-        if self.resolution < 0 or self.max_sequence_length < 0:
-            raise UserError("resolution and max_sequence_length must be 0 (the model's default) or positive")
+
+    def __getattr__(self, name: str) -> Any:
+        """Flat read access (``options.n_samples``), delegated to the section that owns the name."""
+        owner = option_owners().get(name)
+        if owner is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        section = object.__getattribute__(self, owner)
+        if owner != STRATEGY_SECTION:
+            return getattr(section, name)
+        return section.name if name == "strategy" else section.value(name)
+
+    @property
+    def strategy_config(self) -> StrategyConfig:
+        """The selected strategy's own options."""
+        return self.strategy_section.config
 
     @property
     def max_sample_count(self) -> int:
         """The most (t, noise) samples any candidate can see."""
-        return self.max_samples if self.strategy in ("ttest", "anytime") else max(self.n_samples)
+        return self.strategy_config.max_sample_count
+
+    @property
+    def shortlist_label(self) -> str | None:
+        """How a hybrid names itself in results (None for pure diffusion)."""
+        return self.shortlist.label
+
+    def _values(self) -> dict[str, Any]:
+        """Every option by its flat name, as held (tuples stay tuples)."""
+        out = {"strategy": self.strategy_section.name, **dict(self.strategy_section.values)}
+        for attr in SECTIONS:
+            section = getattr(self, attr)
+            out.update({f.name: getattr(section, f.name) for f in dataclasses.fields(section)})
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        """Every option by its flat name, JSON-ready (what results record)."""
+        return {name: plain(value) for name, value in self._values().items()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ScoringOptions":
@@ -212,56 +147,29 @@ class ScoringOptions:
     def replace(self, **changes: Any) -> "ScoringOptions":
         """A copy with ``changes`` applied; unknown names and wrong types are user errors.
 
-        A change of strategy also applies that strategy's ``STRATEGY_DEFAULTS`` for the fields
-        ``changes`` does not give: ``strategy=anytime`` alone starts testing at 4 samples, not 20.
+        A change of strategy also resets the fields whose default is that strategy's own
+        (``strategy_options.switch_defaults``) unless ``changes`` gives them:
+        ``strategy=anytime`` alone starts testing at 4 samples, not 20.
         """
-        names = {f.name: f for f in dataclasses.fields(self)}
-        strategy = changes.get("strategy", self.strategy)
-        if strategy != self.strategy:
-            changes = {**STRATEGY_DEFAULTS.get(strategy, {}), **changes}
+        names = option_owners()
+        current = self._values()
+        strategy = changes.get("strategy", self.strategy_section.name)
+        if strategy != self.strategy_section.name:
+            changes = {**switch_defaults(strategy), **changes}
         clean: dict[str, Any] = {}
         for key, value in changes.items():
             if key not in names:
                 raise UserError(f"unknown scoring option {key!r}; valid: {', '.join(names)}")
-            clean[key] = _coerce(key, value, getattr(self, key))
-        return dataclasses.replace(self, **clean)
+            clean[key] = _coerce(key, value, current[key])
+        return ScoringOptions(**{**current, **clean})
 
     def fingerprint_dict(self) -> dict[str, Any]:
-        """The fields that change scores (batch size, look-ahead and class capacity do not)."""
-        data = self.to_dict()
-        data.pop("batch_size")
-        data.pop("max_classes")
-        data.pop("lookahead")
-        data.pop("temperature")  # only turns stored mean errors into probabilities
-        data.pop("temperature_power")
-        data.pop("caption_normalisation")  # caption selection is never stored
-        data.pop("prior_correction")  # applied to stored mean errors after scoring
-        if self.sample_norm == "none":  # keys as before the option existed
-            data.pop("sample_norm")
-        if self.strategy != "anytime":  # anytime-only fields: older runs' store keys stay valid
-            data.pop("alpha")
-            data.pop("survivors")
-            data.pop("tightest_at")
-        if self.strategy != "anytime" or self.guarantee == "expected":  # keys as before the option existed
-            data.pop("guarantee")
-        if not self.shortlist_model:  # pure diffusion: keys as before shortlists existed
-            for name in ("shortlist_model", "shortlist_pretrained", "shortlist_k"):
-                data.pop(name)
-        return data
-
-    @property
-    def shortlist_label(self) -> str | None:
-        """How a hybrid names itself in results (None for pure diffusion)."""
-        if not self.shortlist_model:
-            return None
-        return f"hybrid:{self.shortlist_model}/{self.shortlist_pretrained}@top{self.shortlist_k}"
-
-
-# Per-strategy defaults of shared fields, applied when ``replace`` switches to the strategy.
-STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ttest": {"min_samples": 20},
-    "anytime": {"min_samples": 4},
-}
+        """What changes scores, so keys the score store: the strategy's part and every section
+        that affects scores (batch size, look-ahead, class capacity and calibration do not)."""
+        out = self.strategy_section.fingerprint()
+        for attr in SECTIONS:
+            out.update(getattr(self, attr).fingerprint())
+        return out
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -318,11 +226,6 @@ def env_overrides(base: ScoringOptions, environ: Mapping[str, str] = os.environ)
             raise UserError(f"{OPTIONS_ENV} must look like 'batch_size=32,dtype=float16', got {item!r}")
         changes[key.strip()] = value.strip()
     return base.replace(**changes)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"scoring option {name}={value!r} is not one of {', '.join(choices)}")
 
 
 def _coerce(key: str, value: Any, current: Any) -> Any:

@@ -15,6 +15,7 @@ from scipy import stats
 
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring.sequential import eliminated_by_leader, posterior_best
+from clip_benchmark_diffusion.scoring.strategy_options import AnytimeConfig
 
 
 @dataclass
@@ -249,7 +250,7 @@ class AnytimeStrategy(SequentialStrategy):
 
     def __init__(self, num_candidates: int, min_samples: int, max_samples: int, alpha: float,
                  survivors: int = 1, guarantee: str = "expected",
-                 tightest_at: float = ScoringOptions.tightest_at) -> None:
+                 tightest_at: float = AnytimeConfig.tightest_at) -> None:
         super().__init__(num_candidates, min_samples, max_samples)
         self.alpha, self.survivors, self.tightest_at = alpha, survivors, tightest_at
         # "full": the pairs are tested against full evaluation on the max_samples samples.
