@@ -189,15 +189,13 @@ class ScoringEngine:
         G, M = cands.members.shape
         N = self.options.max_sample_count
         valid = cands.members >= 0                                    # (G, M)
+        rows = [None] * len(latents) if allowed is None else list(allowed.cpu())
         states = [
             _ImageState(latent=lat, noise=NoiseBank(seed, tuple(lat.shape), self.device),
-                        strategy=make_strategy(self.options, G), cerr=torch.zeros(G, M, N),
+                        strategy=make_strategy(self.options, G, allowed=row), cerr=torch.zeros(G, M, N),
                         have=(~valid)[:, :, None].expand(G, M, N).clone())
-            for lat, seed in zip(latents, seeds)
+            for lat, seed, row in zip(latents, seeds, rows)
         ]
-        if allowed is not None:
-            for st, row in zip(states, allowed.cpu()):
-                st.strategy.alive &= row
         if checkpoints is not None:
             for i, st in enumerate(states):
                 saved = checkpoints.load(i)
@@ -237,8 +235,8 @@ class ScoringEngine:
                         int(states[i].strategy.alive.sum()) for i in active) / len(active)})
             for i in active:
                 st = states[i]
-                done_cls = st.have.all(1)                              # (G, N)
-                st.strategy.record(done_cls & ~st.strategy.known, self._class_error(st.cerr, valid))
+                done_cls = st.have.all(1)                              # (G, N) every member computed
+                st.strategy.record(done_cls, self._class_error(st.cerr, valid))
                 st.strategy.update()
                 if st.strategy.done:
                     self.stats.images += 1

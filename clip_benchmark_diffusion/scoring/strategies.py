@@ -3,19 +3,30 @@ anytime-valid successive elimination (Howard et al.'s confidence sequences on pa
 
 Each strategy keeps one image's state as tensors: ``err`` (G, N) holds the class error of
 candidate g on sample k where ``known`` (G, N) says it is computed. ``wanted(extra)`` says which entries are needed
-next as a (G, N) mask; ``update()`` reads the computed entries, eliminates candidates and says
-whether the image is done. ``ranking()`` orders all candidates, best first.
+next as a (G, N) mask; ``record()`` takes computed entries; ``update()`` reads them, eliminates
+candidates and says whether the image is done; ``outcome()`` ranks all candidates, best first.
+Only a strategy writes its state: callers hand it errors and read its masks.
+
+A strategy is built from its own config class (``Config``, in ``scoring/strategy_options.py``)
+by ``from_config``; ``make_strategy`` picks the class the options name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from scipy import stats
 
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring.sequential import eliminated_by_leader, posterior_best
-from clip_benchmark_diffusion.scoring.strategy_options import AnytimeConfig
+from clip_benchmark_diffusion.scoring.strategy_options import (
+    AnytimeConfig,
+    FullConfig,
+    StagedConfig,
+    StrategyConfig,
+    TTestConfig,
+)
 
 
 @dataclass
@@ -56,6 +67,18 @@ class Outcome:
 
 
 class Strategy:
+    """One image's elimination state; subclasses say which samples are needed and whom to drop."""
+
+    # The config class this strategy is built from (its options); set by each concrete strategy.
+    Config: ClassVar[type[StrategyConfig]]
+    # Concrete strategies by their config's name (the ``strategy`` option), filled as they are defined.
+    by_name: ClassVar[dict[str, type["Strategy"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Config" in cls.__dict__:
+            Strategy.by_name[cls.Config.name] = cls
+
     def __init__(self, num_candidates: int, num_samples: int) -> None:
         self._err = torch.zeros(num_candidates, num_samples)
         # Which entries of ``err`` are computed: a mask, not NaN in ``err``, so that a value the
@@ -70,10 +93,28 @@ class Strategy:
         self.done = False
         self._round = 0
         # options.sample_norm == "mean": decisions read every sample's errors divided by their mean
-        # over the candidates scored on it (``scores``).
+        # over the candidates scored on it (``scores``). Set by ``from_config``.
         self.normalize = False
 
+    @classmethod
+    def from_config(cls, config: StrategyConfig, num_candidates: int, *, sample_norm: str = "none",
+                    allowed: torch.Tensor | None = None) -> "Strategy":
+        """The strategy for one image: ``config`` its options, ``sample_norm`` the error section's
+        normalisation, ``allowed`` (G,) bool the candidates it may keep (a shortlist; None: all)."""
+        if not isinstance(config, cls.Config):
+            raise TypeError(f"{cls.__name__} is built from {cls.Config.__name__}, got {type(config).__name__}")
+        strategy = cls._build(config, num_candidates)
+        strategy.normalize = sample_norm == "mean"
+        if allowed is not None:
+            strategy.alive &= allowed.to(torch.bool)
+        return strategy
+
     # -- to override -------------------------------------------------------------------------
+    @classmethod
+    def _build(cls, config: StrategyConfig, num_candidates: int) -> "Strategy":
+        """A fresh strategy with ``config``'s settings."""
+        raise NotImplementedError
+
     def horizon(self) -> int:
         """Samples [0, horizon) are needed for every live candidate now."""
         raise NotImplementedError
@@ -94,9 +135,11 @@ class Strategy:
         self.known = torch.ones_like(values, dtype=torch.bool)
 
     def record(self, mask: torch.Tensor, values: torch.Tensor) -> None:
-        """Take ``values`` (G, N) where ``mask`` (G, N) is set: newly computed class errors."""
-        self._err = torch.where(mask, values.to(self._err.dtype), self._err)
-        self.known = self.known | mask
+        """Take ``values`` (G, N) where ``mask`` (G, N) is set and the entry is not known yet: computed
+        class errors. A known entry is never overwritten, so callers may pass every computed entry."""
+        new = mask & ~self.known
+        self._err = torch.where(new, values.to(self._err.dtype), self._err)
+        self.known = self.known | new
 
     @property
     def scores(self) -> torch.Tensor:
@@ -154,6 +197,12 @@ class Strategy:
 class FullStrategy(Strategy):
     """Every candidate on every sample: the reference."""
 
+    Config = FullConfig
+
+    @classmethod
+    def _build(cls, config: FullConfig, num_candidates: int) -> "FullStrategy":
+        return cls(num_candidates, config.max_sample_count)
+
     def horizon(self) -> int:
         return self.err.shape[1]
 
@@ -165,9 +214,15 @@ class FullStrategy(Strategy):
 class StagedStrategy(Strategy):
     """Li et al.: after stage s (``n_samples[s]`` samples), keep the ``to_keep[s]`` best."""
 
+    Config = StagedConfig
+
     def __init__(self, num_candidates: int, n_samples: tuple[int, ...], to_keep: tuple[int, ...]) -> None:
         super().__init__(num_candidates, max(n_samples))
         self.n_samples, self.to_keep, self.stage = n_samples, to_keep, 0
+
+    @classmethod
+    def _build(cls, config: StagedConfig, num_candidates: int) -> "StagedStrategy":
+        return cls(num_candidates, config.n_samples, config.to_keep)
 
     def horizon(self) -> int:
         return self.n_samples[self.stage]
@@ -215,9 +270,15 @@ class SequentialStrategy(Strategy):
 class TTestStrategy(SequentialStrategy):
     """Clark & Jaini: after each sample, drop candidates a paired t-test says are worse than the best."""
 
+    Config = TTestConfig
+
     def __init__(self, num_candidates: int, min_samples: int, max_samples: int, p_value: float) -> None:
         super().__init__(num_candidates, min_samples, max_samples)
         self.p_value = p_value
+
+    @classmethod
+    def _build(cls, config: TTestConfig, num_candidates: int) -> "TTestStrategy":
+        return cls(num_candidates, config.min_samples, config.max_samples, config.p_value)
 
     def _test(self, n: int) -> None:
         idx = self.alive.nonzero().squeeze(1)
@@ -248,6 +309,8 @@ class AnytimeStrategy(SequentialStrategy):
     mean error, so top-m stays meaningful.
     """
 
+    Config = AnytimeConfig
+
     def __init__(self, num_candidates: int, min_samples: int, max_samples: int, alpha: float,
                  survivors: int = 1, guarantee: str = "expected",
                  tightest_at: float = AnytimeConfig.tightest_at) -> None:
@@ -256,6 +319,11 @@ class AnytimeStrategy(SequentialStrategy):
         # "full": the pairs are tested against full evaluation on the max_samples samples.
         self.population = max_samples if guarantee == "full" else None
         self.num_compared: int | None = None   # K: the candidates alive at the first look
+
+    @classmethod
+    def _build(cls, config: AnytimeConfig, num_candidates: int) -> "AnytimeStrategy":
+        return cls(num_candidates, config.min_samples, config.max_samples, config.alpha, config.survivors,
+                   config.guarantee, config.tightest_at)
 
     def _test(self, n: int) -> None:
         if self.num_compared is None:  # after any ``allowed`` mask, before any elimination
@@ -322,21 +390,11 @@ def _posterior(mean: torch.Tensor, sq: torch.Tensor, used: torch.Tensor, leader:
     return posterior_best(mean, se)
 
 
-def make_strategy(options: ScoringOptions, num_candidates: int) -> Strategy:
-    strategy = _make(options, num_candidates)
-    strategy.normalize = options.sample_norm == "mean"
-    return strategy
-
-
-def _make(options: ScoringOptions, num_candidates: int) -> Strategy:
-    if options.strategy == "full":
-        return FullStrategy(num_candidates, max(options.n_samples))
-    if options.strategy == "staged":
-        return StagedStrategy(num_candidates, options.n_samples, options.to_keep)
-    if options.strategy == "anytime":
-        return AnytimeStrategy(num_candidates, options.min_samples, options.max_samples, options.alpha,
-                               options.survivors, options.guarantee, options.tightest_at)
-    return TTestStrategy(num_candidates, options.min_samples, options.max_samples, options.p_value)
+def make_strategy(options: ScoringOptions, num_candidates: int, allowed: torch.Tensor | None = None) -> Strategy:
+    """The strategy ``options`` select, for one image of ``num_candidates`` candidates (``allowed``:
+    the ones it may keep, as ``Strategy.from_config``)."""
+    cls = Strategy.by_name[options.strategy]
+    return cls.from_config(options.strategy_config, num_candidates, sample_norm=options.sample_norm, allowed=allowed)
 
 
 def staged_calls(num_classes: int, n_samples: tuple[int, ...], to_keep: tuple[int, ...], members: int = 1) -> int:
