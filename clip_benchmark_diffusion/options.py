@@ -16,7 +16,9 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 from clip_benchmark_diffusion.errors import UserError
@@ -51,12 +53,17 @@ SECTIONS: dict[str, type[Section]] = {
 STRATEGY_SECTION = "strategy_section"
 
 
-def option_owners() -> dict[str, str]:
+def option_owners() -> Mapping[str, str]:
     """Every option name (the flat ``key=value`` names) -> the attribute of the section that owns it."""
-    owners = {"strategy": STRATEGY_SECTION, **{name: STRATEGY_SECTION for name in strategy_fields()}}
+    return _owners(tuple(strategy_fields()))
+
+
+@lru_cache(maxsize=16)
+def _owners(strategy_names: tuple[str, ...]) -> Mapping[str, str]:
+    owners = {"strategy": STRATEGY_SECTION, **{name: STRATEGY_SECTION for name in strategy_names}}
     for attr, cls in SECTIONS.items():
         owners.update({f.name: attr for f in dataclasses.fields(cls)})
-    return owners
+    return MappingProxyType(owners)
 
 
 @dataclass(frozen=True, init=False)

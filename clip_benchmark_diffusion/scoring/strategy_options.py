@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, Callable, ClassVar, TypeVar
+from functools import cached_property, lru_cache
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.option_sections import Section, check_choice, keyed
@@ -24,10 +25,10 @@ DEFAULT_STRATEGY = "anytime"
 
 STRATEGY_CONFIGS: dict[str, type["StrategyConfig"]] = {}
 
-C = TypeVar("C", bound="type[StrategyConfig]")
+S = TypeVar("S", bound="StrategyConfig")
 
 
-def register_strategy(cls: C) -> C:
+def register_strategy(cls: type[S]) -> type[S]:
     """Class decorator: make ``cls.name`` a value of the ``strategy`` option, with ``cls``'s fields."""
     STRATEGY_CONFIGS[cls.name] = cls
     return cls
@@ -189,22 +190,24 @@ def _owners(name: str) -> list[type[StrategyConfig]]:
     return [cls for cls in STRATEGY_CONFIGS.values() if name in {f.name for f in dataclasses.fields(cls)}]
 
 
-def strategy_fields() -> dict[str, dataclasses.Field]:
+def strategy_fields() -> Mapping[str, dataclasses.Field]:
     """Every registered strategy's fields by name (the first owner's declaration), in registration order."""
+    return _fields_of(tuple(STRATEGY_CONFIGS.values()))
+
+
+@lru_cache(maxsize=16)
+def _fields_of(classes: tuple[type[StrategyConfig], ...]) -> Mapping[str, dataclasses.Field]:
     out: dict[str, dataclasses.Field] = {}
-    for cls in STRATEGY_CONFIGS.values():
+    for cls in classes:
         for f in dataclasses.fields(cls):
             out.setdefault(f.name, f)
-    return out
+    return MappingProxyType(out)
 
 
 def pool_defaults() -> dict[str, Any]:
     """A field's value before any option sets it: the default strategy's default, else its first owner's."""
-    out = {}
     default = {f.name: f.default for f in dataclasses.fields(STRATEGY_CONFIGS[DEFAULT_STRATEGY])}
-    for name, f in strategy_fields().items():
-        out[name] = default.get(name, f.default)
-    return out
+    return {name: default.get(name, f.default) for name, f in strategy_fields().items()}
 
 
 def switch_defaults(strategy: str) -> dict[str, Any]:
