@@ -393,8 +393,9 @@ def _posterior(mean: torch.Tensor, sq: torch.Tensor, used: torch.Tensor, leader:
 def make_strategy(options: ScoringOptions, num_candidates: int, allowed: torch.Tensor | None = None) -> Strategy:
     """The strategy ``options`` select, for one image of ``num_candidates`` candidates (``allowed``:
     the ones it may keep, as ``Strategy.from_config``)."""
-    cls = Strategy.by_name[options.strategy]
-    return cls.from_config(options.strategy_config, num_candidates, sample_norm=options.sample_norm, allowed=allowed)
+    config = options.strategy_config
+    return Strategy.by_name[config.name].from_config(config, num_candidates, sample_norm=options.error.sample_norm,
+                                                     allowed=allowed)
 
 
 def staged_calls(num_classes: int, n_samples: tuple[int, ...], to_keep: tuple[int, ...], members: int = 1) -> int:
