@@ -113,6 +113,17 @@ def test_pil_images_tensors_and_paths_are_the_same_input(scorer, fashion, tmp_pa
         assert other.predictions == by_pil.predictions and other.denoiser_calls == by_pil.denoiser_calls
 
 
+def test_per_class_prompts_and_the_opt_in_progress_display(scorer, fashion, capsys):
+    images, _, classes, templates = wds_samples(fashion)
+    capsys.readouterr()
+    as_list = scorer.classify(images[:3], classes, templates)
+    assert capsys.readouterr().err == ""                                       # quiet unless asked
+    per_class = {c: [t.format(c=c) for t in templates] for c in classes}       # CuPL's form, same prompts
+    as_dict = scorer.classify(images[:3], classes, per_class, progress=True)
+    assert torch.equal(as_dict.probabilities, as_list.probabilities) and as_dict.ranking.equal(as_list.ranking)
+    assert "diffusion scoring: 3/3 img (100%)" in capsys.readouterr().err
+
+
 def test_an_rgb_or_larger_image_is_converted_like_the_stock_command(scorer):
     rgb = Image.fromarray(torch.randint(0, 256, (40, 30, 3), generator=torch.Generator().manual_seed(0),
                                         dtype=torch.uint8).numpy())
