@@ -165,7 +165,10 @@ def test_a_bad_model_or_option_is_the_commands_own_line(inproc, digits_wds, tmp_
      "image 'no/such.png' cannot be read (No such file or directory)"),
     (lambda s, im: s.classify([README], ["bag", "coat"]), f"image '{README}' cannot be read (cannot identify"),
     (lambda s, im: s.classify(torch.full((1, 28, 28), 2.0), ["bag", "coat"]), "image 0 has values outside [0, 1]"),
-    (lambda s, im: s.classify([3], ["bag", "coat"]), "image 0 is a int; give PIL images, tensors or image paths"),
+    (lambda s, im: s.classify([3], ["bag", "coat"]), "image 0 is of type int; give PIL images, tensors or image paths"),
+    (lambda s, im: s.classify(torch.zeros(5, 28, 28), ["bag", "coat"]), "image 0 is a tensor of shape (5, 28, 28)"),
+    (lambda s, im: s.classify(torch.zeros(1, 28, 28, dtype=torch.long), ["bag", "coat"]),
+     "image 0 is a torch.int64 tensor; give float values in [0, 1] or uint8"),
     (lambda s, im: s.score(im, []), "texts must be a non-empty list of strings"),
     (lambda s, im: s.score(im, ["a bag", ""]), "text 1 is ''; every text must be a non-empty string"),
 ])

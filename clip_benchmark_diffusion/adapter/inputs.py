@@ -32,7 +32,7 @@ def image_batch(images: Images, pil_transform: Callable[[Image.Image], torch.Ten
         elif isinstance(item, (str, os.PathLike)):
             out.append(pil_transform(read_image(item)))
         else:
-            raise UserError(f"image {i} is a {type(item).__name__}; give PIL images, tensors or image paths")
+            raise UserError(f"image {i} is of type {type(item).__name__}; give PIL images, tensors or image paths")
     return torch.stack(out).float()
 
 
