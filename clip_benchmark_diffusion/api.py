@@ -41,7 +41,8 @@ class Classification:
 
     classnames: list[str]
     # (N, G) float64 class probabilities: softmax(-paired gap / temperature) where the recipe (or the
-    # options) has a fitted temperature (``calibrated``), else the sampling posterior P(class is best)
+    # options) has a fitted temperature (``calibrated``), else the sampling posterior P(class is best);
+    # each image's own, as in the predictions file (``prior_correction`` reorders ``ranking`` only)
     probabilities: torch.Tensor
     calibrated: bool
     ranking: torch.Tensor          # (N, G) class indices, best first (the stock command's top-k)
@@ -106,10 +107,11 @@ class DiffusionScorer:
 
     def score(self, images: Images, texts: Sequence[str], *, batch_size: int = IMAGE_BATCH,
               progress: bool = False) -> torch.Tensor:
-        """(N, M) float64 scores of ``images`` against ``texts``, higher is better and comparable across
-        images and texts (for caption selection, reranking, retrieval): minus each pair's mean error on
-        samples shared by every image, normalised by the image's empty-prompt error
-        (``caption_normalisation``); every pair on every sample (``adapter.pair_scores``)."""
+        """(N, M) float64 scores of ``images`` against ``texts``, higher is better (caption selection,
+        reranking): minus each pair's mean error on samples shared by every image, normalised by the
+        image's empty-prompt error (``caption_normalisation``); every pair on every sample
+        (``adapter.pair_scores``). One image's texts compare directly; across images the scores compare
+        far less well (docs/usage.md has the measurement)."""
         if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
             raise UserError("texts must be a non-empty list of strings, e.g. ['a photo of a cat.', 'a dog.']")
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
