@@ -13,6 +13,9 @@ _LAZY = {
     "ScoringOptions": "clip_benchmark_diffusion.options",
     "UserError": "clip_benchmark_diffusion.errors",
     "load_diffusion_classifier": "clip_benchmark_diffusion.adapter.loader",
+    "load": "clip_benchmark_diffusion.api",
+    "DiffusionScorer": "clip_benchmark_diffusion.api",
+    "Classification": "clip_benchmark_diffusion.api",
 }
 __all__ = ["__version__", *_LAZY]
 

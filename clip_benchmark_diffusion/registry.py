@@ -115,12 +115,14 @@ class ResolvedModel:
         return (model, pretrained) == (self.spec.model, self.pretrained)
 
 
-def resolve(model: str, pretrained: str | None, cache_dir: str | None = None) -> ResolvedModel:
+def resolve(model: str, pretrained: str | None, cache_dir: str | None = None,
+            options: Mapping[str, Any] | None = None) -> ResolvedModel:
     """Parse ``--model``, locate ``--pretrained`` and check that the weights fit the recipe; UserError
-    before any weight is read."""
+    before any weight is read. ``options``: scoring options given in Python (``api.load``'s keywords),
+    applied last and checked with the rest."""
     from clip_benchmark_diffusion.weights import locate_weights, training_timesteps
 
-    spec = parse_model_spec(model)
+    spec = parse_model_spec(model, options)
     family = spec.family
     source = locate_weights(spec.recipe.resolve_weights(pretrained), cache_dir)
     _check_family(source, family)
@@ -245,13 +247,15 @@ def is_diffusion_model(model: str) -> bool:
     return base.startswith(RESERVED_PREFIX) or base in REGISTRY.names()
 
 
-def parse_model_spec(model: str) -> ModelSpec:
+def parse_model_spec(model: str, overrides: Mapping[str, Any] | None = None) -> ModelSpec:
     """Parse ``RECIPE[@PRESET_OR_JSON_FILE]`` into a recipe and its scoring options (the options
-    environment variable applied last)."""
+    environment variable applied next, then ``overrides``: options given in Python, which name the model
+    as much as ``@source`` does)."""
     base, sep, source = model.partition(OPTION_SEPARATOR)
     recipe = get_recipe(base)
     options = recipe.default_options()
     if sep:
         options = parse_option_source(source, options)
-    return ModelSpec(recipe=recipe, options=env_overrides(options), option_source=source or None, model=model,
-                     model_options=options)
+    overrides = dict(overrides or {})
+    return ModelSpec(recipe=recipe, options=env_overrides(options).replace(**overrides),
+                     option_source=source or None, model=model, model_options=options.replace(**overrides))

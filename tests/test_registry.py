@@ -47,6 +47,15 @@ def test_model_spec_presets_files_and_env(tmp_path, monkeypatch):
     assert (spec.options.batch_size, spec.options.dtype) == (8, "bfloat16")
 
 
+def test_keyword_options_come_after_the_model_name_and_the_environment(monkeypatch):
+    monkeypatch.setenv(OPTIONS_ENV, "batch_size=7,max_samples=30")
+    spec = parse_model_spec("diffusion_tiny@fast", {"max_samples": 40})
+    assert (spec.options.strategy, spec.options.batch_size, spec.options.max_samples) == ("ttest", 7, 40)
+    assert spec.model_options.max_samples == 40 and spec.model_options.batch_size == 200   # not the environment's
+    with pytest.raises(UserError, match="ttest needs 1 < min_samples <= max_samples"):   # checked together
+        parse_model_spec("diffusion_tiny@fast", {"max_samples": 12})
+
+
 def test_options_round_trip_and_fingerprint():
     opts = ScoringOptions().replace(**PRESETS["li2023"])
     assert ScoringOptions.from_dict(json.loads(json.dumps(opts.to_dict()))) == opts

@@ -124,10 +124,11 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
 
     # -- the clip_benchmark interface --------------------------------------------------------
     def begin_task(self, task: str, expected_images: int | None = None, classnames: list[str] | None = None,
-                   templates: list[str] | dict[str, list[str]] | None = None) -> None:
+                   templates: list[str] | dict[str, list[str]] | None = None, progress: bool = True) -> None:
         """Called by the integration before each task: forget the previous classes, and check, before
         any image is scored, that the prompts can tell the classes apart (``classnames`` and
-        ``templates`` are those of a zero-shot classification task)."""
+        ``templates`` are those of a zero-shot classification task). ``progress``: show the progress
+        display (the Python scorer's is opt-in)."""
         self.task = task
         self._groups, self._candidates, self._run_key, self._class_emb = [], None, None, None
         self._classnames = list(classnames) if classnames is not None else None
@@ -142,7 +143,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self.unconditional_errors: list[torch.Tensor] = []   # ... and (B, nim) empty-prompt errors
         self.record = RunRecord()
         self._load_shortlister()  # weights that do not fit the shortlist model: one line before any image
-        self._bar = progress_bar(expected_images, "diffusion scoring")
+        self._bar = progress_bar(expected_images, "diffusion scoring") if progress else None
 
     def encode_text(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """One call = one class: every prompt of it gets the class's one-hot row."""

@@ -50,15 +50,21 @@ class Outcome:
             return self.gap
         return torch.where(self.samples > 0, self.mean_error - self.mean_error[self.rank.argmin()], float("nan"))
 
-    def top1_probability(self, temperature: float, power: float = 1.0) -> float | None:
-        """The top-1 class's probability: the sampling posterior (``temperature`` 0) or the
-        temperature-scaled softmax of the paired gaps (``calibration.error_softmax``)."""
+    def probabilities(self, temperature: float, power: float = 1.0) -> torch.Tensor | None:
+        """(G,) float64 class probabilities: the sampling posterior ``prob`` (``temperature`` 0; None in
+        results stored before it existed) or the temperature-scaled softmax of the paired gaps
+        (``calibration.error_softmax``); unscored candidates get 0."""
         if not temperature:
-            return self.confidence
+            return self.prob
         from clip_benchmark_diffusion.calibration import error_softmax
 
-        prob = error_softmax(self.gaps().double().nan_to_num(0.0).numpy(), self.samples.numpy(), temperature, power)
-        return float(prob[int(self.rank.argmin())])
+        gaps = self.gaps().double().nan_to_num(0.0).numpy()
+        return torch.from_numpy(error_softmax(gaps, self.samples.numpy(), temperature, power))
+
+    def top1_probability(self, temperature: float, power: float = 1.0) -> float | None:
+        """The top-1 class's entry of ``probabilities``."""
+        prob = self.probabilities(temperature, power)
+        return None if prob is None else float(prob[int(self.rank.argmin())])
 
     @property
     def confidence(self) -> float | None:

@@ -31,3 +31,26 @@ def register_open_clip_configs() -> None:
     from clip_benchmark_diffusion.plugins import register_open_clip_configs as register_all
 
     register_all()
+
+
+def shipped_images(n: int = 8) -> tuple[list, list[str]]:
+    """The first ``n`` of the 1,000 shipped test images, in the shipped (class-interleaved) order, as
+    28x28 grayscale PIL images, with their class names (for the README's Python example)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from clip_benchmark_diffusion_demo.captions import CLASSNAMES
+
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(DATASET_DIR / "test" / "0.tar") as tar:
+        for member in tar:
+            key, _, ext = member.name.rpartition(".")
+            if key not in samples and len(samples) == n:
+                break
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    images = [Image.open(io.BytesIO(s["png"])) for s in samples.values()]
+    for image in images:
+        image.load()
+    return images, [CLASSNAMES[int(s["cls"])] for s in samples.values()]
