@@ -20,7 +20,7 @@ from clip_benchmark_diffusion.adapter.conditioning import stack_rows
 from clip_benchmark_diffusion.errors import UserError, stderr_note
 from clip_benchmark_diffusion.scoring.engine import Candidates, ScoringEngine
 from clip_benchmark_diffusion.scoring.noise import image_seed
-from clip_benchmark_diffusion.store import image_digest
+from clip_benchmark_diffusion.results.keys import image_digest
 
 CAPTION_SELECTION = "image_caption_selection"
 RANK_BASE = 0.95  # logits are RANK_BASE ** rank: neighbouring ranks stay 5% apart in half precision

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from clip_benchmark_diffusion.claims import Claims, score_shared
+from clip_benchmark_diffusion.results.leases import Claims, score_shared
 from clip_benchmark_diffusion.adapter.caption_selection import CAPTION_SELECTION, RANK_BASE, CaptionSelectionMixin
 from clip_benchmark_diffusion.adapter import shortlist as sl
 from clip_benchmark_diffusion.adapter.conditioning import mean_rows, stack_rows
 from clip_benchmark_diffusion.adapter.prompt_checks import check_prompts_for_model
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
-from clip_benchmark_diffusion.checkpoints import StoreCheckpoints
+from clip_benchmark_diffusion.results.checkpoints import StoreCheckpoints
 from clip_benchmark_diffusion.errors import UserError, stderr_note
 from clip_benchmark_diffusion.families.model import LoadedModel
 from clip_benchmark_diffusion.options import ScoringOptions
@@ -38,8 +38,9 @@ from clip_benchmark_diffusion import distributed as dist_util
 from clip_benchmark_diffusion.scoring.engine import (Candidates, Conditioning, EngineStats, ImageResult, Levels,
                                                      ScoringEngine)
 from clip_benchmark_diffusion.scoring.noise import image_seed
-from clip_benchmark_diffusion.store import (ScoreStore, image_digest, image_key, run_key, tensor_digest,
-                                            weights_fingerprint)
+from clip_benchmark_diffusion.results.keys import (image_digest, image_key, run_key, tensor_digest,
+                                                   weights_fingerprint)
+from clip_benchmark_diffusion.results.store import ScoreStore
 
 CLASSIFICATION = "zeroshot_classification"
 _BATCH_IDS = itertools.count()  # same sequence on every rank: every rank scores every batch

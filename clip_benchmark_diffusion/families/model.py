@@ -79,7 +79,7 @@ class LoadedModel:
     def conditioning_fingerprint(self, texts: list[str], options: ScoringOptions) -> str:
         """A digest of what every tokenizer makes of ``texts`` at the length the model reads: a changed
         tokenizer file, vocabulary or max length changes it (the encoders are in the weights)."""
-        from clip_benchmark_diffusion.store import tensor_digest
+        from clip_benchmark_diffusion.results.keys import tensor_digest
 
         parts = []
         for name, tok, limit in self.token_limits(options):

@@ -83,7 +83,7 @@ def _load_diffusion(model_name: str, pretrained: str, cache_dir: str | None = No
     model, transform, tokenizer = load_diffusion_classifier(model_name, pretrained, cache_dir, device, resolved)
     if state is not None:
         if state.plan.store_path is not None:
-            from clip_benchmark_diffusion.store import ScoreStore
+            from clip_benchmark_diffusion.results.store import ScoreStore
 
             model.attach_store(ScoreStore(state.plan.store_path))
         state.model = model

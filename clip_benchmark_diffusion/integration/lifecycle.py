@@ -105,7 +105,7 @@ def _rank() -> int:
 def plan_run(args: Any) -> RunPlan:
     """Every check that needs no model weights and no images, then the run's plan."""
     from clip_benchmark_diffusion.integration.checks import check_run
-    from clip_benchmark_diffusion.store import ScoreStore, default_store_path
+    from clip_benchmark_diffusion.results.store import ScoreStore, default_store_path
 
     ours = is_ours(args)
     resolved = validate_run(args) if ours else None
