@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from clip_benchmark_diffusion.results.leases import Claims, score_shared
 from clip_benchmark_diffusion.adapter.caption_selection import CAPTION_SELECTION, RANK_BASE, CaptionSelectionMixin
 from clip_benchmark_diffusion.adapter import shortlist as sl
 from clip_benchmark_diffusion.adapter.conditioning import mean_rows, stack_rows
 from clip_benchmark_diffusion.adapter.prompt_checks import check_prompts_for_model
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
-from clip_benchmark_diffusion.results.checkpoints import StoreCheckpoints
 from clip_benchmark_diffusion.errors import UserError, stderr_note
 from clip_benchmark_diffusion.families.model import LoadedModel
 from clip_benchmark_diffusion.options import ScoringOptions
@@ -40,10 +37,10 @@ from clip_benchmark_diffusion.scoring.engine import (Candidates, Conditioning, E
 from clip_benchmark_diffusion.scoring.noise import image_seed
 from clip_benchmark_diffusion.results.keys import (image_digest, image_key, run_key, tensor_digest,
                                                    weights_fingerprint)
+from clip_benchmark_diffusion.results.fetch import RunResults, ScoreRequest
 from clip_benchmark_diffusion.results.store import ScoreStore
 
 CLASSIFICATION = "zeroshot_classification"
-_BATCH_IDS = itertools.count()  # same sequence on every rank: every rank scores every batch
 
 
 @dataclass
@@ -74,14 +71,9 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
     def __init__(self, loaded: LoadedModel, spec: ModelSpec, weights: str, device: str | torch.device) -> None:
         super().__init__()
         self.spec, self.options, self.weights = spec, spec.options, weights
-        self.world = dist_util.world_from_env()
-        self.device_ = dist_util.local_device(self.world, device)
-        if self.device_.type == "cuda":
-            torch.cuda.set_device(self.device_)  # so clip_benchmark's "cuda" means this rank's GPU
-        dist_util.init_process_group_if_needed(self.world, self.device_)
-        self.claimer = dist_util.WorkClaimer() if self.world.is_distributed else None
-        self.store: ScoreStore | None = None
-        self._claims: Claims | None = None
+        placement = dist_util.join(device)
+        self.world, self.device_ = placement.world, placement.device
+        self.results = RunResults(placement.world, placement.claimer)
         # A plain attribute, not a submodule: clip_benchmark must not move the offloaded text encoders.
         self.__dict__["model"] = loaded.place(self.device_)
         self.dtype = loaded.dtype
@@ -179,14 +171,11 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             digests = [image_digest(img) for img in images]
             keys = [image_key(self._key(), d) for d in digests]
             shortlist = self._shortlist(images)   # every rank, whole batch: cheap and identical
-            score = lambda idx: self._score_subset(images, idx, digests, keys, cands, shortlist)  # noqa: E731
-            if self.store is not None and not self.world.is_distributed:
-                payloads = self._score_shared(keys, score)
-            else:
-                chunk = max(1, len(images) // (4 * self.world.world_size))
-                payloads = dist_util.score_batch_distributed(next(_BATCH_IDS), len(images), score, self.world,
-                                                             self.claimer, chunk)
-        results = [ImageResult.from_payload(payloads[i]) for i in range(len(images))]
+            fetched = self.results.fetch_or_score(
+                keys, lambda request: self._score(request, images, digests, cands, shortlist))
+        self.record.reused += fetched.reused
+        self.record.scored_images += fetched.scored
+        results = [ImageResult.from_payload(fetched.payloads[i]) for i in range(len(images))]
         self.record.add(results)
         if self._bar is not None:
             self._bar.update(len(results))
@@ -197,17 +186,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
 
     def attach_store(self, store: ScoreStore | None) -> None:
         """Persist every image's result in ``store`` and reuse what it already holds."""
-        self.store = store
-        self._claims = Claims(store.path) if store is not None else None
-
-    def _score_shared(self, keys: list[str], score) -> dict[int, dict]:
-        """One process on a store: lease the missing images first, so that identical commands sharing
-        the store split them (torchrun ranks split batches among themselves instead)."""
-        scored, reused = self.record.scored_images, self.record.reused
-        payloads = score_shared(keys, self.store, self._claims, score)
-        # images read back here were stored earlier or by another process sharing the store
-        self.record.reused = reused + len(keys) - (self.record.scored_images - scored)
-        return payloads
+        self.results.attach(store)
 
     def _load_shortlister(self) -> None:
         """Hybrid: the open_clip shortlister, loaded once (the next options' may differ)."""
@@ -236,32 +215,24 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             return None
         return sl.recall_at_k(torch.cat(self.record.shortlists), target.cpu())
 
-    def _score_subset(self, images: torch.Tensor, idx: list[int], digests: list[str], keys: list[str],
-                      cands: Candidates, shortlist: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[int, dict]:
-        """Payloads for images ``idx`` of the batch: from the store, else scored (and stored at once)."""
-        cached = self.store.get_many([keys[i] for i in idx]) if self.store is not None else {}
-        out = {i: cached[keys[i]] for i in idx if keys[i] in cached}
-        todo = [i for i in idx if i not in out]
-        self.record.reused += len(out)
-        self.record.scored_images += len(todo)
-        if todo:
-            def done(j: int, result: ImageResult) -> None:
-                if shortlist is not None:  # the shortlist in diffusion order, then the rest in CLIP's
-                    i = todo[j]
-                    result.outcome.rank = sl.merge_ranks(result.outcome.rank[None], shortlist[1][i:i + 1],
-                                                         shortlist[0][i:i + 1])[0]
-                out[todo[j]] = result.to_payload()
-                if self.store is not None:
-                    self.store.put(keys[todo[j]], out[todo[j]])
+    def _score(self, request: ScoreRequest, images: torch.Tensor, digests: list[str], cands: Candidates,
+               shortlist: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Score the images ``request.indices`` of the batch, handing each to ``request.save`` once decided."""
+        todo = request.indices
 
-            seeds = [image_seed(digests[i], self.options.seed) for i in todo]
-            before = self.engine.stats.denoiser_calls
-            saved = StoreCheckpoints(self.store, [keys[i] for i in todo]) if self.store is not None else None
-            allowed = shortlist[1][todo] if shortlist is not None else None
-            self.engine.score(self._latents(images[todo]), seeds, cands, on_done=done, allowed=allowed,
-                              checkpoints=saved)
-            self.record.scored_calls += self.engine.stats.denoiser_calls - before
-        return out
+        def done(j: int, result: ImageResult) -> None:
+            if shortlist is not None:  # the shortlist in diffusion order, then the rest in CLIP's
+                i = todo[j]
+                result.outcome.rank = sl.merge_ranks(result.outcome.rank[None], shortlist[1][i:i + 1],
+                                                     shortlist[0][i:i + 1])[0]
+            request.save(todo[j], result.to_payload())
+
+        seeds = [image_seed(digests[i], self.options.seed) for i in todo]
+        before = self.engine.stats.denoiser_calls
+        allowed = shortlist[1][todo] if shortlist is not None else None
+        self.engine.score(self._latents(images[todo]), seeds, cands, on_done=done, allowed=allowed,
+                          checkpoints=request.checkpoints)
+        self.record.scored_calls += self.engine.stats.denoiser_calls - before
 
     def _key(self) -> str:
         """What decides scores besides the image: weights, noise levels, options and the conditioning
@@ -380,17 +351,13 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
     def close_store(self) -> None:
         """The run is over (or stopped): leave the store's owners and close its connections, which folds
         the WAL back into the file, so no -wal or -shm file is left beside a finished store."""
-        if self._claims is not None:
-            self._claims.leave()
-            self._claims.close()
-        if self.store is not None:
-            self.store.close()
+        self.results.close()
 
     def store_report(self) -> str:
         """One line on what the score store saved in this process (the run is over: leave the store's owners)."""
-        if self._claims is not None:
-            self._claims.leave()
-        where = f" ({self.store.path})" if self.store is not None else " (store off)"
+        self.results.leave()
+        store = self.results.store
+        where = f" ({store.path})" if store is not None else " (store off)"
         return (f"clip_benchmark_diffusion: {self.record.reused} of {len(self.record.results)} images from the score "
                 f"store{where}; {self.record.scored_calls} denoiser calls run on rank {self.world.rank}")
 
