@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import quick_options
-from clip_benchmark_diffusion.adapter.model import RANK_BASE
+from clip_benchmark_diffusion.adapter.caption_selection import RANK_BASE
 from tiny_models import load_tiny_classifier
 
 CLASSES = ["zero", "one", "two", "three", "four", "five"]
@@ -98,9 +98,9 @@ def test_prompts_are_encoded_once(loaded):
     rows: list[int] = []
     hook = model.model.pipe.text_encoder.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
     try:
-        model._candidate_table()
-        model._candidates = None               # rebuild the table: the text states come from the cache
-        model._candidate_table()
+        model.classes.candidates()
+        model.classes.invalidate()             # rebuild the table: the text states come from the cache
+        model.classes.candidates()
     finally:
         hook.remove()
     assert rows == [len(new)]                  # one text-encoder pass, over the new prompts only

@@ -190,7 +190,7 @@ def _patch_run_classification(module: Any) -> None:
             from clip_benchmark_diffusion.prior_bias import bias_warning
 
             line = bias_warning(hist)
-            if line is not None and model.world.rank == 0:
+            if line is not None and model.rank == 0:
                 stderr_line(line)
         if state is not None and getattr(model, "is_diffusion_classifier", False):
             state.shortlist_recall = model.shortlist_recall(target)   # None unless a hybrid

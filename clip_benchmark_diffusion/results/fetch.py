@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from clip_benchmark_diffusion import distributed as dist_util
@@ -84,6 +85,10 @@ class RunResults:
         payloads = dist_util.score_batch_distributed(next(_BATCH_IDS), len(keys), subset, self.world,
                                                      self.claimer, chunk)
         return Fetched(payloads, reused=counts["reused"], scored=counts["scored"])
+
+    @property
+    def store_path(self) -> Path | None:
+        return self.store.path if self.store is not None else None
 
     def leave(self) -> None:
         """No longer scoring from the store: the other processes stop leaving a share for this one."""

@@ -123,3 +123,25 @@ def _value_bytes(t: "torch.Tensor") -> bytes | None:
     if t.device.type == "meta" or t.is_quantized or t.layout != torch.strided:
         return None                      # name, shape and dtype still count
     return t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def model_fingerprint(family: str, objective: str, modules: Mapping[str, "torch.nn.Module"],
+                      noise_levels: "torch.Tensor") -> str:
+    """The model's part of a run key: family, objective, every weight, and the noise levels it is scored at."""
+    return f"{family}:{objective}:{weights_fingerprint(modules)}:{tensor_digest(noise_levels)}"
+
+
+def tokenizer_fingerprint(encodings: list[tuple[str, int, "torch.Tensor", "torch.Tensor"]]) -> str:
+    """A text-conditioned model's conditioning fingerprint: per tokenizer (name, max length, input ids,
+    attention mask) of the run's prompts, so a changed tokenizer file, vocabulary or length is a new key."""
+    return "|".join(f"{name}:{limit}:{tensor_digest(ids)}:{tensor_digest(mask)}" for name, limit, ids, mask in encodings)
+
+
+def class_conditioning_fingerprint(cond: Mapping[str, "torch.Tensor"]) -> str:
+    """A class-conditional model's conditioning fingerprint: a digest of each conditioning tensor."""
+    return ":".join(f"{k}={tensor_digest(v)}" for k, v in sorted(cond.items()))
+
+
+def task_run_key(model: str, conditioning: str, options_fingerprint: dict, candidates: list[list[str]]) -> str:
+    """The run key of one task: :func:`run_key` of the model and conditioning fingerprints together."""
+    return run_key(f"{model}|{conditioning}", options_fingerprint, candidates)
