@@ -189,6 +189,14 @@ class DiffusionClassifier(nn.Module):
         """Hybrid: the share of this task's images whose true class made the shortlist."""
         return self.shortlist.recall(target)
 
+    def image_calls(self) -> list[int]:
+        """Per image of the task, the denoiser calls it took."""
+        return self.account.record.calls
+
+    def confidences(self) -> list[float | None]:
+        """Per image of the task, the probability of its top-1 class at the options' temperature."""
+        return self.account.record.confidences(self.options.temperature, self.options.temperature_power)
+
     def cost_summary(self) -> dict[str, float]:
         return self.account.cost_summary()
 

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from clip_benchmark_diffusion.options import ScoringOptions
-    from clip_benchmark_diffusion.scoring.engine import Checkpoints, ImageResult
+    from clip_benchmark_diffusion.scoring.engine import Checkpoints
 
 
 class ScoreRequest(Protocol):
@@ -47,23 +46,12 @@ class ResultSource(Protocol):
     def close(self) -> None: ...
 
 
-class RunRecords(Protocol):
-    """The per-image records of the current task (``adapter.run_account.RunRecord``)."""
-
-    calls: list[int]
-    results: "list[ImageResult]"
-
-    def confidences(self, temperature: float, power: float = 1.0) -> list[float | None]: ...
-
-
 class DiffusionRunModel(Protocol):
     """What the integration calls on the model the loader returns, besides clip_benchmark's own
     ``encode_text`` / ``encode_image``."""
 
     is_diffusion_classifier: bool
     rank: int
-    options: "ScoringOptions"
-    record: RunRecords
     pair_errors: "list[torch.Tensor]"
     unconditional_errors: "list[torch.Tensor]"
 
@@ -79,6 +67,10 @@ class DiffusionRunModel(Protocol):
     def prediction_histogram(self, logits: "torch.Tensor", target: "torch.Tensor") -> dict: ...
 
     def shortlist_recall(self, target: "torch.Tensor") -> float | None: ...
+
+    def image_calls(self) -> list[int]: ...
+
+    def confidences(self) -> list[float | None]: ...
 
     def cost_summary(self) -> dict[str, float]: ...
 
