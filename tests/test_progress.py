@@ -89,3 +89,21 @@ def test_calls_per_image_counts_only_decided_images():
     assert heartbeat_postfix(EngineStats(denoiser_calls=9024)) == {"calls": 9024}
     assert heartbeat_postfix(EngineStats(denoiser_calls=9024, images=3, decided_calls=24)) == \
         {"calls": 9024, "calls_per_img": "8"}
+
+
+def test_no_progress_display_when_the_caller_has_its_own(tiny_sd, tmp_path, capsys):
+    """begin_task(progress=False): no bar at all, while the images are still counted in the run's records."""
+    import torch
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    from cli_helpers import quick_options
+    from tiny_models import load_tiny_classifier
+
+    model, _, tokenizer = load_tiny_classifier(tiny_sd, quick_options(tmp_path, batch_size=4))
+    model.begin_task("zeroshot_classification", expected_images=2, progress=False)
+    assert model.account.bar is None
+    clf = zc.zero_shot_classifier(model, tokenizer, ["zero", "one"], ["a {c}"], "cpu")
+    capsys.readouterr()
+    zc.run_classification(model, clf, [(torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([0, 1]))], "cpu")
+    assert "diffusion scoring" not in capsys.readouterr().err
+    assert len(model.image_calls()) == 2

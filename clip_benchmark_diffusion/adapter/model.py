@@ -68,10 +68,11 @@ class DiffusionClassifier(nn.Module):
 
     # -- the clip_benchmark interface --------------------------------------------------------
     def begin_task(self, task: str, expected_images: int | None = None, classnames: list[str] | None = None,
-                   templates: list[str] | dict[str, list[str]] | None = None) -> None:
+                   templates: list[str] | dict[str, list[str]] | None = None, progress: bool = True) -> None:
         """Called by the integration before each task: forget the previous classes, and check, before
         any image is scored, that the prompts can tell the classes apart (``classnames`` and
-        ``templates`` are those of a zero-shot classification task)."""
+        ``templates`` are those of a zero-shot classification task). ``progress``: show the progress
+        display (the Python scorer's is opt-in)."""
         self.task = task
         self.classes.reset(classnames)
         if classnames is not None and not self.model.family.text_conditioned:
@@ -82,7 +83,7 @@ class DiffusionClassifier(nn.Module):
                 stderr_note(note)
         self.captions.begin()
         self.shortlist.begin(self.options)  # weights that do not fit the shortlist model: one line before any image
-        self.account.begin(expected_images)
+        self.account.begin(expected_images, progress)
 
     def set_batch_structure(self, instances: int, images_per_instance: int, texts_per_instance: int) -> None:
         """Caption selection: the shape of the batch about to be encoded (announced by the integration)."""

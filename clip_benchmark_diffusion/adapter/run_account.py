@@ -48,11 +48,11 @@ class RunAccount:
         self.bar: Progress | None = None
         self.corrected_changes = 0
 
-    def begin(self, expected_images: int | None) -> None:
-        """A new task: fresh records and a progress bar over its images."""
+    def begin(self, expected_images: int | None, progress: bool = True) -> None:
+        """A new task: fresh records, and (``progress``) a progress bar over its images."""
         self.record = RunRecord()
         self.corrected_changes = 0
-        self.bar = progress_bar(expected_images, "diffusion scoring")
+        self.bar = progress_bar(expected_images, "diffusion scoring") if progress else None
 
     def add(self, results: list[ImageResult], reused: int = 0, scored: int = 0, calls: int = 0) -> None:
         """One batch's results, ``reused`` of them from the store, ``scored`` here at ``calls`` denoiser calls."""
