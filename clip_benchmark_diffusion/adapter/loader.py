@@ -14,7 +14,7 @@ import torch
 from clip_benchmark_diffusion import distributed
 from clip_benchmark_diffusion.adapter.caption_selection import CaptionSelection
 from clip_benchmark_diffusion.adapter.class_table import ClassTable
-from clip_benchmark_diffusion.adapter.model import DiffusionClassifier, pick_dtype
+from clip_benchmark_diffusion.adapter.model import DiffusionClassifier
 from clip_benchmark_diffusion.adapter.run_account import RunAccount
 from clip_benchmark_diffusion.adapter.shortlist import TaskShortlist
 from clip_benchmark_diffusion.errors import stderr_note
@@ -52,6 +52,13 @@ def build_classifier(loaded: LoadedModel, spec: ModelSpec, weights: str, device:
                                classes=classes, captions=CaptionSelection(model, classes, account, placement.device),
                                shortlist=TaskShortlist(placement.device), account=account,
                                results=RunResults(placement.world, placement.claimer))
+
+
+def pick_dtype(name: str, device: torch.device, cuda_default: str = "float16") -> torch.dtype:
+    """The denoiser dtype: ``auto`` is the family's CUDA dtype on a GPU and float32 elsewhere."""
+    if name == "auto":
+        return getattr(torch, cuda_default) if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def float16_note(family: Family, dtype: torch.dtype) -> str | None:

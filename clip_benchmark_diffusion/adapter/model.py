@@ -34,7 +34,7 @@ from clip_benchmark_diffusion.scoring.engine import Candidates, ImageResult, Lev
 from clip_benchmark_diffusion.scoring.noise import image_seed
 
 CLASSIFICATION = "zeroshot_classification"
-__all__ = ["CLASSIFICATION", "RANK_BASE", "DiffusionClassifier", "pick_dtype"]
+__all__ = ["CLASSIFICATION", "RANK_BASE", "DiffusionClassifier"]
 
 
 class DiffusionClassifier(nn.Module):
@@ -162,6 +162,7 @@ class DiffusionClassifier(nn.Module):
     # -- what the integration reads (adapter.protocols.DiffusionRunModel) ------------------------
     @property
     def record(self) -> RunRecord:
+        """The current task's per-image records (the run account's: tests and scripts read them)."""
         return self.account.record
 
     @property
@@ -220,10 +221,3 @@ class DiffusionClassifier(nn.Module):
         """The run is over (or stopped): leave the store's owners and close its connections, which folds
         the WAL back into the file, so no -wal or -shm file is left beside a finished store."""
         self.results.close()
-
-
-def pick_dtype(name: str, device: torch.device, cuda_default: str = "float16") -> torch.dtype:
-    """The denoiser dtype: ``auto`` is the family's CUDA dtype on a GPU and float32 elsewhere."""
-    if name == "auto":
-        return getattr(torch, cuda_default) if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
