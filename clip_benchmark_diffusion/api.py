@@ -26,7 +26,7 @@ from clip_benchmark_diffusion.integration.checks import check_open_clip, check_p
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.progress import progress_bar
 from clip_benchmark_diffusion.registry import resolve
-from clip_benchmark_diffusion.store import STORE_ENV, ScoreStore, default_store_path
+from clip_benchmark_diffusion.results.store import STORE_ENV, ScoreStore, default_store_path
 
 # CLIP's usual prompt, for ``classify`` called without templates.
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)

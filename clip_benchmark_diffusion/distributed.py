@@ -105,6 +105,26 @@ def init_process_group_if_needed(world: World, device: torch.device, timeout_s: 
     _store = store
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where this process scores: its rank, its device, and (distributed) its share of each batch."""
+
+    world: World
+    device: torch.device
+    claimer: "WorkClaimer | None"
+
+
+def join(device: torch.device | str, environ: Mapping[str, str] = os.environ) -> Placement:
+    """This process's placement: the launcher's world, this rank's device (made the current CUDA device,
+    so clip_benchmark's "cuda" means this rank's GPU) and the process group, joined once."""
+    world = world_from_env(environ)
+    device = local_device(world, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    init_process_group_if_needed(world, device)
+    return Placement(world, device, WorkClaimer() if world.is_distributed else None)
+
+
 def shared_store() -> dist.Store:
     """A key-value store every rank reaches: ours if we started the group, else the group's own."""
     if _store is not None:

@@ -80,8 +80,8 @@ def run_strategy(model, tokenizer, options: ScoringOptions, batches, classes, te
     wall = time.perf_counter() - start
     acc1, = zc.accuracy(logits, target, topk=(1,))
     stats = model.engine.stats.as_dict()
-    calls = model.record.calls
-    outcomes = [r.outcome for r in model.record.results]
+    calls = model.image_calls()
+    outcomes = [r.outcome for r in model.account.record.results]
     return {
         "per_image": {"target": target.tolist(), "top1": logits.argmax(1).tolist(), "calls": calls,
                       "confidence": [o.confidence for o in outcomes],

@@ -118,7 +118,7 @@ def main() -> None:
     model.begin_task("zeroshot_classification", expected_images=sum(len(y) for _, y in batches))
     clf = zc.zero_shot_classifier(model, tokenizer, classes, templates, args.device)
     logits, target = zc.run_classification(model, clf, batches, args.device)
-    report(args, [r.outcome for r in model.record.results], model.record.calls, target.numpy(), model.options)
+    report(args, [r.outcome for r in model.account.record.results], model.image_calls(), target.numpy(), model.options)
 
 
 CV_SPLITS = 20

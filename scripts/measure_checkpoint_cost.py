@@ -26,9 +26,9 @@ from types import SimpleNamespace
 
 import torch
 
-from clip_benchmark_diffusion.checkpoints import StoreCheckpoints, encode
+from clip_benchmark_diffusion.results.checkpoints import StoreCheckpoints, encode
 from clip_benchmark_diffusion.scoring.engine import CHECKPOINT_S, ScoringEngine
-from clip_benchmark_diffusion.store import ScoreStore
+from clip_benchmark_diffusion.results.store import ScoreStore
 
 
 def whole_tensor_save(store: ScoreStore, keys: list[str], cerr: torch.Tensor, calls: int) -> None:

@@ -81,7 +81,7 @@ def capture(args: argparse.Namespace) -> None:
     clf = zc.zero_shot_classifier(model, tokenizer, classes, templates, args.device)
     logits, target = zc.run_classification(model, clf, batches, args.device)
     err = torch.stack(matrices)                                                      # (B, G, N)
-    ranks = torch.stack([r.outcome.rank for r in model.record.results])
+    ranks = torch.stack([r.outcome.rank for r in model.account.record.results])
     # The recorded matrices must reproduce the run's own decisions image by image.
     assert torch.equal(err.mean(2).argmin(1), ranks.argmin(1)), "recorded errors do not match the run's ranking"
     torch.save({"err": err, "target": target, "classes": list(classes), "options": options.to_dict(),

@@ -18,7 +18,7 @@ from cli_helpers import clip_benchmark_eval
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.options import OPTIONS_ENV
 from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV, read_run
-from clip_benchmark_diffusion.store import STORE_ENV
+from clip_benchmark_diffusion.results.store import STORE_ENV
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 QUICK = {"max_samples": 12}   # diffusion_tiny's own scoring, capped at 12 samples per class

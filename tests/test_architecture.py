@@ -111,3 +111,33 @@ def test_the_library_does_not_know_the_demo_by_name(needle):
     mentions = [str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
                 if needle in p.read_text(encoding="utf-8") and p.name != "hookspecs.py"]
     assert mentions == []
+
+
+FACADE_MUST_NOT_IMPORT = (f"{NAME}.results", f"{NAME}.distributed", f"{NAME}.registry")
+
+
+def _forbidden_in_facade(source: str) -> list[str]:
+    """The modules of ``FACADE_MUST_NOT_IMPORT`` (or below them) that ``source`` imports, at any depth;
+    ``from package import module`` counts as importing the module."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return sorted({m for m in found if m.startswith(FACADE_MUST_NOT_IMPORT)})
+
+
+def test_the_classifier_is_a_facade_over_collaborators_it_is_handed():
+    """adapter/model.py registers what the loader builds: it imports no part of the results package (store,
+    leases, keys, checkpoints), no process-group set-up and no registry, and stays about 200 lines."""
+    source = (PACKAGE / "adapter" / "model.py").read_text(encoding="utf-8")
+    assert _forbidden_in_facade(source) == []
+    assert len(source.splitlines()) <= 250
+
+
+def test_the_facade_check_sees_a_forbidden_import():
+    source = (f"from {NAME} import distributed\nimport {NAME}.results.store\n"
+              f"def f():\n    from {NAME}.registry import resolve\nfrom {NAME}.errors import UserError\n")
+    assert _forbidden_in_facade(source) == [f"{NAME}.distributed", f"{NAME}.registry", f"{NAME}.registry.resolve",
+                                            f"{NAME}.results.store"]

@@ -166,7 +166,7 @@ def test_fit_calibration_recovers_the_temperature_and_power_that_generated_the_l
 def test_run_record_confidences_use_the_temperature_on_the_top1_class_of_the_ranking():
     import torch
 
-    from clip_benchmark_diffusion.adapter.model import RunRecord
+    from clip_benchmark_diffusion.adapter.run_account import RunRecord
     from clip_benchmark_diffusion.scoring.engine import ImageResult
     from clip_benchmark_diffusion.scoring.strategies import Outcome
 

@@ -114,7 +114,7 @@ def test_an_easy_image_no_longer_wins_every_caption(tiny_sd, tmp_path, how, imag
     model, transform, tokenizer = load_tiny_classifier(tiny_sd, opts)
     from clip_benchmark.metrics import image_caption_selection as ics
 
-    model._pair_engine = lambda: _EasyImageEngine()
+    model.captions.engine = lambda: _EasyImageEngine()
     metrics = ics.evaluate(model, _winoground_like(transform), tokenizer, "cpu", amp=True)
     assert metrics == {"image_acc": image_acc, "text_acc": 1.0, "acc": image_acc}
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from analytic_denoiser import SHAPE, cands, grid, images, oracle
-from clip_benchmark_diffusion.checkpoints import StoreCheckpoints, decode, encode
+from clip_benchmark_diffusion.results.checkpoints import StoreCheckpoints, decode, encode
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring.engine import ScoringEngine
-from clip_benchmark_diffusion.store import ScoreStore
+from clip_benchmark_diffusion.results.store import ScoreStore
 
 
 class _Killed(Exception):

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from clip_benchmark_diffusion.claims import Claims, score_shared
+from clip_benchmark_diffusion.results.leases import Claims, score_shared
 from clip_benchmark_diffusion.errors import UserError
-from clip_benchmark_diffusion.store import ScoreStore
+from clip_benchmark_diffusion.results.store import ScoreStore
 
 
 def _dead_owner() -> str:

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import quick_options
-from clip_benchmark_diffusion.adapter.model import RANK_BASE
+from clip_benchmark_diffusion.adapter.caption_selection import RANK_BASE
 from tiny_models import load_tiny_classifier
 
 CLASSES = ["zero", "one", "two", "three", "four", "five"]
@@ -98,9 +98,9 @@ def test_prompts_are_encoded_once(loaded):
     rows: list[int] = []
     hook = model.model.pipe.text_encoder.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
     try:
-        model._candidate_table()
-        model._candidates = None               # rebuild the table: the text states come from the cache
-        model._candidate_table()
+        model.classes.candidates()
+        model.classes.invalidate()             # rebuild the table: the text states come from the cache
+        model.classes.candidates()
     finally:
         hook.remove()
     assert rows == [len(new)]                  # one text-encoder pass, over the new prompts only
@@ -131,3 +131,21 @@ def test_scores_do_not_depend_on_dataloader_batch_or_position(tiny_sd, tmp_path)
         assert torch.equal(a[i].outcome.samples, b[j].outcome.samples)
         assert torch.allclose(a[i].outcome.mean_error, b[j].outcome.mean_error, rtol=1e-5)
         assert a[i].seed == b[j].seed
+
+
+def _protocol_members(protocol: type) -> set[str]:
+    names = set(getattr(protocol, "__annotations__", {}))
+    names |= {n for n, v in vars(protocol).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+    return names
+
+
+def test_the_loaded_classifier_offers_what_the_integration_calls(loaded):
+    """The lifecycle and the patches talk to the model through protocols.DiffusionRunModel, and the model to
+    its results through protocols.ResultSource: the objects the loader builds have every member."""
+    from clip_benchmark_diffusion.adapter.protocols import DiffusionRunModel, ResultSource
+
+    model, _, _ = loaded
+    assert _protocol_members(DiffusionRunModel) >= {"rank", "begin_task", "confidences", "close_store"}
+    assert [n for n in sorted(_protocol_members(DiffusionRunModel)) if not hasattr(model, n)] == []
+    assert _protocol_members(ResultSource) == {"store_path", "attach", "fetch_or_score", "leave", "close"}
+    assert [n for n in sorted(_protocol_members(ResultSource)) if not hasattr(model.results, n)] == []

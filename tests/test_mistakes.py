@@ -91,7 +91,7 @@ class Mistake:
 
     def damaged_store(self) -> None:
         """A real store of many pages with garbage past its first page."""
-        from clip_benchmark_diffusion.store import ScoreStore
+        from clip_benchmark_diffusion.results.store import ScoreStore
 
         path = self.tmp / STORE
         with ScoreStore(path) as store:
@@ -320,7 +320,7 @@ def _dead_pid() -> int:
 
 def _stop_after(monkeypatch, images: int, fault: Callable[[], None]) -> None:
     """Let the store take ``images`` results, then raise ``fault()`` inside the next put."""
-    from clip_benchmark_diffusion import store as store_module
+    from clip_benchmark_diffusion.results import store as store_module
 
     real, count = store_module.ScoreStore.put, [0]
 
@@ -334,7 +334,7 @@ def _stop_after(monkeypatch, images: int, fault: Callable[[], None]) -> None:
 
 
 def _disk_full() -> None:
-    from clip_benchmark_diffusion.store import with_retries
+    from clip_benchmark_diffusion.results.store import with_retries
 
     def full():
         raise sqlite3.OperationalError("database or disk is full")

@@ -103,5 +103,5 @@ def test_the_store_key_changes_with_the_tokenizer_not_only_the_weights(tiny_sd, 
         model.begin_task("zeroshot_classification")
         for c in ("zero", "one"):
             model.encode_text(tokenizer([f"a photo of the number {c}."]))
-        keys.append(model._key())
+        keys.append(model.run_key())
     assert keys[0] != keys[1]

@@ -9,7 +9,7 @@ from clip_benchmark_diffusion.adapter.pair_scores import pair_errors, score_pair
 from clip_benchmark_diffusion.scoring import math as smath
 from clip_benchmark_diffusion.scoring.engine import Levels
 from clip_benchmark_diffusion.scoring.noise import NoiseBank
-from clip_benchmark_diffusion.store import ScoreStore
+from clip_benchmark_diffusion.results.store import ScoreStore
 from tiny_models import load_tiny_classifier
 
 TEXTS = ["a photo of a cat", "a drawing of a dog", "a red bag"]

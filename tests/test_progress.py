@@ -55,7 +55,7 @@ def _logged_lines(tiny_sd, tmp_path, **options) -> list[str]:
     opts = quick_options(tmp_path, batch_size=4, **options)
     model, _, tokenizer = load_tiny_classifier(tiny_sd, opts)
     model.begin_task("zeroshot_classification", expected_images=2)
-    model._bar = LogProgress(2, "diffusion scoring", "img", out := io.StringIO(), seconds=0.0)  # a line per heartbeat
+    model.account.bar = LogProgress(2, "diffusion scoring", "img", out := io.StringIO(), seconds=0.0)  # a line per heartbeat
     clf = zc.zero_shot_classifier(model, tokenizer, ["zero", "one"], ["a {c}"], "cpu")
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     zc.run_classification(model, clf, [(images, torch.tensor([0, 1]))], "cpu")
@@ -83,9 +83,27 @@ def test_a_full_strategy_batch_logs_every_denoiser_batch(tiny_sd, tmp_path):
 def test_calls_per_image_counts_only_decided_images():
     # 3 images decided with 8 calls each while 9,000 calls ran for images still in flight: the per-image
     # figure is 8 (it was 9024 / 3), and the calls so far are shown as such
-    from clip_benchmark_diffusion.adapter.model import heartbeat_postfix
+    from clip_benchmark_diffusion.adapter.run_account import heartbeat_postfix
     from clip_benchmark_diffusion.scoring.engine import EngineStats
 
     assert heartbeat_postfix(EngineStats(denoiser_calls=9024)) == {"calls": 9024}
     assert heartbeat_postfix(EngineStats(denoiser_calls=9024, images=3, decided_calls=24)) == \
         {"calls": 9024, "calls_per_img": "8"}
+
+
+def test_no_progress_display_when_the_caller_has_its_own(tiny_sd, tmp_path, capsys):
+    """begin_task(progress=False): no bar at all, while the images are still counted in the run's records."""
+    import torch
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    from cli_helpers import quick_options
+    from tiny_models import load_tiny_classifier
+
+    model, _, tokenizer = load_tiny_classifier(tiny_sd, quick_options(tmp_path, batch_size=4))
+    model.begin_task("zeroshot_classification", expected_images=2, progress=False)
+    assert model.account.bar is None
+    clf = zc.zero_shot_classifier(model, tokenizer, ["zero", "one"], ["a {c}"], "cpu")
+    capsys.readouterr()
+    zc.run_classification(model, clf, [(torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([0, 1]))], "cpu")
+    assert "diffusion scoring" not in capsys.readouterr().err
+    assert len(model.image_calls()) == 2

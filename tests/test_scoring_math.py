@@ -8,7 +8,7 @@ import torch
 
 from clip_benchmark_diffusion.scoring import math as smath
 from clip_benchmark_diffusion.scoring.noise import NoiseBank, image_seed
-from clip_benchmark_diffusion.store import image_digest
+from clip_benchmark_diffusion.results.keys import image_digest
 from clip_benchmark_diffusion.scoring.timesteps import flow_grid, sample_order, uniform_grid, vp_grid
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from clip_benchmark_diffusion import store as store_module
+from clip_benchmark_diffusion.results import store as store_module
 from clip_benchmark_diffusion.errors import UserError
 # torch is imported inside the tests that use it: the spawned writers import this module, and
 # four interpreters importing torch at once on a small machine take longer than the test.
-from clip_benchmark_diffusion.store import (FILENAME, STORE_ENV, ScoreStore, default_store_path, image_digest,
-                                            image_key, run_key, weights_fingerprint)
+from clip_benchmark_diffusion.results.keys import image_digest, image_key, run_key, weights_fingerprint
+from clip_benchmark_diffusion.results.store import FILENAME, STORE_ENV, ScoreStore, default_store_path
 
 PAYLOAD = {"rank": [1, 0, 2], "mean_error": [0.25, 0.125, float("inf")], "calls": 60, "seed": 12345}
 
@@ -176,7 +176,7 @@ def test_weights_of_a_folder_are_hashed_once_per_file_version(tmp_path, monkeypa
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from clip_benchmark_diffusion import file_digests
+    from clip_benchmark_diffusion.results import file_digests
 
     monkeypatch.setenv(file_digests.CACHE_ENV, str(tmp_path / "cache"))
     torch.manual_seed(0)
@@ -228,7 +228,7 @@ def test_a_second_store_in_one_process_keeps_the_first_ones_locks(tmp_path):
     import sys
 
     path = tmp_path / FILENAME
-    other = ("import sys; from clip_benchmark_diffusion.store import ScoreStore\n"
+    other = ("import sys; from clip_benchmark_diffusion.results.store import ScoreStore\n"
              "with ScoreStore(sys.argv[1]) as s: assert s.get_many(['k']) == {'k': {'v': 1}}")
     with ScoreStore(path) as first:
         first.put("k", {"v": 1})
@@ -242,18 +242,18 @@ def test_a_second_store_in_one_process_keeps_the_first_ones_locks(tmp_path):
 
 
 def test_a_store_opened_beside_live_claims_keeps_their_locks(tmp_path):
-    """The same for the leases' own connection (claims.py): it counts as this process holding the file."""
+    """The same for the leases' own connection (results/leases.py): it counts as this process holding the file."""
     import subprocess
     import sys
 
-    from clip_benchmark_diffusion.claims import Claims
+    from clip_benchmark_diffusion.results.leases import Claims
 
     path = tmp_path / FILENAME
     claims = Claims(path)
     try:
         assert claims.claim(["a", "b"], 1) == ["a"]
         ScoreStore(path).get_many(["a"])                 # the model's store, opened after the leases
-        subprocess.run([sys.executable, "-c", "import sys; from clip_benchmark_diffusion.store import ScoreStore\n"
+        subprocess.run([sys.executable, "-c", "import sys; from clip_benchmark_diffusion.results.store import ScoreStore\n"
                         "with ScoreStore(sys.argv[1]) as s: s.get_many(['a'])", str(path)], check=True)
         assert Path(f"{path}-wal").exists() and Path(f"{path}-shm").exists()
         assert claims.claim(["b"], 1) == ["b"]

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from clip_benchmark_diffusion.adapter.conditioning import stack_rows
+from clip_benchmark_diffusion.adapter.class_table import ClassTable
+from clip_benchmark_diffusion.adapter.run_account import RunAccount
 from clip_benchmark_diffusion.errors import UserError, stderr_note
-from clip_benchmark_diffusion.scoring.engine import Candidates, ScoringEngine
+from clip_benchmark_diffusion.families.model import LoadedModel
+from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.results.keys import image_digest
+from clip_benchmark_diffusion.scoring.engine import Candidates, Conditioning, Levels, ScoringEngine
 from clip_benchmark_diffusion.scoring.noise import image_seed
-from clip_benchmark_diffusion.store import image_digest
+from clip_benchmark_diffusion.scoring.timesteps import NoiseGrid
 
 CAPTION_SELECTION = "image_caption_selection"
 RANK_BASE = 0.95  # logits are RANK_BASE ** rank: neighbouring ranks stay 5% apart in half precision
@@ -55,46 +59,65 @@ def instance_seeds(digests: list[str], nim: int, seed: int) -> list[int]:
     return out
 
 
-class CaptionSelectionMixin:
-    """Mixed into :class:`~clip_benchmark_diffusion.adapter.model.DiffusionClassifier`."""
+class CaptionSelection:
+    """The image_caption_selection task of the classifier: its text and image rows, and its raw errors.
+
+    Reads the prompts and their text states from ``classes``, adds its results and calls to
+    ``account``, and scores with the ``model`` on ``device``; ``configure`` hands it the classifier's
+    options and noise grid.
+    """
+
+    def __init__(self, model: LoadedModel, classes: ClassTable, account: RunAccount, device: torch.device) -> None:
+        self.model, self.classes, self.account, self.device = model, classes, account, device
+        self.options: ScoringOptions | None = None
+        self.grid: NoiseGrid | None = None
+        self.begin()
+
+    def configure(self, options: ScoringOptions, grid: NoiseGrid) -> None:
+        self.options, self.grid = options, grid
+
+    def begin(self) -> None:
+        """A new task: no batch announced, no errors kept."""
+        self.structure: tuple[int, int, int] | None = None
+        self.pair_errors: list[torch.Tensor] = []            # raw (B, nim, nt) per batch
+        self.unconditional_errors: list[torch.Tensor] = []   # ... and (B, nim) empty-prompt errors
 
     def set_batch_structure(self, instances: int, images_per_instance: int, texts_per_instance: int) -> None:
         """The shape of the batch about to be encoded (announced by the integration)."""
-        self._structure = (instances, images_per_instance, texts_per_instance)
+        self.structure = (instances, images_per_instance, texts_per_instance)
 
-    def _caption_text_rows(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+    def text_rows(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         _, _, nt = self._require_structure()
         out = torch.zeros(len(prompt_ids), self.options.max_classes, device=prompt_ids.device)
         out[torch.arange(len(prompt_ids)), torch.arange(len(prompt_ids)) % nt] = 1.0
         return out
 
     @torch.no_grad()
-    def _caption_image_rows(self, images: torch.Tensor) -> torch.Tensor:
+    def image_rows(self, images: torch.Tensor) -> torch.Tensor:
         B, nim, nt = self._require_structure()
-        ids = self.prompts.last_ids
+        prompts = self.classes.prompts
+        ids = prompts.last_ids
         if len(ids) != B * nt or len(images) != B * nim:
             raise RuntimeError(f"caption selection batch mismatch: {len(images)} images, {len(ids)} texts, "
                                f"structure {(B, nim, nt)}")
         how = self.options.caption_normalisation
         unconditional = nim > 1 and how != "none"   # one image: nothing to compare across
-        with torch.autocast(self.device_.type, enabled=False):
+        with torch.autocast(self.device.type, enabled=False):
             prompt_ids = ids.tolist()
             if unconditional:
-                prompt_ids = prompt_ids + self.prompts.add([UNCONDITIONAL_PROMPT]).tolist()
-                self.prompts.last_ids = ids   # the empty prompt is ours, not one of the batch's texts
-            self._encode_prompts(sorted(set(prompt_ids)))
-            cands = Candidates(cond=stack_rows([self._text_cache[i] for i in prompt_ids]),
+                prompt_ids = prompt_ids + prompts.add([UNCONDITIONAL_PROMPT]).tolist()
+                prompts.last_ids = ids   # the empty prompt is ours, not one of the batch's texts
+            cands = Candidates(cond=self.classes.conditioning(prompt_ids),
                                members=torch.arange(len(prompt_ids))[:, None])
             allowed = (torch.arange(B * nim) // nim)[:, None] == (torch.arange(B * nt) // nt)[None, :]
             if unconditional:
                 allowed = torch.cat([allowed, torch.ones(B * nim, 1, dtype=torch.bool)], 1)
-            images = images.to(self.device_, torch.float32)
+            images = images.to(self.device, torch.float32)
             seeds = instance_seeds([image_digest(img) for img in images], nim, self.options.seed)
-            engine = self._pair_engine()
-            results = engine.score(self._latents(images), seeds, cands, allowed=allowed)
+            engine = self.engine()
+            results = engine.score(self.model.encode_images(images), seeds, cands, allowed=allowed)
         # counted like classification's, so the closing line reports the calls the JSON records
-        self.record.scored_images += len(images)
-        self.record.scored_calls += engine.stats.denoiser_calls
+        self.account.add(results, scored=len(images), calls=engine.stats.denoiser_calls)
         mean_error = torch.stack([r.outcome.mean_error for r in results])             # (B*nim, B*nt [+1])
         err = mean_error[:, : B * nt].reshape(B, nim, B, nt)
         pair = torch.stack([err[b, :, b, :] for b in range(B)])                        # (B, nim, nt)
@@ -102,18 +125,17 @@ class CaptionSelectionMixin:
         self.pair_errors.append(pair)
         if uncond is not None:
             self.unconditional_errors.append(uncond)
-        self.record.add(results)
         scores = normalise_pair_errors(pair, uncond, how)
         rank = torch.argsort(torch.argsort(scores.reshape(B, nim * nt), dim=1), dim=1)
         values = (RANK_BASE ** rank.float()).view(B * nim, nt)
         out = torch.zeros(B * nim, self.options.max_classes)
         out[:, :nt] = values
         out[:, -1] = (nt - values.pow(2).sum(1)).clamp(min=0).sqrt()
-        return out.to(self.device_)
+        return out.to(self.device)
 
-    def caption_selection_metadata(self) -> dict:
+    def metadata(self) -> dict:
         """How the pair errors were made comparable, for the result JSON."""
-        several = self._structure is not None and self._structure[1] > 1
+        several = self.structure is not None and self.structure[1] > 1
         how = self.options.caption_normalisation
         return {
             "normalisation": how if several else "none (one image per instance: nothing to compare across)",
@@ -124,15 +146,19 @@ class CaptionSelectionMixin:
                       "none": "raw pair error"}[how] if several else "raw pair error",
         }
 
-    def _require_structure(self) -> tuple[int, int, int]:
-        if self._structure is None:
-            raise RuntimeError("image_caption_selection batches must be announced with set_batch_structure")
-        if self._structure[2] + 1 > self.options.max_classes:
-            raise UserError(f"more than {self.options.max_classes - 1} captions per instance; raise max_classes")
-        return self._structure
-
-    def _pair_engine(self) -> ScoringEngine:
+    def engine(self) -> ScoringEngine:
         """Every (image, caption) pair on every sample: comparisons across images need full scores."""
         options = self.options.replace(strategy="full", n_samples=(self.options.max_sample_count,))
-        return ScoringEngine(self._denoise, self.grid, self.model.objective, options, self.device_,
-                             nonfinite_error=self._nonfinite_error, note=stderr_note)
+        return ScoringEngine(self._denoise, self.grid, self.model.objective, options, self.device,
+                             note=stderr_note,
+                             nonfinite_error=lambda what: self.account.nonfinite_error(what, self.options))
+
+    def _denoise(self, x_t: torch.Tensor, levels: Levels, cond: Conditioning) -> torch.Tensor:
+        return self.model.denoise(x_t, levels, cond, self.options)
+
+    def _require_structure(self) -> tuple[int, int, int]:
+        if self.structure is None:
+            raise RuntimeError("image_caption_selection batches must be announced with set_batch_structure")
+        if self.structure[2] + 1 > self.options.max_classes:
+            raise UserError(f"more than {self.options.max_classes - 1} captions per instance; raise max_classes")
+        return self.structure

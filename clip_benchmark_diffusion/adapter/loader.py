@@ -1,14 +1,28 @@
-"""The loader clip_benchmark calls: ``f(model_name, pretrained, cache_dir, device)``."""
+"""The loader clip_benchmark calls: ``f(model_name, pretrained, cache_dir, device)``.
+
+It resolves the model, places this process (rank, device, process group), loads the weights and
+builds the classifier's collaborators, which the classifier only registers (as a diffusers
+pipeline registers the components it is handed).
+"""
 from __future__ import annotations
+
+import os
+from typing import Mapping
 
 import torch
 
-from clip_benchmark_diffusion.adapter.model import DiffusionClassifier, pick_dtype
+from clip_benchmark_diffusion import distributed
+from clip_benchmark_diffusion.adapter.caption_selection import CaptionSelection
+from clip_benchmark_diffusion.adapter.class_table import ClassTable
+from clip_benchmark_diffusion.adapter.model import DiffusionClassifier
+from clip_benchmark_diffusion.adapter.run_account import RunAccount
+from clip_benchmark_diffusion.adapter.shortlist import TaskShortlist
 from clip_benchmark_diffusion.errors import stderr_note
 from clip_benchmark_diffusion.adapter.transform import image_transform
 from clip_benchmark_diffusion.families.base import Family
-from clip_benchmark_diffusion.families.model import load_model
-from clip_benchmark_diffusion.registry import ResolvedModel, resolve
+from clip_benchmark_diffusion.families.model import LoadedModel, load_model
+from clip_benchmark_diffusion.registry import ModelSpec, ResolvedModel, resolve
+from clip_benchmark_diffusion.results.fetch import RunResults
 
 
 def load_diffusion_classifier(model_name: str, pretrained: str | None = None, cache_dir: str | None = None,
@@ -22,9 +36,29 @@ def load_diffusion_classifier(model_name: str, pretrained: str | None = None, ca
     if note := float16_note(spec.family, dtype):
         stderr_note(note)
     loaded = load_model(spec.family, source, dtype, cache_dir=cache_dir, expected_prediction=spec.recipe.prediction_type)
-    model = DiffusionClassifier(loaded, spec, weights=source.location, device=device)
+    model = build_classifier(loaded, spec, source.location, device)
     transform = image_transform(loaded.resolution(spec.options), loaded.image_channels)
     return model, transform, model.tokenizer
+
+
+def build_classifier(loaded: LoadedModel, spec: ModelSpec, weights: str, device: str | torch.device,
+                     environ: Mapping[str, str] = os.environ) -> DiffusionClassifier:
+    """The classifier of ``loaded`` under ``spec``'s options, placed on this rank's device, and its collaborators."""
+    placement = distributed.join(device, environ)
+    model = loaded.place(placement.device)
+    classes = ClassTable(model, spec.options)
+    account = RunAccount(spec, weights, model)
+    return DiffusionClassifier(model, spec.options, device=placement.device, rank=placement.world.rank,
+                               classes=classes, captions=CaptionSelection(model, classes, account, placement.device),
+                               shortlist=TaskShortlist(placement.device), account=account,
+                               results=RunResults(placement.world, placement.claimer))
+
+
+def pick_dtype(name: str, device: torch.device, cuda_default: str = "float16") -> torch.dtype:
+    """The denoiser dtype: ``auto`` is the family's CUDA dtype on a GPU and float32 elsewhere."""
+    if name == "auto":
+        return getattr(torch, cuda_default) if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def float16_note(family: Family, dtype: torch.dtype) -> str | None:

@@ -31,7 +31,7 @@ from clip_benchmark_diffusion.errors import UserError, stderr_note
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring.engine import Candidates, ScoringEngine
 from clip_benchmark_diffusion.scoring.noise import image_seed
-from clip_benchmark_diffusion.store import image_digest, run_key, tensor_digest, weights_fingerprint
+from clip_benchmark_diffusion.results.keys import image_digest, run_key, tensor_digest, weights_fingerprint
 
 if TYPE_CHECKING:
     from clip_benchmark_diffusion.adapter.model import DiffusionClassifier
@@ -102,7 +102,7 @@ def pair_errors(model: "DiffusionClassifier", images: torch.Tensor, texts: list[
         text_ids = [_text_id(loaded, t, options) for t in all_texts]
         keys = [[f"{prefix}/{image_digest(img)}/{tid}" for tid in text_ids] for img in images]
         todo = [(i, j) for i, j in wanted.nonzero().tolist()]
-        found = model.store.get_many([keys[i][j] for i, j in todo]) if model.store is not None else {}
+        found = model.results.store.get_many([keys[i][j] for i, j in todo]) if model.results.store is not None else {}
         missing = torch.zeros_like(wanted)
         for i, j in todo:
             missing[i, j] = keys[i][j] not in found
@@ -145,8 +145,8 @@ def _score_missing(model: "DiffusionClassifier", options: ScoringOptions, images
                 for g, j in enumerate(cols):
                     if allowed[b, g]:
                         out[i][j] = {"error": float(result.outcome.mean_error[g]), "calls": options.max_sample_count}
-                        if model.store is not None:
-                            model.store.put(keys[i][j], out[i][j])
+                        if model.results.store is not None:
+                            model.results.store.put(keys[i][j], out[i][j])
 
             engine.score(model.model.encode_images(images[chunk]), [seed] * len(chunk), cands, on_done=done,
                          allowed=allowed)
@@ -154,11 +154,11 @@ def _score_missing(model: "DiffusionClassifier", options: ScoringOptions, images
 
     if not rows:
         return {}, 0
-    world = model.world
+    world = model.results.world
     claimer = dist_util.WorkClaimer(prefix=f"{dist_util.CLAIM_PREFIX}-pairs") if world.is_distributed else None
     chunk = max(1, min(IMAGES_PER_ENGINE_CALL, len(rows) // (4 * world.world_size)))
     results = dist_util.score_batch_distributed(next(_BATCH_IDS), len(rows), score, world, claimer, chunk)
-    model.record.scored_calls += engine.stats.denoiser_calls
+    model.account.record.scored_calls += engine.stats.denoiser_calls
     return {rows[r]: v for r, v in results.items()}, engine.stats.denoiser_calls
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.options import ScoringOptions
 
 
 @dataclass(frozen=True)
@@ -106,3 +107,53 @@ def merge_ranks(diffusion_rank: torch.Tensor, allowed: torch.Tensor, scores: tor
 def recall_at_k(allowed: torch.Tensor, target: torch.Tensor) -> float:
     """Share of images whose true class made the shortlist: the hybrid's ceiling on top-1."""
     return float(allowed[torch.arange(len(target)), target].float().mean())
+
+
+class TaskShortlist:
+    """Hybrid: the classifier's shortlist step. Loads the open_clip shortlister once (again after the
+    options change: the next ones may name another), embeds the task's classes once, and keeps each
+    batch's mask for the task's recall@k."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.shortlister: Shortlister | None = None
+        self.class_emb: torch.Tensor | None = None
+        self.masks: list[torch.Tensor] = []      # (B, G) per batch of this task
+
+    def reset(self) -> None:
+        """Other options: the shortlister is loaded again when next needed."""
+        self.shortlister, self.class_emb = None, None
+
+    def begin(self, options: ScoringOptions) -> None:
+        """A new task; weights that do not fit the shortlist model are refused now, before any image."""
+        self.class_emb, self.masks = None, []
+        self.load(options)
+
+    def classes_changed(self) -> None:
+        """A class was added: embed the classes again at the next batch."""
+        self.class_emb = None
+
+    def load(self, options: ScoringOptions) -> None:
+        if options.shortlist_model and self.shortlister is None:
+            self.shortlister = Shortlister(ShortlistSpec(options.shortlist_model, options.shortlist_pretrained,
+                                                         options.shortlist_k), self.device)
+
+    def __call__(self, images: torch.Tensor, class_prompts: list[list[str]],
+                 options: ScoringOptions) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The shortlister's (B, G) scores and top-k mask for the batch; None when pure diffusion."""
+        if not options.shortlist_model:
+            return None
+        self.load(options)
+        if self.class_emb is None:
+            self.class_emb = self.shortlister.class_embeddings(class_prompts)
+        scores = self.shortlister.scores(images, self.class_emb).cpu()
+        mask = shortlist_mask(scores, options.shortlist_k)
+        self.masks.append(mask)
+        return scores, mask
+
+    def recall(self, target: torch.Tensor) -> float | None:
+        """The share of this task's images whose true class made the shortlist; None without a shortlist."""
+        if not self.masks:
+            return None
+        return recall_at_k(torch.cat(self.masks), target.cpu())
+

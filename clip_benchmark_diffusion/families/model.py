@@ -79,13 +79,13 @@ class LoadedModel:
     def conditioning_fingerprint(self, texts: list[str], options: ScoringOptions) -> str:
         """A digest of what every tokenizer makes of ``texts`` at the length the model reads: a changed
         tokenizer file, vocabulary or max length changes it (the encoders are in the weights)."""
-        from clip_benchmark_diffusion.store import tensor_digest
+        from clip_benchmark_diffusion.results.keys import tokenizer_fingerprint
 
-        parts = []
+        encodings = []
         for name, tok, limit in self.token_limits(options):
             enc = tok(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
-            parts.append(f"{name}:{limit}:{tensor_digest(enc.input_ids)}:{tensor_digest(enc.attention_mask)}")
-        return "|".join(parts)
+            encodings.append((name, limit, enc.input_ids, enc.attention_mask))
+        return tokenizer_fingerprint(encodings)
 
     def metadata(self, options: ScoringOptions) -> dict[str, Any]:
         return {"family": self.family.name, "objective": self.objective,

@@ -83,7 +83,7 @@ def _load_diffusion(model_name: str, pretrained: str, cache_dir: str | None = No
     model, transform, tokenizer = load_diffusion_classifier(model_name, pretrained, cache_dir, device, resolved)
     if state is not None:
         if state.plan.store_path is not None:
-            from clip_benchmark_diffusion.store import ScoreStore
+            from clip_benchmark_diffusion.results.store import ScoreStore
 
             model.attach_store(ScoreStore(state.plan.store_path))
         state.model = model
@@ -190,7 +190,7 @@ def _patch_run_classification(module: Any) -> None:
             from clip_benchmark_diffusion.prior_bias import bias_warning
 
             line = bias_warning(hist)
-            if line is not None and model.world.rank == 0:
+            if line is not None and model.rank == 0:
                 stderr_line(line)
         if state is not None and getattr(model, "is_diffusion_classifier", False):
             state.shortlist_recall = model.shortlist_recall(target)   # None unless a hybrid

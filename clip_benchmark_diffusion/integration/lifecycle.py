@@ -27,7 +27,7 @@ from clip_benchmark_diffusion.predictions import DIGEST_FIELD, file_digest, pred
 if TYPE_CHECKING:
     from argparse import Namespace
 
-    from clip_benchmark_diffusion.adapter.model import DiffusionClassifier
+    from clip_benchmark_diffusion.adapter.protocols import DiffusionRunModel
     from clip_benchmark_diffusion.registry import ModelSpec, ResolvedModel
 
 MODEL_TYPE = "diffusion"
@@ -62,7 +62,7 @@ class RunState:
     """What the run in progress has learnt: filled in by the patches while it computes."""
 
     plan: RunPlan
-    model: "DiffusionClassifier | None" = None   # the diffusion classifier, once loaded
+    model: "DiffusionRunModel | None" = None   # the diffusion classifier, once loaded
     predictions: tuple[Any, Any, float] | None = None  # (logits, target, CLIP's logit scale) when asked
     shortlist_recall: float | None = None   # a hybrid's shortlister recall@k on this run
     # caption selection: (per-instance verdicts, top captions of the first image) when asked
@@ -105,7 +105,7 @@ def _rank() -> int:
 def plan_run(args: Any) -> RunPlan:
     """Every check that needs no model weights and no images, then the run's plan."""
     from clip_benchmark_diffusion.integration.checks import check_run
-    from clip_benchmark_diffusion.store import ScoreStore, default_store_path
+    from clip_benchmark_diffusion.results.store import ScoreStore, default_store_path
 
     ours = is_ours(args)
     resolved = validate_run(args) if ours else None
@@ -243,13 +243,13 @@ def _finish(state: RunState, tmp: Path, final: Path) -> None:
             print(f"Wrote {final}")
 
 
-def _write_any_predictions(state: RunState, final: Path, model: Any) -> Path | None:
+def _write_any_predictions(state: RunState, final: Path, model: "DiffusionRunModel | None") -> Path | None:
     """The predictions file of this run, if it was asked for (``PREDICTIONS_ENV``)."""
     if state.predictions is not None:
         return _write_predictions(final, state.predictions, model)
     if state.caption_predictions is not None:
         verdicts, rankings = state.caption_predictions
-        calls = model.record.calls if model is not None else []
+        calls = model.image_calls() if model is not None else []
         if len(calls) != len(verdicts):  # Winoground: calls are per image, not per instance
             calls = [None] * len(verdicts)
         return write_predictions(final, [0] * len(verdicts), rankings, calls, correct=verdicts,
@@ -294,7 +294,7 @@ def _portable_paths(dump: dict, weights_digest: Callable[[], str]) -> None:
         dump["model"] = f"{base}{sep}{portable_path(source, weights_digest)}"
 
 
-def _caption_errors(model: Any, n: int) -> list[dict] | None:
+def _caption_errors(model: "DiffusionRunModel | None", n: int) -> list[dict] | None:
     """A diffusion model's raw errors per instance (what every caption normalisation is computed from)."""
     if model is None or not getattr(model, "pair_errors", None):
         return None
@@ -308,7 +308,7 @@ def _caption_errors(model: Any, n: int) -> list[dict] | None:
              **({"unconditional_errors": uncond[i].tolist()} if uncond is not None else {})} for i in range(n)]
 
 
-def _write_predictions(final: Path, predictions: tuple[Any, Any, float], model: Any) -> Path:
+def _write_predictions(final: Path, predictions: tuple[Any, Any, float], model: "DiffusionRunModel | None") -> Path:
     """``<output stem>.predictions.jsonl``: per image the label, the top-5 classes, the top-1
     probability and (ours) the calls."""
     import torch
@@ -316,8 +316,8 @@ def _write_predictions(final: Path, predictions: tuple[Any, Any, float], model: 
     logits, target, scale = predictions
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices.tolist()
     if model is not None:
-        calls = model.record.calls
-        confidence = model.record.confidences(model.options.temperature, model.options.temperature_power)
+        calls = model.image_calls()
+        confidence = model.confidences()
     else:
         calls = [None] * len(top)
         confidence = torch.softmax(logits.float() * (scale / 100.0), dim=1).max(1).values.tolist()

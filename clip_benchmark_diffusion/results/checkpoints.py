@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 import torch
 
-from clip_benchmark_diffusion.store import ScoreStore
+from clip_benchmark_diffusion.results.store import ScoreStore
 
 _HEADER = struct.Struct("<q3i")    # calls, G, M, N
 _PART = struct.Struct("<q3iq")     # calls, G, M, N, number of values

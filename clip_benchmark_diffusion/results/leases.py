@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 from clip_benchmark_diffusion.partial_files import process_alive
 from clip_benchmark_diffusion.errors import UserError
-from clip_benchmark_diffusion.store import (BUSY_TIMEOUT_S, ScoreStore, register_connection, release_connection,
+from clip_benchmark_diffusion.results.store import (BUSY_TIMEOUT_S, ScoreStore, register_connection, release_connection,
                                           rollback, with_retries)
 
 LEASE_S = 120.0       # a lease not renewed for this long is free to take over
