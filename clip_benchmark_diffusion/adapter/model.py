@@ -215,6 +215,11 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             self._shortlister = sl.Shortlister(sl.ShortlistSpec(o.shortlist_model, o.shortlist_pretrained,
                                                                 o.shortlist_k), self.device_)
 
+    def shortlister(self) -> sl.Shortlister | None:
+        """Hybrid: the open_clip shortlister (loaded once); None when pure diffusion."""
+        self._load_shortlister()
+        return self._shortlister
+
     def _shortlist(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Hybrid: the shortlister's (B, G) scores and top-k mask for the batch; None when pure diffusion."""
         o = self.options

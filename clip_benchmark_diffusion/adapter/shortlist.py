@@ -67,6 +67,13 @@ class Shortlister:
         return torch.stack(rows)
 
     @torch.no_grad()
+    def text_embeddings(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """(T, E) normalised embeddings of single texts (retrieval's captions), in batches."""
+        rows = [self.model.encode_text(self.tokenizer(texts[b:b + batch_size]).to(self.device)).float()
+                for b in range(0, len(texts), batch_size)]
+        return F.normalize(torch.cat(rows), dim=-1)
+
+    @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(B, E) for images (B, C, H, W) in the diffusion model's [-1, 1] input range.
 
