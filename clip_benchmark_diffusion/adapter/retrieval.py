@@ -8,12 +8,12 @@ k texts of each image, the k images of each text) go to the diffusion model, whi
 pair once on shared (t, noise) samples with errors normalised by the image's empty-prompt error
 (:mod:`~clip_benchmark_diffusion.adapter.pair_scores`), so its scores compare across images and texts.
 
-One matrix serves both directions: every diffusion-scored pair ranks above every other pair, in
-the diffusion model's order, and the rest keep the shortlister's order. A query's reranked
-candidates are therefore its own top k plus the pairs the other direction's shortlists brought to
-the diffusion model (already scored: they cost nothing more). clip_benchmark's own retrieval metric
-code then reads that matrix: this module hands its ``evaluate`` a stand-in model whose embeddings'
-dot products are the matrix's values (float64, which autocast leaves alone, as global ranks).
+Each query's ranking is its top k in the diffusion model's order, then the rest in the shortlister's
+(so recall@k at k = ``shortlist_k`` is the shortlister's, and recall@1 is at most that). The two
+directions' rankings cannot always be one matrix's rows and columns, so each direction gets its
+matrix (the pairs in that direction's shortlists above the rest, as float64 global ranks, which
+autocast leaves alone), and clip_benchmark's own retrieval ``evaluate`` reads each through a
+stand-in model whose embeddings' dot products are the matrix's values.
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ class Rerank:
     image_shortlist: torch.Tensor  # (M, N) bool: each text's top-k images
     text_shortlist: torch.Tensor   # (M, N) bool: each image's top-k texts
     diffusion: torch.Tensor       # (M, N) float64 normalised diffusion scores, -inf where not scored
-    values: torch.Tensor          # (M, N) float64 the merged ranking's values, higher is better
+    image_values: torch.Tensor    # (M, N) float64 image retrieval's ranking (rows), higher is better
+    text_values: torch.Tensor     # (M, N) float64 text retrieval's ranking (columns), higher is better
     calls: torch.Tensor           # (N, M + 1) denoiser calls each scored pair cost (last column: empty prompt)
     run_calls: int                # denoiser calls this process ran (0 when everything came from the store)
     reused_pairs: int
@@ -86,9 +87,9 @@ def top_k_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 
 
 def merged_values(scored: torch.Tensor, diffusion: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-    """(M, N) float64 values in (0, 1]: the scored pairs in the diffusion model's order above all the
-    others in the shortlister's. They are global ranks, so every row and every column is ordered
-    as both keys say, without ties, and float64 keeps ranks of 10^9 pairs apart."""
+    """(M, N) float64 values in (0, 1]: the ``scored`` pairs in the diffusion model's order above all the
+    others in the shortlister's. They are global ranks, so every row and every column is ordered as
+    these keys say, without ties, and float64 keeps ranks of 10^9 pairs apart."""
     key = torch.where(scored, diffusion.double(), clip.double())
     tier = scored.double()
     # lexicographic (tier, key) descending: sort by key, then stably by tier
@@ -113,8 +114,9 @@ def rerank(model: "DiffusionClassifier", shortlister: Shortlister, data: Retriev
     found = pair_errors(model, data.images, data.texts, scored.T)
     diffusion = normalised_scores(found, model.options.caption_normalisation).T           # (M, N)
     return Rerank(clip=clip, image_shortlist=image_shortlist, text_shortlist=text_shortlist, diffusion=diffusion,
-                  values=merged_values(scored, diffusion, clip), calls=found.calls, run_calls=found.run_calls,
-                  reused_pairs=found.reused_pairs, scored_pairs=found.scored_pairs)
+                  image_values=merged_values(image_shortlist, diffusion, clip),
+                  text_values=merged_values(text_shortlist, diffusion, clip), calls=found.calls,
+                  run_calls=found.run_calls, reused_pairs=found.reused_pairs, scored_pairs=found.scored_pairs)
 
 
 class ReplayModel:
@@ -158,29 +160,32 @@ def evaluate_hybrid(original: Callable[..., dict], model: "DiffusionClassifier",
         raise RuntimeError("retrieval needs the shortlist options (the integration refuses a run without them)")
     data = read_batches(dataloader)
     result = rerank(model, shortlister, data, model.options.shortlist_k)
-    replay = ReplayModel(result.values)
-    metrics = original(replay, replay_loader(data), replay.tokenizer, device, amp=amp, recall_k_list=recall_k_list)
+    by_direction = {}
+    for direction, values in (("image_retrieval", result.image_values), ("text_retrieval", result.text_values)):
+        replay = ReplayModel(values)
+        by_direction[direction] = original(replay, replay_loader(data), replay.tokenizer, device, amp=amp,
+                                           recall_k_list=recall_k_list)
+    metrics = {name: by_direction[name.split("_recall@")[0]][name] for name in by_direction["image_retrieval"]}
     return metrics, result, data
 
 
 def shortlist_metrics(original_recall: Callable[..., torch.Tensor], result: Rerank, data: RetrievalData,
                       k: int) -> dict[str, float]:
     """The hybrid's ceilings, with clip_benchmark's own ``recall_at_k``: the shortlister's recall@k in each
-    direction, and the share of queries whose match was among the pairs the diffusion model scored."""
+    direction (a query's match can only come first if it made the query's shortlist)."""
     positive = torch.zeros_like(result.clip, dtype=torch.bool)
     positive[torch.arange(len(data.texts)), data.text_image] = True
     out = {}
-    for name, scores, pos, scored in (("image_retrieval", result.clip, positive, result.scored),
-                                      ("text_retrieval", result.clip.T, positive.T, result.scored.T)):
+    for name, scores, pos in (("image_retrieval", result.clip, positive), ("text_retrieval", result.clip.T, positive.T)):
         kk = min(k, scores.shape[1])
         out[f"shortlist_{name}_recall@{k}"] = float((original_recall(scores, pos, k=kk) > 0).float().mean())
-        out[f"rerank_{name}_candidate_recall"] = float((scored & pos).any(1).float().mean())
     return out
 
 
 def cost_metrics(result: Rerank, data: RetrievalData) -> dict[str, float]:
     """Denoiser calls per query (each image and each caption is a query), as recorded when each pair was
-    scored (stored pairs included, so a rerun writes the same figure), and pairs per query."""
+    scored (stored pairs included, so a rerun writes the same figure), and pairs per query (a pair in
+    both directions' shortlists is scored once)."""
     queries = len(data.images) + len(data.texts)
     return {"denoiser_calls_per_query": float(result.calls.sum()) / queries,
             "diffusion_pairs_per_query": float(result.scored.sum()) / queries}

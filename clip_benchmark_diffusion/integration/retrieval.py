@@ -18,8 +18,8 @@ SCORES = {"difference": "pair error minus the image's empty-prompt error",
 
 
 def evaluate_retrieval(metric_module: ModuleType, original: Callable[..., dict], call: dict[str, Any]) -> dict:
-    """clip_benchmark's retrieval metrics of the reranked ranking, plus the shortlister's recall@k in both
-    directions (the ceiling), the candidates' recall and the denoiser calls per query."""
+    """clip_benchmark's retrieval metrics of the reranked rankings, plus the shortlister's recall@k in both
+    directions (the ceiling) and the denoiser calls per query."""
     model = call["model"]
     options = model.options
     if not options.shortlist_model:  # the plan and the patch refuse it earlier; API callers of this function too
@@ -35,9 +35,8 @@ def evaluate_retrieval(metric_module: ModuleType, original: Callable[..., dict],
         state.retrieval = {
             "method": "shortlist then rerank (a hybrid, not full diffusion retrieval)",
             "shortlist": options.shortlist_label, "k": options.shortlist_k,
-            "candidates": ("each query's shortlister top k (each image's k texts, each text's k images), plus the "
-                           "pairs the other direction's shortlists sent to the diffusion model; every scored pair "
-                           "ranks above the rest, which keep the shortlister's order"),
+            "ranking": ("each query's shortlister top k (each image's k texts, each text's k images) in the "
+                        "diffusion model's order, then the rest in the shortlister's"),
             "noise": "one set of (t, noise) samples shared by every image and text (seeded from the scoring seed)",
             "samples_per_pair": options.max_sample_count,
             "normalisation": options.caption_normalisation,
