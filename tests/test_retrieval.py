@@ -82,8 +82,8 @@ def test_retrieval_through_the_stock_command_is_a_labelled_rerank(tmp_path, monk
 
     n, k, samples = 8, 2, 2
     data = _slice(n, tmp_path / "data")
-    opts = (f"min_samples=2,max_samples={samples},shortlist_model={CLIP_PAIRS_NAME},shortlist_pretrained={CLIP_PAIRS_WEIGHTS},"
-            f"shortlist_k={k}")
+    opts = (f"min_samples=2,max_samples={samples},shortlist_model={CLIP_PAIRS_NAME},"
+            f"shortlist_pretrained={CLIP_PAIRS_WEIGHTS},shortlist_k={k}")
     args = ("--task", "zeroshot_retrieval", "--model", "diffusion_pairs", "--pretrained", "default",
             "--dataset", "wds/fashion_pairs_retrieval", "--dataset_root", str(data), "--recall_k", "1", "2",
             "--batch_size", "3", "--output", "{dataset}_{model}_{pretrained}.json")
@@ -112,7 +112,8 @@ def test_retrieval_through_the_stock_command_is_a_labelled_rerank(tmp_path, monk
     owner = torch.arange(n).repeat_interleave(5)
     shortlister = model.shortlister()
     clip = shortlister.text_embeddings(texts) @ shortlister.image_embeddings(images).T          # (40, 8)
-    image_sl, text_sl = top_k_mask(clip, k, dim=1), top_k_mask(clip, k, dim=0)   # each text's k images, each image's k texts
+    image_sl = top_k_mask(clip, k, dim=1)                                        # each text's k images
+    text_sl = top_k_mask(clip, k, dim=0)                                         # each image's k texts
     scored = image_sl | text_sl
     found = pair_errors(model, images, texts, scored.T)
     assert (found.run_calls, found.reused_pairs) == (0, int(scored.sum()) + n)
@@ -135,5 +136,6 @@ def test_retrieval_through_the_stock_command_is_a_labelled_rerank(tmp_path, monk
     again = clip_benchmark_eval(*args, cwd=tmp_path, env={OPTIONS_ENV: opts})
     assert again.returncode == 0, again.stderr[-3000:]
     pairs = int(scored.sum()) + n
-    assert re.search(rf"{pairs} of {pairs} \(image, text\) pairs from the score store .*; 0 denoiser calls run", again.stderr)
+    assert re.search(rf"{pairs} of {pairs} \(image, text\) pairs from the score store .*; 0 denoiser calls run",
+                     again.stderr)
     assert json.loads(out.read_text())["metrics"] == m

@@ -176,7 +176,8 @@ def shortlist_metrics(original_recall: Callable[..., torch.Tensor], result: Rera
     positive = torch.zeros_like(result.clip, dtype=torch.bool)
     positive[torch.arange(len(data.texts)), data.text_image] = True
     out = {}
-    for name, scores, pos in (("image_retrieval", result.clip, positive), ("text_retrieval", result.clip.T, positive.T)):
+    for name, scores, pos in (("image_retrieval", result.clip, positive),
+                              ("text_retrieval", result.clip.T, positive.T)):
         kk = min(k, scores.shape[1])
         out[f"shortlist_{name}_recall@{k}"] = float((original_recall(scores, pos, k=kk) > 0).float().mean())
     return out
