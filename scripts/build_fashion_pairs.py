@@ -119,7 +119,7 @@ class _ClassificationScenes:
         return Image.fromarray(self.pixels[i]), int(self.labels[i])
 
 
-def _fix_tar_times(path: Path) -> None:
+def fix_tar_times(path: Path) -> None:
     """Rewrite a tar with every member's mtime at 0: ``convert_dataset`` stamps the build time,
     and a rebuild should give the same bytes (the shard is committed)."""
     buffer = io.BytesIO()
@@ -142,7 +142,7 @@ def write_classification(sets: EvalSets, out_dir: Path) -> int:
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
         convert_dataset(dataset, "test", str(out_dir), image_format="png", verbose=False)
     for shard in sorted((out_dir / "test").glob("*.tar")):
-        _fix_tar_times(shard)
+        fix_tar_times(shard)
     scenes = sets.classification
     rows = [" ".join(f"{a}/{b}" for a, b in zip(scenes.left_index[r:r + 10], scenes.right_index[r:r + 10]))
             for r in range(0, len(scenes), 10)]

@@ -69,13 +69,14 @@ def test_task_wrappers_refuse_and_hand_over():
     class Fake:
         is_diffusion_classifier = True
         task = None
+        options = SimpleNamespace(shortlist_model="")   # pure diffusion: no shortlist
 
         def begin_task(self, task, expected_images=None, **task_info):
             self.task, self.expected = task, expected_images
             raise RuntimeError("stop here")
 
-    with pytest.raises(UserError, match="zeroshot_retrieval is not supported"):
-        zr.evaluate(Fake(), None, None)
+    with pytest.raises(UserError, match="zeroshot_retrieval with a diffusion model needs a CLIP shortlist"):
+        zr.evaluate(Fake(), None, None, "cpu")
     with pytest.raises(UserError, match="--load_clfs"):
         zc.evaluate(Fake(), None, None, ["a"], ["{c}"], "cpu", load_clfs=["x.pt"])
     fake = Fake()

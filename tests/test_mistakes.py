@@ -134,6 +134,8 @@ CASES: list[tuple[str, Callable[[Mistake], object], str]] = [
     ("lookahead -1", lambda m: m.options(lookahead=-1), "lookahead=-1 must be 0 or more"),
     ("temperature -1", lambda m: m.options(temperature=-1), "temperature=-1.0 must be 0 (the sampling posterior)"),
     ("temperature_power 0", lambda m: m.options(temperature=0.001, temperature_power=0), "temperature_power=0"),
+    ("retrieval without a shortlist", lambda m: m.extra.extend(["--task", "zeroshot_retrieval"]),
+     "zeroshot_retrieval with a diffusion model needs a CLIP shortlist"),
     ("unknown shortlist model", lambda m: m.options(shortlist_model="ViT-Q-99", shortlist_pretrained="openai"),
      "unknown open_clip model 'ViT-Q-99'"),
     ("shortlist weights tag of another model", lambda m: m.options(shortlist_model="RN50",

@@ -19,7 +19,7 @@ import hashlib
 import itertools
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,7 +52,6 @@ class PairErrors:
     reused_pairs: int = 0         # pairs (empty prompt included) read from the score store
     scored_pairs: int = 0         # pairs (empty prompt included) scored in this call, by any rank
     seconds: float = 0.0          # wall time of this call on this process
-    notes: list[str] = field(default_factory=list)
 
 
 def pair_options(options: ScoringOptions) -> ScoringOptions:

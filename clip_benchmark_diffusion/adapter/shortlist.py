@@ -68,6 +68,13 @@ class Shortlister:
         return torch.stack(rows)
 
     @torch.no_grad()
+    def text_embeddings(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """(T, E) normalised embeddings of single texts (retrieval's captions), in batches."""
+        rows = [self.model.encode_text(self.tokenizer(texts[b:b + batch_size]).to(self.device)).float()
+                for b in range(0, len(texts), batch_size)]
+        return F.normalize(torch.cat(rows), dim=-1)
+
+    @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(B, E) for images (B, C, H, W) in the diffusion model's [-1, 1] input range.
 
@@ -133,10 +140,12 @@ class TaskShortlist:
         """A class was added: embed the classes again at the next batch."""
         self.class_emb = None
 
-    def load(self, options: ScoringOptions) -> None:
+    def load(self, options: ScoringOptions) -> Shortlister | None:
+        """The open_clip shortlister of ``options`` (loaded once); None when pure diffusion."""
         if options.shortlist_model and self.shortlister is None:
             self.shortlister = Shortlister(ShortlistSpec(options.shortlist_model, options.shortlist_pretrained,
                                                          options.shortlist_k), self.device)
+        return self.shortlister if options.shortlist_model else None
 
     def __call__(self, images: torch.Tensor, class_prompts: list[list[str]],
                  options: ScoringOptions) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -20,9 +20,10 @@ from clip_benchmark_diffusion._interrupts import restore_interrupts
 from clip_benchmark_diffusion._watched import WATCHED
 from clip_benchmark_diffusion.errors import Interrupted, Terminated, UserError
 from clip_benchmark_diffusion.integration.checks import check_labels, check_model_list, check_plans, check_prompts
-from clip_benchmark_diffusion.integration.lifecycle import (LOAD_CLFS_ERROR, MODEL_TYPE, UNSUPPORTED_TASKS, current_run,
-                                                             execute, output_path, plan_run, stderr_line,
-                                                             unsupported_task_error, validate_run)
+from clip_benchmark_diffusion.integration.lifecycle import (LOAD_CLFS_ERROR, MODEL_TYPE, RETRIEVAL_NEEDS_SHORTLIST,
+                                                             UNSUPPORTED_TASKS, current_run, execute, output_path,
+                                                             plan_run, stderr_line, unsupported_task_error,
+                                                             validate_run)
 from clip_benchmark_diffusion.predictions import PREDICTIONS_ENV
 
 SUPPORTED = ((1, 6), (1, 7))  # [min, max) of clip_benchmark's (major, minor)
@@ -140,6 +141,8 @@ def _patch_metric(task: str, module: Any) -> None:
         if _is_diffusion(model):
             if task_name in UNSUPPORTED_TASKS:
                 raise unsupported_task_error(task_name)
+            if task_name == "zeroshot_retrieval" and not model.options.shortlist_model:
+                raise UserError(RETRIEVAL_NEEDS_SHORTLIST)
             call = signature.bind_partial(model, dataloader, *args, **kwargs).arguments
             if call.get("load_clfs"):
                 raise UserError(LOAD_CLFS_ERROR)
@@ -150,6 +153,12 @@ def _patch_metric(task: str, module: Any) -> None:
                 model.begin_task(task_name, expected_images=_dataset_size(dataloader))
             if task_name == "image_caption_selection":
                 dataloader = _AnnouncedBatches(dataloader, model)
+            if task_name == "zeroshot_retrieval":  # a hybrid: clip_benchmark's evaluate reads the reranked matrix
+                from clip_benchmark_diffusion.integration.retrieval import evaluate_retrieval
+
+                bound = signature.bind(model, dataloader, *args, **kwargs)
+                bound.apply_defaults()
+                return evaluate_retrieval(module, original, bound.arguments)
         if task_name == "image_caption_selection" and os.environ.get(PREDICTIONS_ENV):
             from clip_benchmark_diffusion.integration.caption_records import evaluate_recording_instances
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from clip_benchmark_diffusion.errors import Interrupted, Terminated, UserError
 from clip_benchmark_diffusion.integration.refusals import (LOAD_CLFS_ERROR, MULTILABEL_DATASETS,  # noqa: F401
-                                                           MULTILABEL_ERROR, SAVE_CLF_ERROR, UNSUPPORTED_TASKS,
-                                                           unsupported_task_error)
+                                                           MULTILABEL_ERROR, RETRIEVAL_NEEDS_SHORTLIST,
+                                                           SAVE_CLF_ERROR, UNSUPPORTED_TASKS, unsupported_task_error)
 from clip_benchmark_diffusion.partial_files import partial_path, remove_stale_partials
 from clip_benchmark_diffusion.predictions import DIGEST_FIELD, file_digest, predictions_path, write_predictions
 
@@ -69,6 +69,9 @@ class RunState:
     caption_predictions: tuple[list[bool], list[list[int]]] | None = None
     # zero-shot classification, diffusion: the predicted-class histogram (``prior_bias.prediction_histogram``)
     prediction_histogram: dict | None = None
+    # zero-shot retrieval (a hybrid): how it reranked, for the result, and its closing line
+    retrieval: dict | None = None
+    retrieval_report: str | None = None
 
 
 _state: ContextVar[RunState | None] = ContextVar("clip_benchmark_diffusion_run", default=None)
@@ -136,6 +139,8 @@ def validate_run(args: Any) -> "ResolvedModel | None":
     task = task_of(args)
     if task in UNSUPPORTED_TASKS:
         raise unsupported_task_error(task)
+    if task == "zeroshot_retrieval" and not options.shortlist_model:
+        raise UserError(RETRIEVAL_NEEDS_SHORTLIST)
     if task == "zeroshot_classification" and dataset_name(args) in MULTILABEL_DATASETS:
         raise UserError(MULTILABEL_ERROR.format(dataset=dataset_name(args)))
     if args.load_clfs:
@@ -221,15 +226,19 @@ def _finish(state: RunState, tmp: Path, final: Path) -> None:
     dump = json.loads(tmp.read_text())
     model = state.model
     if model is not None:
-        stderr_line(model.store_report())
-        dump["metrics"].update(model.cost_summary())
+        stderr_line(state.retrieval_report or model.store_report())
+        if state.retrieval is None:  # retrieval writes its cost per query with its metrics
+            dump["metrics"].update(model.cost_summary())
         dump["diffusion_classifier"] = model.result_metadata(model_type=state.plan.args.model_type)
         _portable_paths(dump, model.weights_digest)
         if state.prediction_histogram is not None:
             dump["diffusion_classifier"]["predicted_classes"] = state.prediction_histogram
+        if state.retrieval is not None:
+            dump["diffusion_classifier"]["retrieval"] = state.retrieval
         if dump["diffusion_classifier"].get("hybrid"):  # a hybrid's row must not pass for pure diffusion
             dump["model"] = f"{dump['model']}+{dump['diffusion_classifier']['hybrid']}"
-            dump["metrics"]["shortlist_recall_at_k"] = state.shortlist_recall
+            if state.retrieval is None:  # retrieval writes its ceilings in both directions itself
+                dump["metrics"]["shortlist_recall_at_k"] = state.shortlist_recall
     if _rank() == 0:  # every rank computed the same metrics; one writes them
         # Predictions first, then the result with their digest: a result never names a file that is not
         # its own, and one rewritten without predictions removes the previous run's (compare reads it).

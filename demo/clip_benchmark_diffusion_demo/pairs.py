@@ -182,6 +182,35 @@ def probe_scenes(rng: np.random.Generator, sources: SourceImages, n: int) -> Sce
     return _scenes(rows)
 
 
+def retrieval_scenes(rng: np.random.Generator, sources: SourceImages, n: int) -> Scenes:
+    """``n`` scenes for retrieval: as the probe scenes (two different garments in two different colours),
+    and no two with the same description, so each caption matches exactly one scene of the set."""
+    rows, seen = [], set()
+    while len(rows) < n:
+        left_g, right_g = (int(g) for g in rng.choice(len(GARMENTS), size=2, replace=False))
+        left_c, right_c = (int(c) for c in rng.choice(len(COLOURS), size=2, replace=False))
+        if (left_g, right_g, left_c, right_c) in seen:
+            continue
+        seen.add((left_g, right_g, left_c, right_c))
+        rows.append((sources.take(left_g), sources.take(right_g), left_g, right_g, left_c, right_c))
+    return _scenes(rows)
+
+
+def retrieval_captions(scenes: Scenes, rng: np.random.Generator, per_scene: int) -> list[list[str]]:
+    """``per_scene`` captions of each scene, each naming both garments, their colours and their order, in
+    different (relation, held-out wrapper) wordings."""
+    wordings = [(r, w) for r in range(len(RELATIONS)) for w in range(len(EVAL_WRAPPERS))]
+    if not 1 <= per_scene <= len(wordings):
+        raise ValueError(f"per_scene must be 1..{len(wordings)}, got {per_scene}")
+    out = []
+    for i in range(len(scenes)):
+        left = (int(scenes.left_garment[i]), int(scenes.left_colour[i]))
+        right = (int(scenes.right_garment[i]), int(scenes.right_colour[i]))
+        picks = rng.choice(len(wordings), size=per_scene, replace=False)
+        out.append([caption(left, right, wordings[p][0], EVAL_WRAPPERS[wordings[p][1]]) for p in picks])
+    return out
+
+
 def _scenes(rows: list[tuple]) -> Scenes:
     cols = np.asarray(rows, dtype=np.int64).reshape(-1, 6).T
     return Scenes(*cols)
