@@ -139,3 +139,39 @@ def test_retrieval_through_the_stock_command_is_a_labelled_rerank(tmp_path, monk
     assert re.search(rf"{pairs} of {pairs} \(image, text\) pairs from the score store .*; 0 denoiser calls run",
                      again.stderr)
     assert json.loads(out.read_text())["metrics"] == m
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CLIP_PAIRS_WEIGHTS.is_file(), reason="the trained CLIP pair model is not shipped")
+def test_retrieval_under_torchrun_splits_the_pairs_and_matches_one_process(tmp_path):
+    """Two torchrun ranks score the shortlisted pairs between them (each rank runs calls) and write the
+    metrics one process writes; together they run exactly one process's denoiser calls."""
+    import subprocess
+    import sys
+
+    from cli_helpers import BIN, free_port, subprocess_env
+    from clip_benchmark_diffusion.options import OPTIONS_ENV
+
+    data = _slice(8, tmp_path / "data")
+    opts = (f"min_samples=2,max_samples=2,shortlist_model={CLIP_PAIRS_NAME},"
+            f"shortlist_pretrained={CLIP_PAIRS_WEIGHTS},shortlist_k=2")
+
+    def args(out: str) -> list[str]:
+        return ["--task", "zeroshot_retrieval", "--model", "diffusion_pairs", "--pretrained", "default",
+                "--dataset", "wds/fashion_pairs_retrieval", "--dataset_root", str(data), "--recall_k", "1", "2",
+                "--batch_size", "3", "--num_workers", "0", "--output", out]
+
+    one = clip_benchmark_eval(*args(str(tmp_path / "one.json")), cwd=tmp_path,
+                              env={OPTIONS_ENV: opts, "CLIP_BENCHMARK_DIFFUSION_STORE": "off"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = subprocess_env({OPTIONS_ENV: opts, "CLIP_BENCHMARK_DIFFUSION_STORE": str(tmp_path / "two.sqlite")})
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), str(BIN / "clip_benchmark"), "eval", *args(str(tmp_path / "two.json"))],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-4000:]
+    a, b = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert a["metrics"] == b["metrics"]
+    single = int(re.search(r"; (\d+) denoiser calls run on rank 0", one.stderr).group(1))
+    calls = {int(rank): int(n) for n, rank in re.findall(r"; (\d+) denoiser calls run on rank (\d+)", two.stderr)}
+    assert set(calls) == {0, 1} and all(c > 0 for c in calls.values()), two.stderr[-2000:]
+    assert sum(calls.values()) == single > 0
