@@ -175,3 +175,38 @@ def test_retrieval_under_torchrun_splits_the_pairs_and_matches_one_process(tmp_p
     calls = {int(rank): int(n) for n, rank in re.findall(r"; (\d+) denoiser calls run on rank (\d+)", two.stderr)}
     assert set(calls) == {0, 1} and all(c > 0 for c in calls.values()), two.stderr[-2000:]
     assert sum(calls.values()) == single > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CLIP_PAIRS_WEIGHTS.is_file(), reason="the trained CLIP pair model is not shipped")
+def test_two_identical_retrieval_commands_on_one_store_split_the_pairs(tmp_path):
+    """Started together on one store, two retrieval commands lease each image's pairs (as classification
+    leases images): together they run exactly one clean run's denoiser calls and write its metrics."""
+    import subprocess
+
+    from cli_helpers import BIN, subprocess_env
+    from clip_benchmark_diffusion.options import OPTIONS_ENV
+
+    data = _slice(8, tmp_path / "data")
+    opts = (f"min_samples=2,max_samples=2,shortlist_model={CLIP_PAIRS_NAME},"
+            f"shortlist_pretrained={CLIP_PAIRS_WEIGHTS},shortlist_k=2")
+
+    def args(out: str) -> list[str]:
+        return ["eval", "--task", "zeroshot_retrieval", "--model", "diffusion_pairs", "--pretrained", "default",
+                "--dataset", "wds/fashion_pairs_retrieval", "--dataset_root", str(data), "--recall_k", "1", "2",
+                "--batch_size", "3", "--num_workers", "0", "--output", out]
+
+    clean = clip_benchmark_eval(*args(str(tmp_path / "clean.json"))[1:], cwd=tmp_path,
+                                env={OPTIONS_ENV: opts, "CLIP_BENCHMARK_DIFFUSION_STORE": "off"})
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    single = int(re.search(r"; (\d+) denoiser calls run on rank 0", clean.stderr).group(1))
+    env = subprocess_env({OPTIONS_ENV: opts, "CLIP_BENCHMARK_DIFFUSION_STORE": str(tmp_path / "shared.sqlite")})
+    procs = [subprocess.Popen([str(BIN / "clip_benchmark"), *args(str(tmp_path / f"run{i}.json"))], cwd=tmp_path,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = [p.communicate(timeout=900)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    calls = [int(re.search(r"; (\d+) denoiser calls run on rank 0", e).group(1)) for e in errs]
+    assert sum(calls) == single > 0, calls                                   # no pair scored twice
+    clean_metrics = json.loads((tmp_path / "clean.json").read_text())["metrics"]
+    for i in range(2):
+        assert json.loads((tmp_path / f"run{i}.json").read_text())["metrics"] == clean_metrics

@@ -10,13 +10,13 @@ images for a text alike, which is what retrieval in both directions needs.
 
 Each pair error is computed once: with a score store attached, it is kept under the run key (model,
 noise levels, scoring options), the image's digest and the text's tokens, so retrieval's two
-directions, a rerun and a larger shortlist reuse it. Under torchrun the images are split across the
-ranks, and every rank returns all scores.
+directions, a rerun and a larger shortlist reuse it. Where an image's missing pairs come from is
+decided as for classified images, by ``results.fetch_or_score``: the store, another command sharing it
+(leases), another torchrun rank (every rank returns all scores), or scoring here.
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
 import time
 import weakref
 from dataclasses import dataclass
@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clip_benchmark_diffusion import distributed as dist_util
 from clip_benchmark_diffusion.adapter.caption_selection import UNCONDITIONAL_PROMPT, normalise_pair_errors
 from clip_benchmark_diffusion.adapter.conditioning import stack_rows
+from clip_benchmark_diffusion.adapter.protocols import ScoreRequest
 from clip_benchmark_diffusion.errors import UserError, stderr_note
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring.engine import Candidates, ScoringEngine
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from clip_benchmark_diffusion.adapter.model import DiffusionClassifier
 
 IMAGES_PER_ENGINE_CALL = 32   # bounds the engine's (images x texts x samples) error table
-_BATCH_IDS = itertools.count()   # same sequence on every rank: every rank scores every call
 _FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> its weights' digest
 
 
@@ -106,30 +105,36 @@ def pair_errors(model: "DiffusionClassifier", images: torch.Tensor, texts: list[
         for i, j in todo:
             missing[i, j] = keys[i][j] not in found
         rows = [i for i in range(n) if missing[i].any()]
-        payloads, run_calls = _score_missing(model, options, images, all_texts, keys, missing, rows)
+        payloads, run_calls, here = _score_missing(model, options, images, all_texts, keys, missing, rows, prefix)
     errors = torch.full((n, m + 1), float("nan"), dtype=torch.float64)
     calls = torch.zeros(n, m + 1, dtype=torch.long)
     for i, j in todo:
-        p = found.get(keys[i][j]) or payloads[i][j]
+        p = found.get(keys[i][j]) or payloads[i][keys[i][j]]
         errors[i, j], calls[i, j] = p["error"], p["calls"]
-    scored = int(missing.sum())
+    # scored in this call: by this process (alone on a store, rows another command scored are read back)
+    # or, under torchrun, by any rank
+    scored = int(missing.sum()) if model.results.world.is_distributed else int(missing[here].sum())
     return PairErrors(errors=errors[:, :m], unconditional=errors[:, m], calls=calls, run_calls=run_calls,
                       reused_pairs=len(todo) - scored, scored_pairs=scored, seconds=time.perf_counter() - start)
 
 
 def _score_missing(model: "DiffusionClassifier", options: ScoringOptions, images: torch.Tensor, texts: list[str],
-                   keys: list[list[str]], missing: torch.Tensor, rows: list[int]) -> tuple[dict, int]:
-    """{image: {text column: payload}} for the ``missing`` pairs of images ``rows``, scored (under
-    torchrun: split across the ranks) and stored as each image is done; and the calls run here."""
+                   keys: list[list[str]], missing: torch.Tensor, rows: list[int],
+                   prefix: str) -> tuple[dict[int, dict[str, dict]], int, list[int]]:
+    """{image: {pair key: payload}} for the ``missing`` pairs of images ``rows``; the calls run here; the
+    rows scored here. ``results.fetch_or_score`` decides where each row comes from, as for classified
+    images: the store (another command sharing it leased and scored the row), another torchrun rank, or
+    scoring here. A row is keyed by its image and the pairs it lacks; each pair is also stored on its
+    own, so that other rows (the other retrieval direction, a larger shortlist) reuse it."""
     engine = ScoringEngine(lambda x, lv, c: model.model.denoise(x, lv, c, options), model.grid,
                            model.model.objective, options, model.device_, note=stderr_note)
-    seed, cache = shared_seed(options.seed), {}
-    position = {i: r for r, i in enumerate(rows)}
+    seed, cache, here = shared_seed(options.seed), {}, []
+    row_keys = [_row_key(prefix, [keys[i][j] for j in missing[i].nonzero().flatten().tolist()]) for i in rows]
 
-    def score(idx: list[int]) -> dict[int, dict[int, dict]]:
-        out: dict[int, dict[int, dict]] = {}
-        for pos in range(0, len(idx), IMAGES_PER_ENGINE_CALL):
-            chunk = [rows[r] for r in idx[pos: pos + IMAGES_PER_ENGINE_CALL]]
+    def score(request: ScoreRequest) -> None:
+        for pos in range(0, len(request.indices), IMAGES_PER_ENGINE_CALL):
+            part = request.indices[pos: pos + IMAGES_PER_ENGINE_CALL]
+            chunk = [rows[r] for r in part]
             cols = missing[chunk].any(0).nonzero().flatten().tolist()
             new = [j for j in cols if j not in cache]
             if new:
@@ -139,26 +144,29 @@ def _score_missing(model: "DiffusionClassifier", options: ScoringOptions, images
             allowed = missing[chunk][:, cols]                                            # (B, G)
 
             def done(b: int, result) -> None:
-                i = chunk[b]
-                out[i] = {}
+                i, row = chunk[b], {}
                 for g, j in enumerate(cols):
                     if allowed[b, g]:
-                        out[i][j] = {"error": float(result.outcome.mean_error[g]), "calls": options.max_sample_count}
+                        row[keys[i][j]] = {"error": float(result.outcome.mean_error[g]),
+                                           "calls": options.max_sample_count}
                         if model.results.store is not None:
-                            model.results.store.put(keys[i][j], out[i][j])
+                            model.results.store.put(keys[i][j], row[keys[i][j]])
+                here.append(i)
+                request.save(part[b], {"pairs": row})
 
             engine.score(model.model.encode_images(images[chunk]), [seed] * len(chunk), cands, on_done=done,
                          allowed=allowed)
-        return {position[i]: v for i, v in out.items()}
 
     if not rows:
-        return {}, 0
-    world = model.results.world
-    claimer = dist_util.WorkClaimer(prefix=f"{dist_util.CLAIM_PREFIX}-pairs") if world.is_distributed else None
-    chunk = max(1, min(IMAGES_PER_ENGINE_CALL, len(rows) // (4 * world.world_size)))
-    results = dist_util.score_batch_distributed(next(_BATCH_IDS), len(rows), score, world, claimer, chunk)
+        return {}, 0, []
+    fetched = model.results.fetch_or_score(row_keys, score)
     model.account.record.scored_calls += engine.stats.denoiser_calls
-    return {rows[r]: v for r, v in results.items()}, engine.stats.denoiser_calls
+    return ({rows[r]: p["pairs"] for r, p in fetched.payloads.items()}, engine.stats.denoiser_calls, here)
+
+
+def _row_key(prefix: str, pair_keys: list[str]) -> str:
+    """One image's missing pairs, as one result of ``fetch_or_score`` (leased and stored as a unit)."""
+    return f"{prefix}/row/" + hashlib.blake2b("\n".join(pair_keys).encode(), digest_size=16).hexdigest()
 
 
 def _run_prefix(model: "DiffusionClassifier", options: ScoringOptions) -> str:
