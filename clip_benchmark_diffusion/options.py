@@ -19,7 +19,7 @@ from clip_benchmark_diffusion.errors import UserError
 
 OPTIONS_ENV = "CLIP_BENCHMARK_DIFFUSION_OPTIONS"
 
-STRATEGIES = ("full", "staged", "ttest", "anytime")
+STRATEGIES = ("full", "staged", "ttest", "anytime", "sift_refine")
 LOSSES = ("l2", "l1", "huber")
 WEIGHTINGS = ("uniform", "native", "elbo", "exp7")
 ENSEMBLES = ("error_mean", "embedding_mean")
@@ -51,7 +51,7 @@ class ScoringOptions:
     # anytime needs no floor, only enough samples for a pooled variance: 4). Switching strategy
     # resets it to the new strategy's default unless it is given too (``STRATEGY_DEFAULTS``).
     min_samples: int = 4
-    # ttest/anytime: stop after this many samples even if several candidates survive.
+    # ttest/anytime/sift_refine: stop after this many samples even if several candidates survive.
     max_samples: int = 100
     # ttest: drop a candidate when the one-sided paired t-test against the best has p below this.
     p_value: float = 2e-3
@@ -74,6 +74,11 @@ class ScoringOptions:
     # images (docs/elimination_benchmark.md, session 10): 4-5% fewer calls there than the mixture used before,
     # which was tightest near the 50-sample horizon at ten classes and later still at more.
     tightest_at: float = 12.0
+    # sift_refine (a baseline: Chen et al.'s Sift-and-Refine, NeurIPS 2024): drop a candidate once its summed
+    # error exceeds the leader's by this absolute amount, in the model's own error units (no default fits
+    # every model: choose it on validation images); sift until sift_keep are left, who then get every sample.
+    sift_threshold: float = 0.0
+    sift_keep: int = 1
     # Per-sample error between target and prediction; Li et al.: l1 on small datasets, l2 on ImageNet.
     loss: str = "l2"
     # Noise-level weighting, defined on log-SNR so it means the same in every family: uniform (Li:
@@ -177,6 +182,9 @@ class ScoringOptions:
                 raise UserError(f"anytime needs survivors >= 1, got survivors={self.survivors}")
             if not self.tightest_at > 0:  # also false for NaN
                 raise UserError(f"anytime needs tightest_at > 0 (a sample count, e.g. 12), got {self.tightest_at}")
+        if self.strategy == "sift_refine" and not (self.sift_threshold > 0 and self.sift_keep >= 1):
+            raise UserError(f"sift_refine needs sift_threshold > 0 (in the model's error units, chosen on validation "
+                            f"images) and sift_keep >= 1, got {self.sift_threshold}, {self.sift_keep}")
         if self.shortlist_model and (not self.shortlist_pretrained or self.shortlist_k < 1):
             raise UserError("a shortlist needs shortlist_pretrained (the open_clip weights) and shortlist_k >= 1, "
                             f"got shortlist_pretrained={self.shortlist_pretrained!r}, shortlist_k={self.shortlist_k}")
@@ -199,7 +207,7 @@ class ScoringOptions:
     @property
     def max_sample_count(self) -> int:
         """The most (t, noise) samples any candidate can see."""
-        return self.max_samples if self.strategy in ("ttest", "anytime") else max(self.n_samples)
+        return self.max_samples if self.strategy in ("ttest", "anytime", "sift_refine") else max(self.n_samples)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -242,6 +250,9 @@ class ScoringOptions:
             data.pop("alpha")
             data.pop("survivors")
             data.pop("tightest_at")
+        if self.strategy != "sift_refine":  # sift_refine-only fields: other runs' store keys stay valid
+            data.pop("sift_threshold")
+            data.pop("sift_keep")
         if self.strategy != "anytime" or self.guarantee == "expected":  # keys as before the option existed
             data.pop("guarantee")
         if not self.shortlist_model:  # pure diffusion: keys as before shortlists existed

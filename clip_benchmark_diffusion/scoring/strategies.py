@@ -277,6 +277,46 @@ class AnytimeStrategy(SequentialStrategy):
             self.eliminate(losers, n)
 
 
+class SiftRefineStrategy(Strategy):
+    """Sift-and-Refine (Chen et al., NeurIPS 2024, "Diffusion Models are Certifiably Robust
+    Classifiers"): a baseline with an absolute threshold, no error level.
+
+    Sift: after every sample n, drop each live candidate whose summed error over the first n samples
+    exceeds the lowest sum by more than ``threshold`` (in the model's own error units, so it must be
+    chosen per model), until ``keep`` candidates are left or ``max_samples`` are read (then the
+    ``keep`` lowest sums survive). Refine: the survivors are scored on all ``max_samples`` samples and
+    ranked by mean error, as full evaluation ranks them. The paper's refine draws fresh samples; here
+    the survivors reuse the sifted ones, so a survivor's rank is exactly full evaluation's.
+    """
+
+    def __init__(self, num_candidates: int, max_samples: int, threshold: float, keep: int = 1) -> None:
+        super().__init__(num_candidates, max_samples)
+        self.threshold, self.keep, self.n, self.sifting = threshold, keep, 0, True
+
+    def horizon(self) -> int:
+        return self.n + 1 if self.sifting else self.err.shape[1]
+
+    def update(self) -> None:
+        total = self.err.shape[1]
+        while self.sifting and self.n < total and self.complete(self.n + 1):
+            self.n += 1
+            idx = self.alive.nonzero().squeeze(1)
+            sums = self.scores[idx, : self.n].double().sum(1)                  # (A,)
+            drop = sums - sums.min() > self.threshold
+            if self.n == total and int((~drop).sum()) > self.keep:  # sift budget spent: the keep best go on
+                drop = torch.ones_like(drop)
+                drop[torch.argsort(sums, stable=True)[: self.keep]] = False
+            if drop.any():
+                losers = torch.zeros_like(self.alive)
+                losers[idx[drop]] = True
+                self.eliminate(losers, self.n)
+            self.sifting = int(self.alive.sum()) > self.keep and self.n < total
+        if self.alive.sum() <= 1:
+            self.finish(self.n)
+        elif not self.sifting and self.complete(total):
+            self.finish(total)
+
+
 def paired_gaps(err: torch.Tensor, used: torch.Tensor, leader: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(G,) float64 mean and sum of squared deviations of each candidate's paired differences to
     ``leader`` over the first ``used`` samples it saw (0 where it saw none). Pairing cancels the
@@ -335,6 +375,8 @@ def _make(options: ScoringOptions, num_candidates: int) -> Strategy:
     if options.strategy == "anytime":
         return AnytimeStrategy(num_candidates, options.min_samples, options.max_samples, options.alpha,
                                options.survivors, options.guarantee, options.tightest_at)
+    if options.strategy == "sift_refine":
+        return SiftRefineStrategy(num_candidates, options.max_samples, options.sift_threshold, options.sift_keep)
     return TTestStrategy(num_candidates, options.min_samples, options.max_samples, options.p_value)
 
 
