@@ -25,6 +25,7 @@ WEIGHTINGS = ("uniform", "native", "elbo", "exp7")
 ENSEMBLES = ("error_mean", "embedding_mean")
 SAMPLE_NORMS = ("none", "mean")
 GUARANTEES = ("expected", "full")
+VARIANCES = ("total", "successive")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # FLUX.1-dev is used at guidance 1 to 10; far above, its guidance embedding only drives activations
 # towards overflow (guidance=inf gave NaN outputs), so a larger number is taken for a typo.
@@ -74,6 +75,11 @@ class ScoringOptions:
     # images (docs/elimination_benchmark.md, session 10): 4-5% fewer calls there than the mixture used before,
     # which was tightest near the 50-sample horizon at ten classes and later still at more.
     tightest_at: float = 12.0
+    # anytime: the variance of the paired differences that the boundary uses. "total": their sample variance
+    # over all samples read. "successive": half the mean squared difference between neighbouring noise levels,
+    # which leaves out the gap's smooth trend over t (the samples stratify the grid, so a prefix's sum does not
+    # carry it); chosen for the embedded DDPM model on validation images (docs/elimination_benchmark.md, session 16).
+    variance: str = "total"
     # sift_refine (a baseline: Chen et al.'s Sift-and-Refine, NeurIPS 2024): drop a candidate once its summed
     # error exceeds the leader's by this absolute amount, in the model's own error units (no default fits
     # every model: choose it on validation images); sift until sift_keep are left, who then get every sample.
@@ -148,6 +154,7 @@ class ScoringOptions:
         _check_choice("template_ensemble", self.template_ensemble, ENSEMBLES)
         _check_choice("sample_norm", self.sample_norm, SAMPLE_NORMS)
         _check_choice("guarantee", self.guarantee, GUARANTEES)
+        _check_choice("variance", self.variance, VARIANCES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("caption_normalisation", self.caption_normalisation, CAPTION_NORMALISATIONS)
         _check_choice("prior_correction", self.prior_correction, PRIOR_CORRECTIONS)
@@ -250,6 +257,8 @@ class ScoringOptions:
             data.pop("alpha")
             data.pop("survivors")
             data.pop("tightest_at")
+        if self.strategy != "anytime" or self.variance == "total":  # keys as before the option existed
+            data.pop("variance")
         if self.strategy != "sift_refine":  # sift_refine-only fields: other runs' store keys stay valid
             data.pop("sift_threshold")
             data.pop("sift_keep")

@@ -15,6 +15,7 @@ from scipy import stats
 
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring.sequential import eliminated_by_leader, posterior_best
+from clip_benchmark_diffusion.scoring.timesteps import prefix_order
 
 
 @dataclass
@@ -249,9 +250,11 @@ class AnytimeStrategy(SequentialStrategy):
 
     def __init__(self, num_candidates: int, min_samples: int, max_samples: int, alpha: float,
                  survivors: int = 1, guarantee: str = "expected",
-                 tightest_at: float = ScoringOptions.tightest_at) -> None:
+                 tightest_at: float = ScoringOptions.tightest_at, variance: str = "total") -> None:
         super().__init__(num_candidates, min_samples, max_samples)
         self.alpha, self.survivors, self.tightest_at = alpha, survivors, tightest_at
+        # "successive": each sample's rank on the sorted noise-level grid (the grids are prefix-ordered)
+        self.levels = prefix_order(max_samples) if variance == "successive" else None
         # "full": the pairs are tested against full evaluation on the max_samples samples.
         self.population = max_samples if guarantee == "full" else None
         self.num_compared: int | None = None   # K: the candidates alive at the first look
@@ -265,7 +268,8 @@ class AnytimeStrategy(SequentialStrategy):
         others = torch.arange(len(idx)) != lead
         diffs = errs[others] - errs[lead]                      # (A - 1, n)
         drop = eliminated_by_leader(diffs, self.alpha, self.num_compared, tightest_at=self.tightest_at,
-                                    population=self.population)
+                                    population=self.population,
+                                    levels=None if self.levels is None else self.levels[:n])
         room = len(idx) - self.survivors                       # never below ``survivors`` candidates
         if int(drop.sum()) > room:
             worst = torch.argsort(diffs.mean(1).masked_fill(~drop, -float("inf")), descending=True)[:room]
@@ -374,7 +378,7 @@ def _make(options: ScoringOptions, num_candidates: int) -> Strategy:
         return StagedStrategy(num_candidates, options.n_samples, options.to_keep)
     if options.strategy == "anytime":
         return AnytimeStrategy(num_candidates, options.min_samples, options.max_samples, options.alpha,
-                               options.survivors, options.guarantee, options.tightest_at)
+                               options.survivors, options.guarantee, options.tightest_at, options.variance)
     if options.strategy == "sift_refine":
         return SiftRefineStrategy(num_candidates, options.max_samples, options.sift_threshold, options.sift_keep)
     return TTestStrategy(num_candidates, options.min_samples, options.max_samples, options.p_value)
