@@ -113,7 +113,8 @@ def eliminated_by_leader(diffs: torch.Tensor, alpha: float, num_candidates: int,
     probability >= 1 - alpha if the samples come in random order. With ``levels`` (n,), each sample's
     rank on the sorted noise-level grid, the variance is ``successive_variance``'s: valid when the
     samples stratify the grid (the engine's van der Corput order) and the paired difference's trend
-    over t is smooth, so that a prefix's sum misses only the within-level noise (module docstring).
+    over t is moderate, so that a prefix's sum carries little of it: no longer the exact sequence for a
+    random order (simulated in tests/test_sequential.py, measured in docs/elimination_benchmark.md, session 16).
     """
     n = diffs.shape[1]
     sigma2 = pooled_variance(diffs.double()) if levels is None else successive_variance(diffs.double(), levels)
