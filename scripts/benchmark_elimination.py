@@ -121,6 +121,29 @@ def run_hybrid(world: World, images: int, n: int, strategy: str, ks: list[int], 
     return out
 
 
+# Sift-and-Refine's threshold per synthetic class count, chosen by ``--sift-sweep`` on images of the same world
+# drawn with another seed (the cheapest threshold that lost nothing against full evaluation there).
+# K = 10, 200 images of seed 2001: 0.5 -> 4 differ, 1 -> 1, 1.5 -> 0 (0.346x full's calls), 2 -> 0 (0.432x).
+SIFT_THRESHOLD: dict[int, float] = {10: 1.5}
+
+
+def run_sift_sweep(world: World, images: int, n: int, thresholds: list[float], chunk: int, seed: int) -> None:
+    """Sift-and-Refine at each threshold against full evaluation, on images the tables never use (seed + 2000)."""
+    x0, labels = world.images(images, seed + 2000)
+    seeds = list(range((seed + 2000) * 1_000_000, (seed + 2000) * 1_000_000 + images))
+
+    def top1_calls(opts: ScoringOptions) -> tuple[np.ndarray, float]:
+        res = [r for i in range(0, images, chunk) for r in score(world, opts, x0[i:i + chunk], seeds[i:i + chunk])]
+        return np.array([int(r.outcome.rank.argmin()) for r in res]), float(np.mean([r.denoiser_calls for r in res]))
+
+    full, full_calls = top1_calls(ScoringOptions(batch_size=8192).replace(strategy="full", n_samples=[n]))
+    for th in thresholds:
+        top1, calls = top1_calls(ScoringOptions(batch_size=8192).replace(strategy="sift_refine", max_samples=n,
+                                                                         sift_threshold=th))
+        print(f"  K={world.num_classes} sift_refine threshold {th:g}: {calls:.0f} calls/img ({calls / full_calls:.3f}x "
+              f"full), top-1 differs from full on {int((top1 != full).sum())} of {images}", flush=True)
+
+
 def strategies(num_classes: int, n: int) -> dict[str, dict]:
     """Every strategy with at most ``n`` samples per candidate.
 
@@ -132,7 +155,12 @@ def strategies(num_classes: int, n: int) -> dict[str, dict]:
     else:
         keep = [max(round(num_classes * f), 1) for f in (1 / 2, 1 / 20, 1 / 100)] + [1]
         staged = dict(n_samples=[n // 20, n // 10, n // 2, n], to_keep=keep)
+    # Chen et al.'s Sift-and-Refine: an absolute threshold on the summed gap to the leader, in this world's
+    # error units, so only where one was chosen on other images of the same world (``--sift-sweep``).
+    sift = ({"sift_refine": dict(strategy="sift_refine", max_samples=n, sift_threshold=SIFT_THRESHOLD[num_classes])}
+            if num_classes in SIFT_THRESHOLD else {})
     return {
+        **sift,
         "full": dict(strategy="full", n_samples=[n]),
         "staged": dict(strategy="staged", **staged),
         "ttest": dict(strategy="ttest", min_samples=20, max_samples=n, p_value=2e-3),
@@ -345,6 +373,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shortlist-accuracy", type=float, default=0.6, help="the synthetic shortlister's top-1")
     p.add_argument("--loss-check", default="", help="CLASSES:IMAGES:STRATEGY, e.g. 1000:1000:anytime_norm (new images)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--sift-sweep", default="", help="CLASSES:IMAGES:T1,T2,... Sift-and-Refine thresholds on new images")
     p.add_argument("--include", nargs="*", default=[],
                    help="elimination_benchmark.json files of earlier runs whose worlds join the table (split long runs)")
     p.add_argument("--real", nargs="*", default=[],
@@ -378,6 +407,10 @@ def main() -> None:
                                   args.seed))
         (out / "elimination_benchmark.json").write_text(json.dumps({"args": vars(args), "worlds": worlds,
                                                                      "hybrids": hybrids}))
+    if args.sift_sweep:
+        k, n_img, ths = args.sift_sweep.split(":")
+        world = World(int(k), max(int(k), 16), separation_for(int(k), args.bayes))
+        run_sift_sweep(world, int(n_img), args.samples, [float(t) for t in ths.split(",")], args.chunk, args.seed)
     checks = [c for path in args.include for c in json.loads(Path(path).read_text()).get("loss_checks", [])]
     if args.loss_check:
         k, n_img, name = args.loss_check.split(":")

@@ -172,7 +172,10 @@ def replay(args: argparse.Namespace) -> None:
     print(f"{'strategy':<22} {'top-1':>6} {'lost':>5} {'gained':>6} {'calls':>7} {'max':>5} {'x full':>7} "
           f"{'ECE post':>8} {'ECE T':>6}")
     for name in names:
-        spec = dict(VARIANTS[name]) if name in VARIANTS else json.loads(name)
+        label, sep, text = name.partition("=")   # "label={...}" names a JSON row in the table and --out
+        if sep and text.startswith("{"):
+            name = label
+        spec = dict(VARIANTS[name]) if name in VARIANTS else json.loads(text if sep and text.startswith("{") else name)
         spec.setdefault("max_samples", args.max_samples or N)
         if spec["strategy"] == "full":
             spec.setdefault("n_samples", [spec["max_samples"]])
@@ -221,7 +224,8 @@ def main() -> None:
     c.add_argument("--out", required=True)
     r = sub.add_parser("replay", help="every strategy over a capture")
     r.add_argument("capture")
-    r.add_argument("--strategies", default="", help=f"semicolon list of {', '.join(VARIANTS)} or JSON option dicts")
+    r.add_argument("--strategies", default="",
+                   help=f"semicolon list of {', '.join(VARIANTS)}, JSON option dicts or label=JSON")
     r.add_argument("--max-samples", type=int, default=0, help="cap per candidate (default: the capture's)")
     r.add_argument("--temperature", type=float, default=0.0, help="also the ECE of softmax(-(error / T)^k)")
     r.add_argument("--temperature-power", type=float, default=1.0, help="k in the above (a recipe's temperature_power)")

@@ -109,7 +109,7 @@ def test_every_option_has_one_owner_and_reads_through_flat():
     options = ScoringOptions().replace(**PRESETS["li2023"], batch_size=8, temperature=0.01)
     owners = option_owners()
     assert list(owners) == list(options.to_dict())
-    assert len(owners) == 29 and owners["strategy"] == owners["to_keep"] == "strategy_section"
+    assert len(owners) == 32 and owners["variance"] == owners["sift_threshold"] == owners["strategy"] == owners["to_keep"] == "strategy_section"
     assert (owners["batch_size"], owners["temperature"], owners["loss"]) == ("runtime", "calibration", "error")
     assert options.runtime.batch_size == options.batch_size == 8
     assert options.strategy_config == strategy_options.StagedConfig(n_samples=(50, 500), to_keep=(5, 1))
@@ -123,7 +123,7 @@ def test_every_option_has_one_owner_and_reads_through_flat():
 def test_a_change_of_strategy_resets_only_the_defaults_the_strategies_disagree_on():
     # What STRATEGY_DEFAULTS listed by hand, now read from the config classes.
     assert {name: switch_defaults(name) for name in STRATEGY_CONFIGS} == {
-        "full": {}, "staged": {}, "ttest": {"min_samples": 20}, "anytime": {"min_samples": 4}}
+        "full": {}, "staged": {}, "ttest": {"min_samples": 20}, "anytime": {"min_samples": 4}, "sift_refine": {}}
     # Other strategies' values stay in the pool: a preset's samples survive strategy=full from the environment.
     options = env_overrides(parse_option_source("li2023", ScoringOptions()), {OPTIONS_ENV: "strategy=full"})
     assert (options.strategy, options.n_samples, options.max_sample_count) == ("full", (50, 500), 500)

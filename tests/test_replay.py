@@ -28,6 +28,8 @@ def _script(name: str):
     dict(strategy="staged", n_samples=(6, 30), to_keep=(3, 1)),
     dict(strategy="anytime", min_samples=4, max_samples=30, alpha=0.05, sample_norm="mean"),
     dict(strategy="anytime", min_samples=4, max_samples=30, alpha=0.05, guarantee="full"),
+    dict(strategy="sift_refine", max_samples=30, sift_threshold=1.0, sift_keep=2),
+    dict(strategy="anytime", min_samples=4, max_samples=30, alpha=0.05, guarantee="full", variance="successive"),
 ])
 def test_replaying_a_full_capture_gives_the_engines_own_decisions_and_calls(spec):
     replay = _script("replay_strategies")

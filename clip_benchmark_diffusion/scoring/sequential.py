@@ -72,6 +72,19 @@ def pooled_variance(diffs: torch.Tensor) -> torch.Tensor:
     return torch.quantile(diffs.var(dim=1, unbiased=True), 0.5)
 
 
+def successive_variance(diffs: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """One variance per image from the differences between neighbouring noise levels.
+
+    ``diffs`` (P, n) as in ``pooled_variance``, ``levels`` (n,) each sample's rank on the sorted grid of
+    noise levels. Half the mean squared difference of level-neighbours (the successive-difference
+    estimator of systematic sampling) leaves out a smooth trend of the paired difference over t, which
+    the plain sample variance counts as noise; the midpoint median over pairs as ``pooled_variance``.
+    Where the trend is flat both estimate the same variance.
+    """
+    d = diffs[:, torch.argsort(levels)]                                     # (P, n) in noise-level order
+    return torch.quantile(d.diff(dim=1).pow(2).mean(1) / 2, 0.5)
+
+
 def without_replacement_sums(diffs: torch.Tensor, population: int) -> torch.Tensor:
     """(P,) float64 ``B_n`` of each row of ``diffs`` (P, n): what the finite-population sequence
     compares with the normal-mixture radius (module docstring). Requires n <= ``population``."""
@@ -85,7 +98,8 @@ def without_replacement_sums(diffs: torch.Tensor, population: int) -> torch.Tens
 
 
 def eliminated_by_leader(diffs: torch.Tensor, alpha: float, num_candidates: int, *,
-                         tightest_at: float, population: int | None = None) -> torch.Tensor:
+                         tightest_at: float, population: int | None = None,
+                         levels: torch.Tensor | None = None) -> torch.Tensor:
     """Which pairs' candidates are worse than the leader at every time, with overall level ``alpha``.
 
     ``diffs`` (P, n): per sample, candidate error minus the current leader's error, for P > 0 live
@@ -96,10 +110,14 @@ def eliminated_by_leader(diffs: torch.Tensor, alpha: float, num_candidates: int,
     near n = ``tightest_at`` samples (``mixture_rho``); any value keeps the guarantee. With
     ``population`` N the pairs are tested against full evaluation on N samples instead
     (``without_replacement_sums``): the best class under that evaluation survives with
-    probability >= 1 - alpha if the samples come in random order.
+    probability >= 1 - alpha if the samples come in random order. With ``levels`` (n,), each sample's
+    rank on the sorted noise-level grid, the variance is ``successive_variance``'s: valid when the
+    samples stratify the grid (the engine's van der Corput order) and the paired difference's trend
+    over t is moderate, so that a prefix's sum carries little of it: no longer the exact sequence for a
+    random order (simulated in tests/test_sequential.py, measured in docs/elimination_benchmark.md, session 16).
     """
     n = diffs.shape[1]
-    sigma2 = pooled_variance(diffs.double())
+    sigma2 = pooled_variance(diffs.double()) if levels is None else successive_variance(diffs.double(), levels)
     if not sigma2 > 0:  # identical errors (e.g. duplicate prompts): no evidence either way
         return torch.zeros(len(diffs), dtype=torch.bool)
     a = alpha / max(num_candidates - 1, 1)

@@ -20,9 +20,11 @@ from scipy import stats
 
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring.sequential import eliminated_by_leader, posterior_best
+from clip_benchmark_diffusion.scoring.timesteps import prefix_order
 from clip_benchmark_diffusion.scoring.strategy_options import (
     AnytimeConfig,
     FullConfig,
+    SiftRefineConfig,
     StagedConfig,
     StrategyConfig,
     TTestConfig,
@@ -319,9 +321,11 @@ class AnytimeStrategy(SequentialStrategy):
 
     def __init__(self, num_candidates: int, min_samples: int, max_samples: int, alpha: float,
                  survivors: int = 1, guarantee: str = "expected",
-                 tightest_at: float = AnytimeConfig.tightest_at) -> None:
+                 tightest_at: float = AnytimeConfig.tightest_at, variance: str = "total") -> None:
         super().__init__(num_candidates, min_samples, max_samples)
         self.alpha, self.survivors, self.tightest_at = alpha, survivors, tightest_at
+        # "successive": each sample's rank on the sorted noise-level grid (the grids are prefix-ordered)
+        self.levels = prefix_order(max_samples) if variance == "successive" else None
         # "full": the pairs are tested against full evaluation on the max_samples samples.
         self.population = max_samples if guarantee == "full" else None
         self.num_compared: int | None = None   # K: the candidates alive at the first look
@@ -329,7 +333,7 @@ class AnytimeStrategy(SequentialStrategy):
     @classmethod
     def _build(cls, config: AnytimeConfig, num_candidates: int) -> "AnytimeStrategy":
         return cls(num_candidates, config.min_samples, config.max_samples, config.alpha, config.survivors,
-                   config.guarantee, config.tightest_at)
+                   config.guarantee, config.tightest_at, config.variance)
 
     def _test(self, n: int) -> None:
         if self.num_compared is None:  # after any ``allowed`` mask, before any elimination
@@ -340,7 +344,8 @@ class AnytimeStrategy(SequentialStrategy):
         others = torch.arange(len(idx)) != lead
         diffs = errs[others] - errs[lead]                      # (A - 1, n)
         drop = eliminated_by_leader(diffs, self.alpha, self.num_compared, tightest_at=self.tightest_at,
-                                    population=self.population)
+                                    population=self.population,
+                                    levels=None if self.levels is None else self.levels[:n])
         room = len(idx) - self.survivors                       # never below ``survivors`` candidates
         if int(drop.sum()) > room:
             worst = torch.argsort(diffs.mean(1).masked_fill(~drop, -float("inf")), descending=True)[:room]
@@ -350,6 +355,52 @@ class AnytimeStrategy(SequentialStrategy):
             losers = torch.zeros_like(self.alive)
             losers[idx[others][drop]] = True
             self.eliminate(losers, n)
+
+
+class SiftRefineStrategy(Strategy):
+    """Sift-and-Refine (Chen et al., NeurIPS 2024, "Diffusion Models are Certifiably Robust
+    Classifiers"): a baseline with an absolute threshold, no error level.
+
+    Sift: after every sample n, drop each live candidate whose summed error over the first n samples
+    exceeds the lowest sum by more than ``threshold`` (in the model's own error units, so it must be
+    chosen per model), until ``keep`` candidates are left or ``max_samples`` are read (then the
+    ``keep`` lowest sums survive). Refine: the survivors are scored on all ``max_samples`` samples and
+    ranked by mean error, as full evaluation ranks them. The paper's refine draws fresh samples; here
+    the survivors reuse the sifted ones, so a survivor's rank is exactly full evaluation's.
+    """
+
+    Config = SiftRefineConfig
+
+    def __init__(self, num_candidates: int, max_samples: int, threshold: float, keep: int = 1) -> None:
+        super().__init__(num_candidates, max_samples)
+        self.threshold, self.keep, self.n, self.sifting = threshold, keep, 0, True
+
+    @classmethod
+    def _build(cls, config: SiftRefineConfig, num_candidates: int) -> "SiftRefineStrategy":
+        return cls(num_candidates, config.max_samples, config.sift_threshold, config.sift_keep)
+
+    def horizon(self) -> int:
+        return self.n + 1 if self.sifting else self.err.shape[1]
+
+    def update(self) -> None:
+        total = self.err.shape[1]
+        while self.sifting and self.n < total and self.complete(self.n + 1):
+            self.n += 1
+            idx = self.alive.nonzero().squeeze(1)
+            sums = self.scores[idx, : self.n].double().sum(1)                  # (A,)
+            drop = sums - sums.min() > self.threshold
+            if self.n == total and int((~drop).sum()) > self.keep:  # sift budget spent: the keep best go on
+                drop = torch.ones_like(drop)
+                drop[torch.argsort(sums, stable=True)[: self.keep]] = False
+            if drop.any():
+                losers = torch.zeros_like(self.alive)
+                losers[idx[drop]] = True
+                self.eliminate(losers, self.n)
+            self.sifting = int(self.alive.sum()) > self.keep and self.n < total
+        if self.alive.sum() <= 1:
+            self.finish(self.n)
+        elif not self.sifting and self.complete(total):
+            self.finish(total)
 
 
 def paired_gaps(err: torch.Tensor, used: torch.Tensor, leader: int) -> tuple[torch.Tensor, torch.Tensor]:

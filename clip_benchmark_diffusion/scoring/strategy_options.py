@@ -20,6 +20,7 @@ from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.option_sections import Section, check_choice, keyed
 
 GUARANTEES = ("expected", "full")
+VARIANCES = ("total", "successive")
 # Which strategy runs when no option names one (see AnytimeConfig for why).
 DEFAULT_STRATEGY = "anytime"
 
@@ -67,6 +68,10 @@ def _probability(value: float) -> None:
 
 def _guarantee(value: str) -> None:
     check_choice("guarantee", value, GUARANTEES)
+
+
+def _variance(value: str) -> None:
+    check_choice("variance", value, VARIANCES)
 
 
 @register_strategy
@@ -174,6 +179,12 @@ class AnytimeConfig(SequentialConfig):
     # (docs/elimination_benchmark.md, session 10): 4-5% fewer calls there than the mixture used
     # before, which was tightest near the 50-sample horizon at ten classes and later still at more.
     tightest_at: float = 12.0
+    # The variance of the paired differences that the boundary uses. "total": their sample variance
+    # over all samples read. "successive": half the mean squared difference between neighbouring
+    # noise levels, which leaves out the gap's smooth trend over t (the samples stratify the grid, so
+    # a prefix's sum does not carry it); the embedded 10-class recipes' choice on validation images
+    # (docs/elimination_benchmark.md, session 16). Out of the key at "total", the behaviour before it.
+    variance: str = field(default="total", metadata={"legacy": "total", "check": _variance})
 
     def validate(self) -> None:
         super().validate()
@@ -183,6 +194,31 @@ class AnytimeConfig(SequentialConfig):
             raise UserError(f"anytime needs survivors >= 1, got survivors={self.survivors}")
         if not self.tightest_at > 0:  # also false for NaN
             raise UserError(f"anytime needs tightest_at > 0 (a sample count, e.g. 12), got {self.tightest_at}")
+
+
+@register_strategy
+@dataclass(frozen=True)
+class SiftRefineConfig(StrategyConfig):
+    """A baseline: Chen et al.'s Sift-and-Refine (NeurIPS 2024), an absolute-threshold elimination."""
+
+    name: ClassVar[str] = "sift_refine"
+
+    # Stop sifting after this many samples (the survivors are then scored on all of them).
+    max_samples: int = 100
+    # Drop a candidate once its summed error exceeds the leader's by this absolute amount, in the
+    # model's own error units (no default fits every model: choose it on validation images).
+    sift_threshold: float = 0.0
+    # Sift until this many are left; they then get every sample.
+    sift_keep: int = 1
+
+    @property
+    def max_sample_count(self) -> int:
+        return self.max_samples
+
+    def validate(self) -> None:
+        if not (self.sift_threshold > 0 and self.sift_keep >= 1):
+            raise UserError(f"sift_refine needs sift_threshold > 0 (in the model's error units, chosen on validation "
+                            f"images) and sift_keep >= 1, got {self.sift_threshold}, {self.sift_keep}")
 
 
 def _owners(name: str) -> list[type[StrategyConfig]]:
