@@ -26,6 +26,8 @@ ENSEMBLES = ("error_mean", "embedding_mean")
 SAMPLE_NORMS = ("none", "mean")
 GUARANTEES = ("expected", "full")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILE_MODES = ("off", "on", "cuda_graphs")   # families/fast_path.py
+CHANNELS_LAST = ("auto", "on", "off")
 # FLUX.1-dev is used at guidance 1 to 10; far above, its guidance embedding only drives activations
 # towards overflow (guidance=inf gave NaN outputs), so a larger number is taken for a typo.
 MAX_GUIDANCE = 100.0
@@ -91,13 +93,20 @@ class ScoringOptions:
     template_ensemble: str = "error_mean"
     # Seed of the (t, noise) pairs; each image's noise is derived from it and the image content.
     seed: int = 0
-    # Denoiser batch size: (image, prompt, timestep) triples packed per forward.
-    batch_size: int = 64
+    # Denoiser batch size: (image, prompt, timestep) triples packed per forward. 0 ("auto"): on CUDA the
+    # largest batch that fits, probed once per model (scoring/batching.py); elsewhere 64.
+    batch_size: int = 0
     # Samples of look-ahead used to fill a round's last, partial denoiser batch (0: none). Helps
     # when small batches cost as much as full ones; wastes work on candidates dropped later.
     lookahead: int = 0
     # Denoiser dtype; "auto" is float16 on CUDA, float32 elsewhere. Errors are always float32.
     dtype: str = "auto"
+    # -- throughput (issue 27; families/fast_path.py, measured in scripts/benchmark_throughput.py) --
+    # torch.compile the denoiser: "on" (inductor, dynamic shapes: one warm-up, reported in the result),
+    # "cuda_graphs" (also replays CUDA graphs; CUDA only). Changes float rounding, so it enters the store key.
+    compile: str = "off"
+    # Channels-last memory for UNet denoisers; "auto": on CUDA only (measured no faster on CPU).
+    channels_last: str = "auto"
     # Width of the embedding returned to clip_benchmark: the most classes one run can hold.
     max_classes: int = 1000
     # Image side to score at (0: the model's native resolution). Lower is cheaper (e.g. SDXL at 512).
@@ -144,6 +153,8 @@ class ScoringOptions:
         _check_choice("sample_norm", self.sample_norm, SAMPLE_NORMS)
         _check_choice("guarantee", self.guarantee, GUARANTEES)
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("compile", self.compile, COMPILE_MODES)
+        _check_choice("channels_last", self.channels_last, CHANNELS_LAST)
         _check_choice("caption_normalisation", self.caption_normalisation, CAPTION_NORMALISATIONS)
         _check_choice("prior_correction", self.prior_correction, PRIOR_CORRECTIONS)
         if self.prior_correction != "none" and self.strategy != "full":
@@ -180,8 +191,8 @@ class ScoringOptions:
         if self.shortlist_model and (not self.shortlist_pretrained or self.shortlist_k < 1):
             raise UserError("a shortlist needs shortlist_pretrained (the open_clip weights) and shortlist_k >= 1, "
                             f"got shortlist_pretrained={self.shortlist_pretrained!r}, shortlist_k={self.shortlist_k}")
-        if self.batch_size <= 0 or self.max_classes <= 0:
-            raise UserError("batch_size and max_classes must be positive")
+        if self.batch_size < 0 or self.max_classes <= 0:
+            raise UserError("batch_size must be 0 (auto) or positive, and max_classes positive")
         if self.lookahead < 0:
             raise UserError(f"scoring option lookahead={self.lookahead} must be 0 or more")
         if not self.temperature >= 0 or self.temperature == float("inf"):  # also catches NaN
@@ -232,6 +243,9 @@ class ScoringOptions:
         data.pop("batch_size")
         data.pop("max_classes")
         data.pop("lookahead")
+        for name, off in (("compile", "off"), ("channels_last", "auto")):   # off: keys as before they existed
+            if data[name] == off:
+                data.pop(name)
         data.pop("temperature")  # only turns stored mean errors into probabilities
         data.pop("temperature_power")
         data.pop("caption_normalisation")  # caption selection is never stored
@@ -334,7 +348,7 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
         if isinstance(current, bool):
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         if isinstance(current, int):
-            return _integer(value)
+            return 0 if key == "batch_size" and value == "auto" else _integer(value)
         if isinstance(current, float):
             if isinstance(value, bool):  # JSON true is not 1.0
                 raise TypeError

@@ -35,6 +35,7 @@ from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.progress import Progress, progress_bar
 from clip_benchmark_diffusion.registry import ModelSpec
 from clip_benchmark_diffusion import distributed as dist_util
+from clip_benchmark_diffusion.scoring import batching
 from clip_benchmark_diffusion.scoring.engine import (Candidates, Conditioning, EngineStats, ImageResult, Levels,
                                                      ScoringEngine)
 from clip_benchmark_diffusion.scoring.noise import image_seed
@@ -100,10 +101,12 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
         self.options = options
         self.spec = dataclasses.replace(self.spec, options=options)
         self._candidates: Candidates | None = None
+        self._streamed = False   # the conditioning table in pinned CPU memory, rows moved per batch
         self._run_key: str | None = None
         self._shortlister: sl.Shortlister | None = None
         self._class_emb: torch.Tensor | None = None
         self.grid = self.model.grid(options.max_sample_count, options)
+        self.model.use_fast_path(options)   # compiled, channels-last: refused or applied before any image
         self.engine = self._make_engine(options)
 
     def _make_engine(self, options: ScoringOptions) -> ScoringEngine:
@@ -290,11 +293,12 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
     def _encode_prompts(self, ids: list[int]) -> None:
         """Run the text encoders once for each prompt not seen before."""
         todo = [i for i in ids if i not in self._text_cache]
-        if not todo:
-            return
-        cond = self.model.encode_prompts([self.prompts.texts[i] for i in todo], self.options)
-        for j, i in enumerate(todo):
-            self._text_cache[i] = {k: v[j] for k, v in cond.items()}
+        for s in range(0, len(todo), batching.ENCODE_CHUNK):   # rows kept on the CPU: an 80k-prompt table
+            part = todo[s: s + batching.ENCODE_CHUNK]          # goes to the device only if it fits
+            cond = {k: v.cpu() for k, v in self.model.encode_prompts([self.prompts.texts[i] for i in part],
+                                                                     self.options).items()}
+            for j, i in enumerate(part):
+                self._text_cache[i] = {k: v[j] for k, v in cond.items()}
 
     def _candidate_table(self) -> Candidates:
         if self._candidates is None:
@@ -314,6 +318,7 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
                 for g, grp in enumerate(self._groups):
                     uniq = list(dict.fromkeys(grp.tolist()))
                     members[g, : len(uniq)] = torch.tensor([row[i] for i in uniq])
+            cond, self._streamed = batching.place_table(cond, self.device_)
             self._candidates = Candidates(cond=cond, members=members)
         return self._candidates
 
@@ -408,6 +413,8 @@ class DiffusionClassifier(CaptionSelectionMixin, nn.Module):
             "noise_levels": {"weighting": self.options.weighting, **self.grid.describe()},
             "scoring": self.options.to_dict(),
             "hybrid": self.options.shortlist_label,   # None: pure diffusion
+            "memory": {"peak_bytes": batching.peak_memory_bytes(self.device_),
+                       "denoiser_batch": self.engine.batch_size, "conditioning_streamed": self._streamed},
             "package_version": __version__,
         }
         if self.task == CAPTION_SELECTION:
