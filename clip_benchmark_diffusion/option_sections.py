@@ -21,6 +21,8 @@ WEIGHTINGS = ("uniform", "native", "elbo", "exp7")
 ENSEMBLES = ("error_mean", "embedding_mean")
 SAMPLE_NORMS = ("none", "mean")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILE_MODES = ("off", "on", "cuda_graphs")   # families/fast_path.py
+CHANNELS_LAST = ("auto", "on", "off")
 # FLUX.1-dev is used at guidance 1 to 10; far above, its guidance embedding only drives activations
 # towards overflow (guidance=inf gave NaN outputs), so a larger number is taken for a typo.
 MAX_GUIDANCE = 100.0
@@ -129,8 +131,9 @@ class RuntimeOptions(Section):
 
     affects_scores: ClassVar[bool] = False
 
-    # Denoiser batch size: (image, prompt, timestep) triples packed per forward.
-    batch_size: int = 64
+    # Denoiser batch size: (image, prompt, timestep) triples packed per forward. 0 ("auto"): on CUDA the
+    # largest batch that fits, probed once per model (scoring/batching.py); elsewhere 64.
+    batch_size: int = 0
     # Samples of look-ahead used to fill a round's last, partial denoiser batch (0: none). Helps
     # when small batches cost as much as full ones; wastes work on candidates dropped later.
     lookahead: int = 0
@@ -138,10 +141,27 @@ class RuntimeOptions(Section):
     max_classes: int = 1000
 
     def validate(self) -> None:
-        if self.batch_size <= 0 or self.max_classes <= 0:
-            raise UserError("batch_size and max_classes must be positive")
+        if self.batch_size < 0 or self.max_classes <= 0:
+            raise UserError("batch_size must be 0 (auto) or positive, and max_classes positive")
         if self.lookahead < 0:
             raise UserError(f"scoring option lookahead={self.lookahead} must be 0 or more")
+
+
+@dataclass(frozen=True)
+class FastPathOptions(Section):
+    """How the denoiser is run (families/fast_path.py, measured in scripts/benchmark_throughput.py and
+    docs/throughput.md). Compiled kernels round floats differently, so a setting other than the one
+    before these options existed enters the store key; every setting is recorded in the result."""
+
+    # torch.compile the denoiser: "on" (inductor, dynamic shapes: one warm-up, reported in the result),
+    # "cuda_graphs" (also replays CUDA graphs; CUDA only).
+    compile: str = legacy("off", "off")
+    # Channels-last memory for UNet denoisers; "auto": on CUDA only (measured no faster on CPU).
+    channels_last: str = legacy("auto", "auto")
+
+    def validate(self) -> None:
+        check_choice("compile", self.compile, COMPILE_MODES)
+        check_choice("channels_last", self.channels_last, CHANNELS_LAST)
 
 
 @dataclass(frozen=True)

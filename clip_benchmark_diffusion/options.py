@@ -26,6 +26,7 @@ from clip_benchmark_diffusion.option_sections import (
     CalibrationOptions,
     ConditioningOptions,
     ErrorOptions,
+    FastPathOptions,
     RuntimeOptions,
     Section,
     ShortlistOptions,
@@ -47,6 +48,7 @@ SECTIONS: dict[str, type[Section]] = {
     "error": ErrorOptions,
     "conditioning": ConditioningOptions,
     "runtime": RuntimeOptions,
+    "fast_path": FastPathOptions,
     "shortlist": ShortlistOptions,
     "calibration": CalibrationOptions,
 }
@@ -79,6 +81,7 @@ class ScoringOptions:
     error: ErrorOptions
     conditioning: ConditioningOptions
     runtime: RuntimeOptions
+    fast_path: FastPathOptions
     shortlist: ShortlistOptions
     calibration: CalibrationOptions
 
@@ -244,7 +247,7 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
         if isinstance(current, bool):
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         if isinstance(current, int):
-            return _integer(value)
+            return 0 if key == "batch_size" and value == "auto" else _integer(value)
         if isinstance(current, float):
             if isinstance(value, bool):  # JSON true is not 1.0
                 raise TypeError

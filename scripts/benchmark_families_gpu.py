@@ -6,8 +6,17 @@ against the device's peak), and images per hour under the default schedule at 10
 classes (denoiser calls per image are inputs: the defaults are this project's measurements,
 see docs/). No weights are downloaded: the architectures are the published configs.
 
-    python scripts/benchmark_families_gpu.py                       # all four, on the GPU, bf16
-    python scripts/benchmark_families_gpu.py --models sd2 --device cpu --dtype float32 --resolution 64 --batch 1
+Each model is timed under every ``--variants`` entry of the package's fast path
+(``families/fast_path.py``): ``eager``, ``channels_last`` (UNets), ``compile`` (torch.compile,
+its warm-up printed apart) and ``cuda_graphs`` (compile with CUDA graphs), one after another on
+the same weights in one process; with
+``--probe-batch`` it also prints the largest batch that fits (``batch_size=auto``'s probe,
+``scoring/batching.py``) and the peak memory at the timed batch.
+
+    python scripts/benchmark_families_gpu.py                       # all four, on the GPU, bf16 (a few minutes)
+    python scripts/benchmark_families_gpu.py --variants eager,channels_last,compile --probe-batch
+    python scripts/benchmark_families_gpu.py --models sd2 --device cpu --dtype float32 --resolution 64 --batch 1 \
+        --repeats 1 --warmup 0                                      # a CPU smoke test of the script path
 """
 from __future__ import annotations
 
@@ -84,31 +93,86 @@ def inputs(name: str, batch: int, resolution: int, device: torch.device, dtype: 
                 "txt_ids": torch.zeros(512, 3, device=device), "img_ids": img_ids}
 
 
-def measure(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def _variant(model, name: str, variant: str):
+    """The model as the package's fast path would run it (families/fast_path.py); None: not applicable."""
+    from clip_benchmark_diffusion.families.fast_path import FastPath, apply_fast_path
+
+    unet = CONFIGS[name][0].startswith("UNet")
+    if variant == "channels_last" and not unet:
+        return None
+    path = FastPath(compile={"compile": "on", "cuda_graphs": "cuda_graphs"}.get(variant, "off"),
+                    channels_last=unet and variant in ("channels_last", "compile", "cuda_graphs"))
+    apply_fast_path(model, path)
+    return path
+
+
+def measure(name: str, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
+
+    from clip_benchmark_diffusion.families.fast_path import prepare_input
 
     resolution = args.resolution or NATIVE[name]
     model = build(name, device, dtype)
     a, kw = inputs(name, args.batch, resolution, device, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    rows = []
     with torch.no_grad():
         counter = FlopCounterMode(display=False)
         with counter:
             model(*a, **kw)
         flops = counter.get_total_flops() / args.batch
-        for _ in range(args.warmup):
-            model(*a, **kw)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.repeats):
-            model(*a, **kw)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / args.repeats / args.batch
-    params = sum(p.numel() for p in model.parameters())
+        probed = None
+        if args.probe_batch:
+            from clip_benchmark_diffusion.scoring.batching import largest_fitting_batch
+            from clip_benchmark_diffusion.scoring.engine import is_out_of_memory
+
+            def fits(n: int) -> bool:
+                try:
+                    pa, pkw = inputs(name, n, resolution, device, dtype)
+                    model(*pa, **pkw)
+                    return True
+                except Exception as exc:  # noqa: BLE001 - out of memory means "does not fit"
+                    if not is_out_of_memory(exc):
+                        raise
+                    del exc
+                    torch.cuda.empty_cache()
+                    return False
+            probed = largest_fitting_batch(fits, cap=args.probe_cap)
+        for variant in args.variants.split(","):
+            path = _variant(model, name, variant)
+            if path is None:
+                continue
+            x_args = tuple(prepare_input(t, path) if t.dim() == 4 else t for t in a)
+            x_kw = {k: prepare_input(v, path) if isinstance(v, torch.Tensor) and v.dim() == 4 else v
+                    for k, v in kw.items()}
+            call = lambda: model(*x_args, **x_kw)  # noqa: E731
+            start = time.perf_counter()
+            call()                                # the warm-up: compile time for compiled variants
+            warm = time.perf_counter() - start
+            for _ in range(args.warmup):
+                call()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = _timed(call, device, args.repeats) / args.batch
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            rows.append({"model": name, "variant": variant, "params_B": params / 1e9, "resolution": resolution,
+                         "tflop_per_call": flops / 1e12, "ms_per_call": 1000 * seconds,
+                         "achieved_tflops": flops / seconds / 1e12, "warmup_s": warm, "peak_gib": peak,
+                         "largest_batch": probed})
+            _variant(model, name, "eager")        # undo before the next variant
     del model
-    return {"model": name, "params_B": params / 1e9, "resolution": resolution, "tflop_per_call": flops / 1e12,
-            "ms_per_call": 1000 * seconds, "achieved_tflops": flops / seconds / 1e12}
+    return rows
 
 
 def main() -> None:
@@ -120,6 +184,9 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=0, help="image side in px (0: each model's native)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--variants", default="eager,channels_last", help="eager, channels_last, compile, cuda_graphs")
+    p.add_argument("--probe-batch", action="store_true", help="also probe the largest batch that fits")
+    p.add_argument("--probe-cap", type=int, default=256, help="the probe's largest batch")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak (0: from the device name)")
     p.add_argument("--calls", default="10:210,1000:25000",
                    help="classes:denoiser calls per image under the default schedule (measured: demo, docs/)")
@@ -130,14 +197,19 @@ def main() -> None:
         gpu = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 0.0)
     calls = {int(k): int(v) for k, v in (item.split(":") for item in args.calls.split(","))}
-    head = ["model", "params B", "px", "TFLOP/call", "ms/call", "MFU"] + [f"img/h @{c} cls" for c in calls]
+    head = ["model", "variant", "params B", "px", "TFLOP/call", "ms/call", "MFU", "first call s", "peak GiB",
+            "largest batch"] + [f"img/h @{c} cls" for c in calls]
+    print(f"{device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, {args.dtype}, "
+          f"batch {args.batch}")
     print(" | ".join(head))
     for name in args.models.split(","):
-        r = measure(name, args, device, dtype)
-        mfu = f"{100 * r['achieved_tflops'] / peak:.0f}%" if peak else "-"
-        per_hour = [f"{3600 / (n * r['ms_per_call'] / 1000):.1f}" for n in calls.values()]
-        print(" | ".join([name, f"{r['params_B']:.2f}", str(r["resolution"]), f"{r['tflop_per_call']:.3f}",
-                          f"{r['ms_per_call']:.2f}", mfu, *per_hour]), flush=True)
+        for r in measure(name, args, device, dtype):
+            mfu = f"{100 * r['achieved_tflops'] / peak:.0f}%" if peak else "-"
+            per_hour = [f"{3600 / (n * r['ms_per_call'] / 1000):.1f}" for n in calls.values()]
+            print(" | ".join([name, r["variant"], f"{r['params_B']:.2f}", str(r["resolution"]),
+                              f"{r['tflop_per_call']:.3f}", f"{r['ms_per_call']:.2f}", mfu, f"{r['warmup_s']:.1f}",
+                              "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
+                              str(r["largest_batch"] or "-"), *per_hour]), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from clip_benchmark_diffusion.families.model import LoadedModel
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.results.keys import (class_conditioning_fingerprint, image_digest, image_key,
                                                    model_fingerprint, task_run_key)
+from clip_benchmark_diffusion.scoring import batching
 from clip_benchmark_diffusion.scoring.engine import Candidates, Conditioning
 from clip_benchmark_diffusion.scoring.timesteps import NoiseGrid
 
@@ -30,6 +31,7 @@ class ClassTable:
         self.groups: list[torch.Tensor] = []          # per class, its prompt ids
         self.classnames: list[str] | None = None
         self._text_cache: dict[int, Conditioning] = {}
+        self.streamed = False   # the candidate table in pinned CPU memory, its rows moved per batch
         self._candidates: Candidates | None = None
         self._run_key: str | None = None
         self._model_fingerprint: str | None = None
@@ -68,7 +70,9 @@ class ClassTable:
     def candidates(self) -> Candidates:
         """The engine's candidate table: one conditioning per class, or per prompt with its members."""
         if self._candidates is None:
-            self._candidates = self._text_table() if self.model.family.text_conditioned else self._class_table()
+            table = self._text_table() if self.model.family.text_conditioned else self._class_table()
+            cond, self.streamed = batching.place_table(table.cond, self.model.device)
+            self._candidates = Candidates(cond=cond, members=table.members)
         return self._candidates
 
     def image_keys(self, images: torch.Tensor, grid: NoiseGrid) -> tuple[list[str], list[str]]:
@@ -97,11 +101,12 @@ class ClassTable:
     def _encode_prompts(self, ids: list[int]) -> None:
         """Run the text encoders once for each prompt not seen before."""
         todo = [i for i in ids if i not in self._text_cache]
-        if not todo:
-            return
-        cond = self.model.encode_prompts([self.prompts.texts[i] for i in todo], self.options)
-        for j, i in enumerate(todo):
-            self._text_cache[i] = {k: v[j] for k, v in cond.items()}
+        for s in range(0, len(todo), batching.ENCODE_CHUNK):   # rows kept on the CPU: an 80k-prompt table
+            part = todo[s: s + batching.ENCODE_CHUNK]          # goes to the device only if it fits
+            cond = {k: v.cpu() for k, v in self.model.encode_prompts([self.prompts.texts[i] for i in part],
+                                                                     self.options).items()}
+            for j, i in enumerate(part):
+                self._text_cache[i] = {k: v[j] for k, v in cond.items()}
 
     def _text_table(self) -> Candidates:
         self._encode_prompts(sorted({i for grp in self.groups for i in grp.tolist()}))

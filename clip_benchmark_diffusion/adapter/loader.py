@@ -20,6 +20,7 @@ from clip_benchmark_diffusion.adapter.shortlist import TaskShortlist
 from clip_benchmark_diffusion.errors import stderr_note
 from clip_benchmark_diffusion.adapter.transform import image_transform
 from clip_benchmark_diffusion.families.base import Family
+from clip_benchmark_diffusion.families.fast_path import cpu_bf16_note
 from clip_benchmark_diffusion.families.model import LoadedModel, load_model
 from clip_benchmark_diffusion.registry import ModelSpec, ResolvedModel, resolve
 from clip_benchmark_diffusion.results.fetch import RunResults
@@ -33,8 +34,9 @@ def load_diffusion_classifier(model_name: str, pretrained: str | None = None, ca
         resolved = resolve(model_name, pretrained, cache_dir)
     spec, source = resolved.spec, resolved.source
     dtype = pick_dtype(spec.options.dtype, torch.device(device), spec.family.cuda_dtype)
-    if note := float16_note(spec.family, dtype):
-        stderr_note(note)
+    for note in (float16_note(spec.family, dtype), cpu_bf16_note(dtype, torch.device(device))):
+        if note:
+            stderr_note(note)
     loaded = load_model(spec.family, source, dtype, cache_dir=cache_dir, expected_prediction=spec.recipe.prediction_type)
     model = build_classifier(loaded, spec, source.location, device)
     transform = image_transform(loaded.resolution(spec.options), loaded.image_channels)

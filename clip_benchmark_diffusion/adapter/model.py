@@ -30,6 +30,7 @@ from clip_benchmark_diffusion.adapter.run_account import RunAccount, RunRecord
 from clip_benchmark_diffusion.errors import UserError, stderr_note
 from clip_benchmark_diffusion.families.model import LoadedModel
 from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.scoring.batching import peak_memory_bytes
 from clip_benchmark_diffusion.scoring.engine import Candidates, ImageResult, Levels, Conditioning, ScoringEngine
 from clip_benchmark_diffusion.scoring.noise import image_seed
 
@@ -59,6 +60,7 @@ class DiffusionClassifier(nn.Module):
         """Score with other options from now on (same weights; for benchmarks and sweeps)."""
         self.options = options
         self.grid = self.model.grid(options.max_sample_count, options)
+        self.model.use_fast_path(options)   # compiled, channels-last: refused or applied before any image
         self.engine = ScoringEngine(self._denoise, self.grid, self.model.objective, options, self.device_,
                                     progress=self._on_progress, note=stderr_note,
                                     nonfinite_error=lambda what: self.account.nonfinite_error(what, options))
@@ -208,6 +210,8 @@ class DiffusionClassifier(nn.Module):
     def result_metadata(self, model_type: str) -> dict:
         """The identity of this evaluation for the result JSON and leaderboards."""
         out = self.account.metadata(self.options, self.grid, model_type)
+        out["memory"] = {"peak_bytes": peak_memory_bytes(self.device_), "denoiser_batch": self.engine.batch_size,
+                         "conditioning_streamed": self.classes.streamed}
         if self.task == CAPTION_SELECTION:
             out["caption_selection"] = self.captions.metadata()
         return out

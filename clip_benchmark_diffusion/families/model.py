@@ -16,6 +16,8 @@ import torch
 
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.families.base import Family
+from clip_benchmark_diffusion.families.fast_path import (AppliedFastPath, FastPath, apply_fast_path, prepare_input,
+                                                         timed_first_call)
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring import math as smath
 from clip_benchmark_diffusion.scoring.engine import Conditioning, Levels
@@ -37,6 +39,7 @@ class LoadedModel:
         self.text_encoders = [getattr(pipe, s.encoder).eval() for s in family.text_sides(pipe)]
         self.device = torch.device("cpu")
         self.offload_text = False
+        self.fast: AppliedFastPath | None = None
         if self.vae is not None:
             self.vae.eval()
 
@@ -45,14 +48,19 @@ class LoadedModel:
         visit it only to encode prompts (offloading pays there; elsewhere they move too)."""
         self.device = torch.device(device)
         self.denoiser.to(self.device)
-        if self.device.type == "cuda" and self.family.denoiser == "unet":
-            self.denoiser.to(memory_format=torch.channels_last)
         if self.vae is not None:
             self.vae.to(self.device)
         self.offload_text = self.device.type == "cuda"
         for enc in self.text_encoders:
             enc.to("cpu" if self.offload_text else self.device)
         return self
+
+    def use_fast_path(self, options: ScoringOptions) -> AppliedFastPath:
+        """Run the denoiser with ``options``' fast path (families/fast_path.py) from now on."""
+        path = FastPath.resolve(options, self.device, self.family.denoiser)
+        if self.fast is None or self.fast.path != path:
+            self.fast = apply_fast_path(self.denoiser, path)
+        return self.fast
 
     # -- facts -------------------------------------------------------------------------------
     def resolution(self, options: ScoringOptions) -> int | tuple[int, int]:
@@ -89,7 +97,8 @@ class LoadedModel:
 
     def metadata(self, options: ScoringOptions) -> dict[str, Any]:
         return {"family": self.family.name, "objective": self.objective,
-                "resolution": self.resolution(options), **self.family.extra_metadata(self.pipe, options)}
+                "resolution": self.resolution(options), **self.family.extra_metadata(self.pipe, options),
+                "fast_path": self.use_fast_path(options).metadata()}
 
     # -- the operations ----------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -117,10 +126,9 @@ class LoadedModel:
 
     def denoise(self, x_t: torch.Tensor, levels: Levels, cond: Conditioning, options: ScoringOptions) -> torch.Tensor:
         """eps_hat (N, C, H, W) float32 for x_t (N, C, H, W) float32."""
-        x = x_t.to(self.dtype)
-        if self.device.type == "cuda" and self.family.denoiser == "unet":
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = self.family.call_denoiser(self.pipe, x, levels, cond, options)
+        fast = self.use_fast_path(options)
+        x = prepare_input(x_t.to(self.dtype), fast.path)
+        out = timed_first_call(fast, lambda: self.family.call_denoiser(self.pipe, x, levels, cond, options))
         out = out[:, : x_t.shape[1]]               # learned-variance channels (PixArt, IF, DiT) dropped
         return smath.predicted_eps(out, x_t, levels.a, levels.b, self.objective)
 

@@ -18,6 +18,7 @@ import torch
 
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring import math as smath
+from clip_benchmark_diffusion.scoring.batching import AUTO_CPU, gather_rows, largest_fitting_batch
 from clip_benchmark_diffusion.scoring.noise import NoiseBank
 from clip_benchmark_diffusion.scoring.strategies import Outcome, Strategy, make_strategy
 from clip_benchmark_diffusion.scoring.timesteps import NoiseGrid
@@ -146,15 +147,17 @@ class ScoringEngine:
     def __init__(self, denoiser: Denoiser, grid: NoiseGrid, objective: str, options: ScoringOptions,
                  device: torch.device | str, progress: Callable[[dict], None] | None = None,
                  nonfinite_error: Callable[[str], Exception] = NonFiniteOutput,
-                 note: Callable[[str], None] | None = None) -> None:
+                 note: Callable[[str], None] | None = None, probe_batch: bool | None = None) -> None:
         """``grid`` holds at least ``options.max_sample_count`` noise levels in sample order;
         ``objective`` is what the denoiser was trained to predict (for the ``native`` weighting).
         ``nonfinite_error(what)`` is raised when a denoiser batch is not finite (the caller knows
-        the model, dtype and options that a user can change)."""
+        the model, dtype and options that a user can change). With ``options.batch_size`` 0 (auto) the
+        batch is probed on the first round's inputs when ``probe_batch`` (None: on CUDA), else ``AUTO_CPU``."""
         self.nonfinite_error = nonfinite_error
         # The denoiser batch in use: options.batch_size until the device runs out of memory, then halved
         # (for the rest of the run: the engine lives as long as the model). ``note`` says so in one line.
-        self.batch_size = options.batch_size
+        self.probe_batch = torch.device(device).type == "cuda" if probe_batch is None else probe_batch
+        self.batch_size = options.batch_size or (0 if self.probe_batch else AUTO_CPU)   # 0: probed at first use
         self.note = note
         if len(grid) < options.max_sample_count:
             raise ValueError(f"the grid has {len(grid)} levels, the options need {options.max_sample_count}")
@@ -218,6 +221,8 @@ class ScoringEngine:
         last_save, interval = time.perf_counter(), self.checkpoint_s
         while active := [i for i, s in enumerate(states) if not s.strategy.done]:
             items = self._collect(states, active, valid, 0)            # (Q, 4): image, class, member, sample
+            if not self.batch_size and len(items):
+                self._probe_batch(states, items, cands)
             items = torch.cat([items, self._fill(states, active, valid, len(items))])
             pos = 0
             while pos < len(items):                                    # restored images: may be none
@@ -303,7 +308,29 @@ class ScoringEngine:
         ahead, lag = ahead[lag >= 0], lag[lag >= 0]                    # only beyond the horizon
         return ahead[torch.argsort(lag, stable=True)[:room]]
 
-    def _run(self, states: list[_ImageState], chunk: torch.Tensor, cands: Candidates) -> None:
+    def _probe_batch(self, states: list[_ImageState], items: torch.Tensor, cands: Candidates) -> None:
+        """``batch_size`` auto: the largest batch of these items' inputs that fits (scoring/batching.py);
+        the probes' outputs are thrown away, so results do not depend on them."""
+        def fits(n: int) -> bool:
+            try:
+                self._forward(states, items[torch.arange(n) % len(items)], cands)
+                return True
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory means "does not fit"
+                if not is_out_of_memory(exc):
+                    raise
+                del exc
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                return False
+
+        self.batch_size = largest_fitting_batch(fits)
+        if self.note is not None:
+            self.note(f"denoiser batch auto: {self.batch_size} rows fit this model, resolution and dtype "
+                      f"(probed; batch_size=N sets it)")
+
+    def _forward(self, states: list[_ImageState], chunk: torch.Tensor,
+                 cands: Candidates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The noise, the denoiser's estimate and the sample indices (on the device) of ``chunk``'s items."""
         img, g, m, k = chunk.unbind(1)
         x0 = torch.stack([states[i].latent for i in img.tolist()])    # (n, C, H, W)
         eps = torch.empty_like(x0, dtype=torch.float32)
@@ -313,13 +340,17 @@ class ScoringEngine:
         kd = k.to(self.device)
         levels = Levels(a=self._a[kd], b=self._b[kd], model_time=self._model_time[kd])
         x_t = smath.add_noise(x0.float(), eps, levels.a, levels.b)
-        rows = cands.members[g, m]
-        cond = {name: v[rows.to(v.device)] for name, v in cands.cond.items()}   # each (n, ...)
+        cond = gather_rows(cands.cond, cands.members[g, m], self.device)   # each (n, ...), from a streamed table too
         t0 = time.perf_counter()
         eps_hat = self.denoiser(x_t, levels, cond)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.denoiser_seconds += time.perf_counter() - t0
+        return eps, eps_hat, kd
+
+    def _run(self, states: list[_ImageState], chunk: torch.Tensor, cands: Candidates) -> None:
+        img, g, m, k = chunk.unbind(1)
+        eps, eps_hat, kd = self._forward(states, chunk, cands)
         self.stats.denoiser_calls += len(chunk)
         self.stats.denoiser_batches += 1
         scale = self._scale[kd] if self._scale is not None else None

@@ -1,0 +1,112 @@
+"""The denoiser's fast path (issue 27): how a loaded denoiser runs, apart from what it computes.
+
+Each option is a scoring option (``options.py``), applied here to a loaded denoiser, recorded in the
+result metadata and, when it changes float results, in the store key:
+
+- ``compile``: ``torch.compile`` of the denoiser in place (``nn.Module.compile``: the weights, and so
+  the weights fingerprint, are untouched), with dynamic shapes so that a partial last batch does not
+  compile a second time; ``cuda_graphs`` also replays CUDA graphs (inductor's ``reduce-overhead``).
+  The warm-up (the first call) is timed and reported once.
+- ``channels_last``: NHWC activations for UNets (cuDNN's fast layout); ``auto`` keeps it to CUDA.
+- attention: diffusers already routes every attention through PyTorch's SDPA (``AttnProcessor2_0``
+  and its relatives); the report says which processors a model uses, so a model that does not is seen.
+- dtype: the ``dtype`` option (bfloat16 runs on CPUs with AVX512-BF16 or AMX; :func:`cpu_bf16_note`
+  says when a CPU lacks them, where bfloat16 is emulated and slower than float32).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.options import ScoringOptions
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """The fast-path settings resolved for one device and one denoiser."""
+
+    compile: str          # off / on / cuda_graphs
+    channels_last: bool   # NHWC input and weights (UNets only)
+
+    @classmethod
+    def resolve(cls, options: ScoringOptions, device: torch.device, denoiser_kind: str) -> "FastPath":
+        """``options`` on ``device`` for a ``unet`` or ``transformer`` denoiser; CUDA graphs off CUDA
+        are refused in one line (before any weights move)."""
+        if options.compile == "cuda_graphs" and device.type != "cuda":
+            raise UserError(f"compile=cuda_graphs needs a CUDA device, not {device.type}; use compile=on")
+        wanted = {"auto": device.type == "cuda", "on": True, "off": False}[options.channels_last]
+        return cls(compile=options.compile, channels_last=wanted and denoiser_kind == "unet")
+
+
+@dataclass
+class Warmup:
+    """The first call's seconds under ``torch.compile`` (its compile time, paid once per process)."""
+
+    seconds: float | None = None
+
+
+@dataclass
+class AppliedFastPath:
+    """What was applied to one denoiser, for the result metadata."""
+
+    path: FastPath
+    attention: str
+    warmup: Warmup = field(default_factory=Warmup)
+
+    def metadata(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"compile": self.path.compile, "channels_last": self.path.channels_last,
+                               "attention": self.attention}
+        if self.path.compile != "off":
+            out["compile_warmup_s"] = None if self.warmup.seconds is None else round(self.warmup.seconds, 2)
+        return out
+
+
+def apply_fast_path(denoiser: torch.nn.Module, path: FastPath) -> AppliedFastPath:
+    """Apply ``path`` to ``denoiser`` in place (its memory format and compiled call), undoing a
+    previous path's: options can change on a loaded model (``DiffusionClassifier.set_options``)."""
+    denoiser.to(memory_format=torch.channels_last if path.channels_last else torch.contiguous_format)
+    # nn.Module.compile() keeps the compiled call here; None is eager again (torch has no public undo)
+    denoiser._compiled_call_impl = None
+    if path.compile != "off":
+        mode = "reduce-overhead" if path.compile == "cuda_graphs" else None
+        denoiser.compile(mode=mode, dynamic=True)
+    return AppliedFastPath(path=path, attention=attention_kind(denoiser))
+
+
+def timed_first_call(applied: AppliedFastPath, call: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run ``call``; the first one under ``torch.compile`` is timed as the warm-up."""
+    if applied.path.compile == "off" or applied.warmup.seconds is not None:
+        return call()
+    start = time.perf_counter()
+    out = call()
+    applied.warmup.seconds = time.perf_counter() - start
+    return out
+
+
+def prepare_input(x: torch.Tensor, path: FastPath) -> torch.Tensor:
+    """The denoiser input in the memory format its weights use."""
+    return x.contiguous(memory_format=torch.channels_last) if path.channels_last and x.dim() == 4 else x
+
+
+def attention_kind(denoiser: torch.nn.Module) -> str:
+    """``sdpa`` when every attention processor of a diffusers model calls PyTorch's SDPA, else their names."""
+    processors = getattr(denoiser, "attn_processors", None)
+    if not processors:
+        return "none"
+    names = sorted({type(p).__name__ for p in processors.values()})
+    # diffusers names its SDPA processors *2_0; FLUX's calls SDPA through diffusers' attention dispatcher
+    return "sdpa" if all(n.endswith("2_0") or n == "FluxAttnProcessor" for n in names) else ",".join(names)
+
+
+def cpu_bf16_note(dtype: torch.dtype, device: torch.device) -> str | None:
+    """A warning for bfloat16 on a CPU without native bfloat16 arithmetic (emulated: slower than float32)."""
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return None
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return ("dtype=bfloat16 on a CPU without AVX512-BF16 or AMX: bfloat16 is emulated there and usually "
+            "slower than float32 (dtype=float32 is the CPU default)")

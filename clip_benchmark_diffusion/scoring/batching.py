@@ -1,0 +1,90 @@
+"""Denoiser batches sized to the device (issue 27): ``batch_size=0`` ("auto").
+
+On CUDA the engine probes, once per model and options, the largest batch of the run's own inputs
+(family, resolution, dtype, conditioning) that runs without an out-of-memory error: it doubles
+from ``AUTO_START`` until a batch fails or reaches ``AUTO_MAX``, then bisects between the last
+batch that ran and the first that failed. An out-of-memory error later (fragmentation, a longer
+prompt) still halves the batch with nothing lost (``ScoringEngine._run_fitting``). Elsewhere
+memory is not the limit and a larger batch buys little (scripts/benchmark_throughput.py), so
+``auto`` is ``AUTO_CPU``, the default before ``auto`` existed.
+
+The conditioning table is the other memory that grows with a run: at ImageNet scale with
+``error_mean`` (1,000 classes x 80 templates) a T5 family's table is 80k rows of up to 333 tokens.
+:func:`place_table` keeps it on the device when it fits in ``TABLE_SHARE`` of the free memory and
+in pinned CPU memory otherwise; the engine then moves only each batch's rows to the device, so
+device memory grows with the batch, not with the class count.
+"""
+from __future__ import annotations
+
+import resource
+from typing import Callable
+
+import torch
+
+ENCODE_CHUNK = 512   # prompts per text-encoder call (80k at once would hold 80k prompts' activations)
+AUTO_CPU = 64        # rows per forward when memory is not the limit
+AUTO_START = 8       # the first CUDA probe
+AUTO_MAX = 1024      # beyond this no family gains throughput, and one round's items rarely fill it
+TABLE_SHARE = 0.25   # the share of free device memory a resident conditioning table may take
+
+
+def largest_fitting_batch(fits: Callable[[int], bool], start: int = AUTO_START, cap: int = AUTO_MAX) -> int:
+    """The largest n in [1, cap] with ``fits(n)``, assuming that a batch that fits makes every smaller
+    one fit; ``fits`` runs one batch of n rows and says whether memory sufficed. At most about
+    2 log2(cap) probes; 1 when even one row does not fit (the run then fails on its first batch)."""
+    lo, hi = 0, min(start, cap)             # lo: largest known to fit (0: none); hi: smallest known to fail
+    if fits(hi):
+        lo = hi
+        while lo < cap:                     # double until a failure or the cap
+            n = min(2 * lo, cap)
+            if not fits(n):
+                hi = n
+                break
+            lo = n
+        else:
+            return cap
+    else:
+        n = hi
+        while n > 1:                        # halve until one fits
+            n //= 2
+            if fits(n):
+                lo = n
+                break
+            hi = n
+        if lo == 0:
+            return 1
+    while hi - lo > 1:                      # bisect between the last fit and the first failure
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def table_bytes(cond: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in cond.values())
+
+
+def place_table(cond: dict[str, torch.Tensor], device: torch.device,
+                free_bytes: Callable[[], int] | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+    """The conditioning table where it should live: ``(table, streamed)``. On a CUDA device it goes to
+    the device when it takes at most ``TABLE_SHARE`` of the free memory, else into pinned CPU memory
+    (``streamed``: the engine gathers each batch's rows there and moves only those)."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in cond.items()}, False
+    free = free_bytes() if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
+    if table_bytes(cond) <= TABLE_SHARE * free:
+        return {k: v.to(device) for k, v in cond.items()}, False
+    pin = torch.cuda.is_available()   # pinned: asynchronous copies (a CUDA-less process can only plan)
+    return {k: (v.cpu().pin_memory() if pin else v.cpu()) for k, v in cond.items()}, True
+
+
+def gather_rows(cond: dict[str, torch.Tensor], rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch's conditioning rows, gathered where the table lives and moved to ``device``
+    (asynchronously from pinned memory)."""
+    return {k: v[rows.to(v.device)].to(device, non_blocking=True) for k, v in cond.items()}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The run's peak memory: allocated on a CUDA device, else the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024   # Linux reports KiB

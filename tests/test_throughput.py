@@ -1,0 +1,176 @@
+"""Throughput per denoiser call (issue 27): auto batch size, streamed conditioning, the fast path."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from analytic_denoiser import SHAPE, cands, grid, images, oracle
+from clip_benchmark_diffusion.errors import UserError
+from clip_benchmark_diffusion.families.fast_path import FastPath
+from clip_benchmark_diffusion.options import ScoringOptions
+from clip_benchmark_diffusion.scoring import batching
+from clip_benchmark_diffusion.scoring.engine import Candidates, ScoringEngine
+from test_out_of_memory import _SmallDevice
+
+
+@pytest.mark.parametrize("limit", [1, 2, 5, 8, 37, 64, 1000, 1024, 5000])
+def test_the_probe_finds_the_largest_batch_under_an_injected_memory_limit(limit):
+    probes: list[int] = []
+
+    def fits(n: int) -> bool:
+        probes.append(n)
+        return n <= limit
+
+    assert batching.largest_fitting_batch(fits) == min(limit, batching.AUTO_MAX)
+    assert len(probes) <= 2 * math.log2(batching.AUTO_MAX) + 1      # doubling, then bisection
+    assert max(probes) <= batching.AUTO_MAX
+
+
+def _engine(options, denoiser, probe_batch=None, notes=None):
+    return ScoringEngine(denoiser, grid(options.max_sample_count, "epsilon", options.weighting), "epsilon", options,
+                         "cpu", note=None if notes is None else notes.append, probe_batch=probe_batch)
+
+
+def test_auto_batch_probes_the_device_then_scores_exactly_as_a_fixed_batch():
+    torch.manual_seed(0)
+    protos = torch.randn(5, *SHAPE)
+    x = images(protos, [0, 3, 1, 4, 2, 2], noise=1.0)
+    options = ScoringOptions(strategy="anytime", min_samples=4, max_samples=20, alpha=0.5, batch_size=64)
+    fixed = _engine(options, oracle("epsilon", "gaussian"))
+    reference = fixed.score(x, list(range(len(x))), cands(protos))
+    small, notes = _SmallDevice(oracle("epsilon", "gaussian"), limit=37), []
+    auto = _engine(options.replace(batch_size="auto"), small, probe_batch=True, notes=notes)
+    results = auto.score(x, list(range(len(x))), cands(protos))
+    assert auto.batch_size == 37                                   # the largest the "device" holds
+    assert notes == ["denoiser batch auto: 37 rows fit this model, resolution and dtype (probed; batch_size=N sets it)"]
+    assert max(small.sizes) == 37
+    assert auto.stats.denoiser_calls == fixed.stats.denoiser_calls  # probes are not counted as scoring
+    for a, b in zip(results, reference):
+        assert torch.equal(a.outcome.rank, b.outcome.rank)
+        assert torch.allclose(a.outcome.mean_error, b.outcome.mean_error, rtol=1e-6, equal_nan=True)
+
+
+def test_auto_batch_off_cuda_is_the_old_default_and_no_probe():
+    small = _SmallDevice(oracle("epsilon", "gaussian"), limit=10**6)
+    engine = _engine(ScoringOptions(), small)
+    assert ScoringOptions().batch_size == 0 and engine.batch_size == batching.AUTO_CPU == 64
+    assert small.calls == 0
+    assert ScoringOptions().replace(batch_size="auto") == ScoringOptions()
+    with pytest.raises(UserError, match="batch_size must be 0"):
+        ScoringOptions(batch_size=-1)
+
+
+def test_a_table_too_large_for_the_free_memory_is_streamed_from_the_cpu():
+    table = {"encoder_hidden_states": torch.randn(80, 16, 8), "pooled_projections": torch.randn(80, 32)}
+    nbytes = batching.table_bytes(table)
+    assert nbytes == 80 * (16 * 8 + 32) * 4
+    placed, streamed = batching.place_table(table, torch.device("cuda"), free_bytes=lambda: 4 * nbytes - 1)
+    assert streamed and all(v.device.type == "cpu" for v in placed.values())
+    placed, streamed = batching.place_table(table, torch.device("cpu"))
+    assert not streamed and placed["pooled_projections"] is table["pooled_projections"]
+    rows = torch.tensor([5, 0, 79, 5])
+    got = batching.gather_rows(table, rows, torch.device("cpu"))
+    assert torch.equal(got["encoder_hidden_states"], table["encoder_hidden_states"][rows])
+
+
+def test_a_streamed_table_scores_as_the_resident_one():
+    """The engine gathers each batch's rows where the table lives: a table kept off the device (here:
+    a CPU table for a CPU engine, the path a CUDA run takes with pinned memory) gives the same errors."""
+    torch.manual_seed(1)
+    protos = torch.randn(4, *SHAPE)
+    x = images(protos, [0, 1, 2, 3, 1], noise=1.0)
+    options = ScoringOptions(strategy="full", n_samples=(6,), batch_size=5)
+    resident = cands(protos)
+    streamed, was_streamed = batching.place_table(resident.cond, torch.device("cuda"), free_bytes=lambda: 0)
+    assert was_streamed
+    a = _engine(options, oracle("epsilon", "gaussian")).score(x, list(range(len(x))), resident)
+    b = _engine(options, oracle("epsilon", "gaussian")).score(x, list(range(len(x))),
+                                                             Candidates(cond=streamed, members=resident.members))
+    for ra, rb in zip(a, b):
+        assert torch.equal(ra.outcome.mean_error, rb.outcome.mean_error)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_streamed_table_scores_as_the_resident_one_on_cuda():
+    torch.manual_seed(1)
+    protos = torch.randn(4, *SHAPE)
+    x = images(protos, [0, 1, 2, 3, 1], noise=1.0).cuda()
+    options = ScoringOptions(strategy="full", n_samples=(6,), batch_size=5)
+    base = cands(protos)
+    resident = Candidates(cond={k: v.cuda() for k, v in base.cond.items()}, members=base.members)
+    streamed, was_streamed = batching.place_table(base.cond, torch.device("cuda"), free_bytes=lambda: 0)
+    assert was_streamed and all(v.is_pinned() for v in streamed.values())
+    run = lambda c: ScoringEngine(oracle("epsilon", "gaussian"), grid(6), "epsilon", options, "cuda").score(  # noqa: E731
+        x, list(range(len(x))), c)
+    for ra, rb in zip(run(resident), run(Candidates(cond=streamed, members=base.members))):
+        assert torch.equal(ra.outcome.mean_error, rb.outcome.mean_error)
+
+
+def test_fast_path_options_that_change_float_results_enter_the_store_key_only_when_on():
+    base = ScoringOptions()
+    assert "compile" not in base.fingerprint_dict() and "channels_last" not in base.fingerprint_dict()
+    assert base.replace(compile="on").fingerprint_dict()["compile"] == "on"
+    assert base.replace(channels_last="on").fingerprint_dict()["channels_last"] == "on"
+    assert base.replace(batch_size=7).fingerprint_dict() == base.fingerprint_dict()   # batching changes no score
+    with pytest.raises(UserError, match="compile=cuda_graphs needs a CUDA device"):
+        FastPath.resolve(base.replace(compile="cuda_graphs"), torch.device("cpu"), "unet")
+    assert FastPath.resolve(base, torch.device("cuda"), "unet").channels_last       # auto: CUDA UNets only
+    assert not FastPath.resolve(base, torch.device("cpu"), "unet").channels_last
+    assert not FastPath.resolve(base.replace(channels_last="on"), torch.device("cuda"), "transformer").channels_last
+
+
+def _classify(model, tokenizer, x):
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    model.begin_task("zeroshot_classification", expected_images=len(x))
+    clf = zc.zero_shot_classifier(model, tokenizer, ["zero", "one", "two"], ["a photo of {c}."], "cpu")
+    logits, _ = zc.run_classification(model, clf, [(x, torch.zeros(len(x), dtype=torch.long))], "cpu")
+    return logits
+
+
+def test_channels_last_is_recorded_in_the_result_and_scores_as_the_default(tiny_sd, tmp_path):
+    """channels_last=on reorders the UNet's memory: float rounding may change (so it is in the store key
+    and the result), the ranking of the tiny model's classes does not; turning it off restores the layout."""
+    from tiny_models import load_tiny_classifier
+
+    opts = tmp_path / "o.json"
+    opts.write_text(json.dumps({"strategy": "full", "n_samples": [6], "batch_size": 8}))
+    model, transform, tokenizer = load_tiny_classifier(tiny_sd, opts)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    default = _classify(model, tokenizer, x)
+    errors = torch.stack([r.outcome.mean_error for r in model.record.results])
+    assert model.result_metadata("open_clip")["fast_path"] == {"compile": "off", "channels_last": False,
+                                                               "attention": "sdpa"}
+    model.set_options(model.options.replace(channels_last="on"))
+    fast = _classify(model, tokenizer, x)
+    meta = model.result_metadata("open_clip")
+    assert meta["fast_path"]["channels_last"] is True and meta["scoring"]["channels_last"] == "on"
+    conv = model.model.denoiser.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert torch.equal(fast.argmax(1), default.argmax(1))
+    assert torch.allclose(torch.stack([r.outcome.mean_error for r in model.record.results]), errors, rtol=1e-4)
+    assert meta["memory"]["denoiser_batch"] == 8 and meta["memory"]["peak_bytes"] > 0
+    model.set_options(model.options.replace(channels_last="off"))
+    _classify(model, tokenizer, x[:1])
+    assert model.model.denoiser.conv_in.weight.is_contiguous()
+
+
+@pytest.mark.slow
+def test_compile_scores_as_eager_and_reports_its_warm_up_once(tiny_sd, tmp_path):
+    from tiny_models import load_tiny_classifier
+
+    opts = tmp_path / "o.json"
+    opts.write_text(json.dumps({"strategy": "full", "n_samples": [4], "batch_size": 8}))
+    model, transform, tokenizer = load_tiny_classifier(tiny_sd, opts)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    eager = _classify(model, tokenizer, x)
+    errors = torch.stack([r.outcome.mean_error for r in model.record.results])
+    model.set_options(model.options.replace(compile="on"))
+    compiled = _classify(model, tokenizer, x)
+    meta = model.result_metadata("open_clip")["fast_path"]
+    assert meta["compile"] == "on" and meta["compile_warmup_s"] > 0
+    assert torch.equal(compiled.argmax(1), eager.argmax(1))
+    assert torch.allclose(torch.stack([r.outcome.mean_error for r in model.record.results]), errors, rtol=1e-4)
