@@ -163,6 +163,11 @@ class FastPathOptions(Section):
         check_choice("compile", self.compile, COMPILE_MODES)
         check_choice("channels_last", self.channels_last, CHANNELS_LAST)
 
+    def check_device(self, device_type: str) -> None:
+        """CUDA graphs off CUDA: one line (the plan calls this with ``--device`` before any weights load)."""
+        if self.compile == "cuda_graphs" and device_type != "cuda":
+            raise UserError(f"compile=cuda_graphs needs a CUDA device, not {device_type}; use compile=on")
+
 
 @dataclass(frozen=True)
 class ShortlistOptions(Section):

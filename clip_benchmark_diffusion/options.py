@@ -256,7 +256,8 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
             raise TypeError
         return value
     except (TypeError, ValueError):
-        raise UserError(f"scoring option {key}={value!r} should be like {current!r}") from None
+        example = "64 or auto" if key == "batch_size" else repr(current)   # 0 is how auto is stored
+        raise UserError(f"scoring option {key}={value!r} should be like {example}") from None
 
 
 def _integer(value: Any) -> int:

@@ -36,8 +36,7 @@ class FastPath:
     def resolve(cls, options: ScoringOptions, device: torch.device, denoiser_kind: str) -> "FastPath":
         """``options`` on ``device`` for a ``unet`` or ``transformer`` denoiser; CUDA graphs off CUDA
         are refused in one line (before any weights move)."""
-        if options.compile == "cuda_graphs" and device.type != "cuda":
-            raise UserError(f"compile=cuda_graphs needs a CUDA device, not {device.type}; use compile=on")
+        options.fast_path.check_device(device.type)
         wanted = {"auto": device.type == "cuda", "on": True, "off": False}[options.channels_last]
         return cls(compile=options.compile, channels_last=wanted and denoiser_kind == "unet")
 

@@ -136,6 +136,7 @@ def validate_run(args: Any) -> "ResolvedModel | None":
         from clip_benchmark_diffusion.integration.checks import check_open_clip
 
         check_open_clip(options.shortlist_model, options.shortlist_pretrained, "shortlist_pretrained")
+    options.fast_path.check_device(_run_device_type())
     task = task_of(args)
     if task in UNSUPPORTED_TASKS:
         raise unsupported_task_error(task)
@@ -151,6 +152,13 @@ def validate_run(args: Any) -> "ResolvedModel | None":
         raise UserError("--distributed splits whole runs, not images; for diffusion models start the same command "
                         "under torchrun (or srun) without --distributed and the images are split across ranks")
     return resolved
+
+
+def _run_device_type() -> str:
+    """The device type clip_benchmark's ``run`` will pick (it sets ``args.device`` itself: cuda when it has one)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _slug(text: str) -> str:
