@@ -4,7 +4,7 @@
 (diffusion or CLIP), ``<result stem>.predictions.jsonl`` beside the result JSON: one line per image
 with the label, the top-5 classes, the top-1 class's probability (``confidence``: CLIP's softmax at
 its own logit scale; for diffusion models the posterior probability that the top-1 class has the
-lowest expected error, ``scoring.strategies.best_probability``) and (diffusion models) the
+lowest expected error, ``scoring.sequential.best_probability``) and (diffusion models) the
 denoiser calls spent on it. For image-caption selection (SugarCrepe, Winoground) a line is one
 instance: ``target`` 0 (the true caption comes first), ``top5`` the captions ranked for the
 instance's first image, and ``correct``, clip_benchmark's own per-instance verdict (each image picks

@@ -17,7 +17,8 @@ from clip_benchmark_diffusion.scoring.sequential import (
     posterior_best,
     without_replacement_sums,
 )
-from clip_benchmark_diffusion.scoring.strategies import AnytimeStrategy, best_probability, make_strategy
+from clip_benchmark_diffusion.scoring.sequential import best_probability
+from clip_benchmark_diffusion.scoring.strategies import AnytimeStrategy, make_strategy
 from clip_benchmark_diffusion.scoring.timesteps import prefix_order as sequential_prefix_order
 
 

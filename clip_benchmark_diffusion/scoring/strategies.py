@@ -19,7 +19,7 @@ import torch
 from scipy import stats
 
 from clip_benchmark_diffusion.options import ScoringOptions
-from clip_benchmark_diffusion.scoring.sequential import eliminated_by_leader, posterior_best
+from clip_benchmark_diffusion.scoring.sequential import eliminated_by_leader, paired_gaps, posterior_from_gaps
 from clip_benchmark_diffusion.scoring.timesteps import prefix_order
 from clip_benchmark_diffusion.scoring.strategy_options import (
     AnytimeConfig,
@@ -197,7 +197,7 @@ class Strategy:
         rank = torch.empty(len(mean), dtype=torch.long)
         rank[order] = torch.arange(len(mean))
         gap, sq = paired_gaps(scores, self.used, int(order[0]))
-        prob = _posterior(gap, sq, self.used, int(order[0]))
+        prob = posterior_from_gaps(gap, sq, self.used, int(order[0]))
         gap = gap.float().masked_fill(self.used == 0, float("nan"))
         return Outcome(rank=rank, mean_error=mean, samples=self.used.clone(), prob=prob, gap=gap)
 
@@ -401,50 +401,6 @@ class SiftRefineStrategy(Strategy):
             self.finish(self.n)
         elif not self.sifting and self.complete(total):
             self.finish(total)
-
-
-def paired_gaps(err: torch.Tensor, used: torch.Tensor, leader: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G,) float64 mean and sum of squared deviations of each candidate's paired differences to
-    ``leader`` over the first ``used`` samples it saw (0 where it saw none). Pairing cancels the
-    error level that all classes share at one (t, noise) sample, which dwarfs the class gaps."""
-    k = torch.arange(err.shape[1])
-    counted = (k[None, :] < used[:, None]) & (used[:, None] > 0)                          # (G, N)
-    diff = torch.where(counted, err.double() - err[leader].double(), 0.0)                # (G, N)
-    mean = diff.sum(1) / used.double().clamp(min=1)
-    sq = torch.where(counted, (diff - mean[:, None]) ** 2, 0.0).sum(1)
-    return mean, sq
-
-
-def best_probability(err: torch.Tensor, used: torch.Tensor, leader: int) -> torch.Tensor:
-    """(G,) P(candidate g has the lowest expected error), from the samples each candidate used.
-
-    Why this and not a softmax of the mean errors: it needs no temperature, so no labels; every
-    strategy produces it from what it already measured; and it is the uncertainty the scorer
-    actually has. Each candidate's expected error minus the leader's has a flat-prior Gaussian
-    posterior N(mean paired difference over its n_g samples, sigma^2 / n_g), with sigma^2 one pooled
-    variance per image (as in the anytime rule); P(g is best) follows by seeded Monte Carlo
-    (``sequential.posterior_best``). It measures sampling uncertainty only: an image the model
-    gets confidently wrong at infinite samples keeps probability near 1 (see
-    docs/elimination_benchmark.md for the measured calibration). Unscored candidates get 0.
-    """
-    return _posterior(*paired_gaps(err, used, leader), used, leader)
-
-
-def _posterior(mean: torch.Tensor, sq: torch.Tensor, used: torch.Tensor, leader: int) -> torch.Tensor:
-    """``best_probability`` from ``paired_gaps``' mean and squared deviations."""
-    G = len(mean)
-    n = used.double()
-    pairs = (used >= 2) & (torch.arange(G) != leader)
-    if not pairs.any():
-        return (torch.arange(G) == leader).double()
-    sigma2 = torch.quantile(sq[pairs] / (n[pairs] - 1), 0.5)  # as sequential.pooled_variance
-    se = (sigma2 / n.clamp(min=1)).sqrt().masked_fill(used == 0, float("inf"))
-    se[leader] = 0.0
-    mean[leader] = 0.0
-    # Candidates more than 6 standard errors behind the leader win with probability < 1e-9:
-    # leaving them out keeps 1,000 classes cheap without changing the estimate.
-    se = se.masked_fill(mean > 6 * se, float("inf"))
-    return posterior_best(mean, se)
 
 
 def make_strategy(options: ScoringOptions, num_candidates: int, allowed: torch.Tensor | None = None) -> Strategy:
