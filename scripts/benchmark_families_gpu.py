@@ -135,7 +135,7 @@ def measure(name: str, args, device: torch.device, dtype: torch.dtype) -> list[d
         probed = None
         if args.probe_batch:
             from clip_benchmark_diffusion.scoring.batching import largest_fitting_batch
-            from clip_benchmark_diffusion.scoring.engine import is_out_of_memory
+            from clip_benchmark_diffusion.scoring.batching import is_out_of_memory
 
             def fits(n: int) -> bool:
                 try:

@@ -6,7 +6,8 @@ import torch
 
 from analytic_denoiser import SHAPE, cands, grid, images, oracle
 from clip_benchmark_diffusion.options import ScoringOptions
-from clip_benchmark_diffusion.scoring.engine import ScoringEngine, is_out_of_memory
+from clip_benchmark_diffusion.scoring.batching import is_out_of_memory
+from clip_benchmark_diffusion.scoring.engine import ScoringEngine
 
 
 class _SmallDevice:

@@ -88,3 +88,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024   # Linux reports KiB
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device allocation failure: CUDA's OutOfMemoryError, or the RuntimeError other backends raise."""
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or \
+            isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

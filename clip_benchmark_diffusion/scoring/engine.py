@@ -18,7 +18,7 @@ import torch
 
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring import math as smath
-from clip_benchmark_diffusion.scoring.batching import AUTO_CPU, gather_rows, largest_fitting_batch
+from clip_benchmark_diffusion.scoring.batching import AUTO_CPU, gather_rows, is_out_of_memory, largest_fitting_batch
 from clip_benchmark_diffusion.scoring.noise import NoiseBank
 from clip_benchmark_diffusion.scoring.strategies import Outcome, Strategy, make_strategy
 from clip_benchmark_diffusion.scoring.timesteps import NoiseGrid
@@ -396,10 +396,3 @@ class ScoringEngine:
         kind = "NaN" if bool(eps_hat.isnan().any()) or bool(err.isnan().any()) else "inf"
         raise self.nonfinite_error(f"{kind} for {int(bad.sum())} of {len(err)} inputs")
 
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A device allocation failure: CUDA's OutOfMemoryError, or the RuntimeError other backends raise."""
-    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or \
-            isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
