@@ -20,7 +20,8 @@ from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring import math as smath
 from clip_benchmark_diffusion.scoring.batching import AUTO_CPU, gather_rows, is_out_of_memory, largest_fitting_batch
 from clip_benchmark_diffusion.scoring.noise import NoiseBank
-from clip_benchmark_diffusion.scoring.strategies import Outcome, Strategy, make_strategy
+from clip_benchmark_diffusion.scoring.outcome import Outcome
+from clip_benchmark_diffusion.scoring.strategies import Strategy, make_strategy
 from clip_benchmark_diffusion.scoring.timesteps import NoiseGrid
 
 
