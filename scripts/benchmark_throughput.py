@@ -83,19 +83,6 @@ def load(model: str, load_options: dict):
     return m.eval(), transform, tokenizer
 
 
-def load_images(root: str, transform, n: int):
-    from clip_benchmark.datasets.builder import build_dataset
-
-    ds = build_dataset(dataset_name="wds/benchmark", root=root, transform=transform, split="test", download=False)
-    xs, ys = [], []
-    for x, y in ds:
-        xs.append(x)
-        ys.append(int(y))
-        if len(xs) == n:
-            break
-    return torch.stack(xs), torch.tensor(ys), ds.classes, ds.templates
-
-
 @torch.no_grad()
 def reference_loop(m, images: torch.Tensor, classes: list[str], template: str, batch: int, seed: int = 0) -> list[int]:
     """Li et al.'s evaluation of each image on its own: staged pruning, the new (class, t) pairs of a
@@ -144,7 +131,9 @@ def main() -> None:
     names = args.variants.split(",")
     base, transform, _ = load(args.model, {})
     need = max(args.rounds * args.images_per_round, args.agreement_images)
-    x, y, classes, templates = load_images(args.dataset_root, transform, need)
+    import benchmark_strategies as bench  # a sibling: scripts/ is sys.path[0]
+
+    ((x, y),), classes, templates = bench.load_images("wds/benchmark", args.dataset_root, "test", transform, need, need)
     template = templates[0]
     models = {}
     for name in names:
