@@ -276,19 +276,23 @@ class StrategySection:
                 check(value)
         self.config  # noqa: B018 - builds and validates the selected strategy's config
 
+    @cached_property
+    def pool(self) -> Mapping[str, Any]:
+        """``values`` by field name (built once: every flat read of a strategy field goes through it)."""
+        return MappingProxyType(dict(self.values))
+
     def value(self, name: str) -> Any:
-        return dict(self.values)[name]
+        return self.pool[name]
 
     @cached_property
     def config(self) -> StrategyConfig:
         """The selected strategy's config, from the pool."""
         cls = STRATEGY_CONFIGS[self.name]
-        pool = dict(self.values)
-        return cls(**{f.name: pool[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: self.pool[f.name] for f in dataclasses.fields(cls)})
 
     def fingerprint(self) -> dict[str, Any]:
         """The selected strategy's keyed fields, and those of the strategies keyed in every run."""
-        pool = dict(self.values)
+        pool = self.pool
         out: dict[str, Any] = {"strategy": self.name}
         for cls in STRATEGY_CONFIGS.values():
             if cls.keyed_in_every_run:
