@@ -22,7 +22,7 @@ from clip_benchmark_diffusion.adapter.model import CLASSIFICATION, DiffusionClas
 from clip_benchmark_diffusion.adapter.pair_scores import score_pairs
 from clip_benchmark_diffusion.adapter.transform import tensor_transform
 from clip_benchmark_diffusion.errors import UserError
-from clip_benchmark_diffusion.integration.checks import check_open_clip, check_prompts
+from clip_benchmark_diffusion.integration.checks import check_prompts, check_shortlister
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.progress import progress_bar
 from clip_benchmark_diffusion.registry import resolve
@@ -151,9 +151,7 @@ def load(model: str, pretrained: str | None = None, *, device: str | torch.devic
     ``dtype`` option. ``store``: a score-store file or folder (``CLIP_BENCHMARK_DIFFUSION_STORE``'s rules;
     ``"off"``); None uses that variable when it is set, else no store. Mistakes raise ``UserError``."""
     resolved = resolve(model, pretrained, cache_dir, options)
-    if resolved.spec.options.shortlist_model:  # a hybrid: its CLIP's names, before the diffusion model loads
-        o = resolved.spec.options
-        check_open_clip(o.shortlist_model, o.shortlist_pretrained, "shortlist_pretrained")
+    check_shortlister(resolved.spec.options)   # a hybrid's CLIP names, before the diffusion model loads
     path = store_path(store)
     if path is not None:
         ScoreStore.check(path)

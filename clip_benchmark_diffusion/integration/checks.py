@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import string
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.integration.datasets import check_dataset_present
 from clip_benchmark_diffusion.integration.shards import check_shards, read_nshards
+
+if TYPE_CHECKING:
+    from clip_benchmark_diffusion.options import ScoringOptions
 
 OUTPUT_FIELDS = ("dataset", "model", "pretrained", "pretrained_full_path", "task", "language")
 
@@ -109,6 +112,13 @@ def check_writable(path: Path, what: str) -> None:
         raise UserError(f"{what} {path} is under {ancestor}, which is a file, not a folder; pick another path")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path}: the folder {ancestor} is not writable; pick another path")
+
+
+def check_shortlister(options: ScoringOptions) -> None:
+    """A hybrid's open_clip shortlister names a model and weights open_clip can find (nothing to check
+    for pure diffusion); before the diffusion model loads."""
+    if options.shortlist_model:
+        check_open_clip(options.shortlist_model, options.shortlist_pretrained, "shortlist_pretrained")
 
 
 def check_open_clip(model: str, pretrained: str, what: str = "--pretrained") -> None:

@@ -132,10 +132,9 @@ def validate_run(args: Any) -> "ResolvedModel | None":
         return None
     resolved = resolve(args.model, args.pretrained, args.model_cache_dir)
     options = resolved.spec.options
-    if options.shortlist_model:  # a hybrid: its CLIP's names, before the diffusion model loads
-        from clip_benchmark_diffusion.integration.checks import check_open_clip
+    from clip_benchmark_diffusion.integration.checks import check_shortlister
 
-        check_open_clip(options.shortlist_model, options.shortlist_pretrained, "shortlist_pretrained")
+    check_shortlister(options)
     options.fast_path.check_device(_run_device_type())
     task = task_of(args)
     if task in UNSUPPORTED_TASKS:
