@@ -31,7 +31,8 @@ from scipy import integrate, optimize, stats
 from clip_benchmark_diffusion.calibration import reliability
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.predictions import read_run
-from clip_benchmark_diffusion.scoring.engine import Candidates, ImageResult, ScoringEngine
+from clip_benchmark_diffusion.scoring.engine import Candidates, ScoringEngine
+from clip_benchmark_diffusion.scoring.outcome import ImageResult
 from clip_benchmark_diffusion.scoring.timesteps import vp_grid
 
 

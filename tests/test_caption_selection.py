@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import quick_options
-from clip_benchmark_diffusion.scoring.engine import ImageResult
+from clip_benchmark_diffusion.scoring.outcome import ImageResult
 from clip_benchmark_diffusion.scoring.outcome import Outcome
 from tiny_models import load_tiny_classifier
 

@@ -16,7 +16,8 @@ from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.progress import Progress, progress_bar
 from clip_benchmark_diffusion.registry import ModelSpec
 from clip_benchmark_diffusion.results.keys import weights_fingerprint
-from clip_benchmark_diffusion.scoring.engine import EngineStats, ImageResult
+from clip_benchmark_diffusion.scoring.engine import EngineStats
+from clip_benchmark_diffusion.scoring.outcome import ImageResult
 from clip_benchmark_diffusion.scoring.timesteps import NoiseGrid
 
 

@@ -20,7 +20,7 @@ from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring import math as smath
 from clip_benchmark_diffusion.scoring.batching import AUTO_CPU, gather_rows, is_out_of_memory, largest_fitting_batch
 from clip_benchmark_diffusion.scoring.noise import NoiseBank
-from clip_benchmark_diffusion.scoring.outcome import Outcome
+from clip_benchmark_diffusion.scoring.outcome import ImageResult
 from clip_benchmark_diffusion.scoring.strategies import Strategy, make_strategy
 from clip_benchmark_diffusion.scoring.timesteps import NoiseGrid
 
@@ -73,32 +73,6 @@ class EngineStats:
             "seconds_per_image": self.wall_seconds / max(self.images, 1),
             "share_outside_denoiser": 1 - self.denoiser_seconds / self.wall_seconds if self.wall_seconds else 0.0,
         }
-
-
-@dataclass
-class ImageResult:
-    outcome: Outcome
-    denoiser_calls: int
-    seed: int
-    # Wall time charged to this image: its share of its scoring call, in proportion to its calls.
-    seconds: float = 0.0
-
-    def to_payload(self) -> dict:
-        """Plain JSON for the score store."""
-        o = self.outcome
-        return {"rank": o.rank.tolist(), "mean_error": o.mean_error.tolist(), "samples": o.samples.tolist(),
-                "prob": None if o.prob is None else o.prob.tolist(),
-                "gap": None if o.gap is None else o.gap.tolist(),
-                "calls": self.denoiser_calls, "seed": self.seed, "seconds": self.seconds}
-
-    @classmethod
-    def from_payload(cls, p: dict) -> "ImageResult":
-        prob = p.get("prob")  # absent in payloads stored before calibrated confidence
-        outcome = Outcome(rank=torch.tensor(p["rank"]), mean_error=torch.tensor(p["mean_error"]),
-                          samples=torch.tensor(p["samples"]),
-                          prob=None if prob is None else torch.tensor(prob, dtype=torch.float64),
-                          gap=None if p.get("gap") is None else torch.tensor(p["gap"]))
-        return cls(outcome=outcome, denoiser_calls=p["calls"], seed=p["seed"], seconds=p["seconds"])
 
 
 class NonFiniteOutput(RuntimeError):

@@ -1,5 +1,6 @@
 """One image's result: its class ranking, mean errors, samples seen and the probabilities made from
-them (what the engine returns, the store keeps and calibration reads; ``strategies.py`` builds it)."""
+them (``Outcome``: what ``strategies.py`` builds and calibration reads), with its cost and seed
+(``ImageResult``: what the engine returns and the score store keeps as JSON)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,3 +49,29 @@ class Outcome:
     def confidence(self) -> float | None:
         """The probability of the top-1 class."""
         return None if self.prob is None else float(self.prob[self.rank.argmin()])
+
+
+@dataclass
+class ImageResult:
+    outcome: Outcome
+    denoiser_calls: int
+    seed: int
+    # Wall time charged to this image: its share of its scoring call, in proportion to its calls.
+    seconds: float = 0.0
+
+    def to_payload(self) -> dict:
+        """Plain JSON for the score store."""
+        o = self.outcome
+        return {"rank": o.rank.tolist(), "mean_error": o.mean_error.tolist(), "samples": o.samples.tolist(),
+                "prob": None if o.prob is None else o.prob.tolist(),
+                "gap": None if o.gap is None else o.gap.tolist(),
+                "calls": self.denoiser_calls, "seed": self.seed, "seconds": self.seconds}
+
+    @classmethod
+    def from_payload(cls, p: dict) -> "ImageResult":
+        prob = p.get("prob")  # absent in payloads stored before calibrated confidence
+        outcome = Outcome(rank=torch.tensor(p["rank"]), mean_error=torch.tensor(p["mean_error"]),
+                          samples=torch.tensor(p["samples"]),
+                          prob=None if prob is None else torch.tensor(prob, dtype=torch.float64),
+                          gap=None if p.get("gap") is None else torch.tensor(p["gap"]))
+        return cls(outcome=outcome, denoiser_calls=p["calls"], seed=p["seed"], seconds=p["seconds"])
