@@ -139,10 +139,17 @@ class RuntimeOptions(Section):
     lookahead: int = 0
     # Width of the embedding returned to clip_benchmark: the most classes one run can hold.
     max_classes: int = 1000
+    # On a CPU, each denoiser batch runs as this many row slices at once, one thread each with an equal
+    # share of torch's threads (scoring/batching.py: CpuWorkers); small denoisers' kernels use several
+    # threads poorly. 1: one call on all threads. Ignored off the CPU.
+    cpu_workers: int = 1
 
     def validate(self) -> None:
         if self.batch_size < 0 or self.max_classes <= 0:
             raise UserError("batch_size must be 0 (auto) or positive, and max_classes positive")
+        if self.cpu_workers < 1:
+            raise UserError(f"scoring option cpu_workers={self.cpu_workers} must be 1 (one call on all CPU "
+                            "threads) or more")
         if self.lookahead < 0:
             raise UserError(f"scoring option lookahead={self.lookahead} must be 0 or more")
 

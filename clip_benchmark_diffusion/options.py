@@ -109,6 +109,10 @@ class ScoringOptions:
             # ones, and the correction cost diffusion_tiny 28.5 points on validation images.
             raise UserError("prior_correction needs every class scored on the same samples of every image: add "
                             "strategy=full (CLIP_BENCHMARK_DIFFUSION_OPTIONS=strategy=full,prior_correction=class_mean)")
+        if self.runtime.cpu_workers > 1 and self.fast_path.compile != "off":
+            # a compiled module is not called from several threads at once (dynamo's guards and caches)
+            raise UserError(f"cpu_workers={self.runtime.cpu_workers} runs the denoiser from several threads, which a "
+                            f"compiled denoiser does not support: drop compile={self.fast_path.compile} or set cpu_workers=1")
         if self.calibration.prior_correction != "none" and self.shortlist.enabled:
             raise UserError("prior_correction needs every class scored on every image; a shortlist scores only "
                             "shortlist_k of them: drop one of the two options")

@@ -122,6 +122,62 @@ def test_fast_path_options_that_change_float_results_enter_the_store_key_only_wh
     assert not FastPath.resolve(base.replace(channels_last="on"), torch.device("cuda"), "transformer").channels_last
 
 
+class _ThreadRecorder:
+    """The oracle denoiser, noting the thread and torch thread count of each call."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __call__(self, x_t, levels, cond):
+        import threading
+
+        self.calls.append((threading.get_ident(), torch.get_num_threads(), len(x_t), torch.is_grad_enabled()))
+        return self.inner(x_t, levels, cond)
+
+
+def test_cpu_workers_split_each_batch_over_threads_and_score_as_one_call():
+    """cpu_workers=2: every denoiser batch runs as two row slices in two threads, each with half of torch's
+    threads, outside autograd; the scores equal one call's, and the caller's thread count is untouched."""
+    import threading
+
+    torch.manual_seed(0)
+    protos = torch.randn(5, *SHAPE)
+    x = images(protos, [0, 3, 1, 4, 2, 2], noise=1.0)
+    options = ScoringOptions(strategy="anytime", min_samples=4, max_samples=20, alpha=0.5, batch_size=16)
+    one = _ThreadRecorder(oracle("epsilon", "gaussian"))
+    reference = _engine(options, one).score(x, list(range(len(x))), cands(protos))
+    two = _ThreadRecorder(oracle("epsilon", "gaussian"))
+    threads_before = torch.get_num_threads()
+    results = _engine(options.replace(cpu_workers=2), two).score(x, list(range(len(x))), cands(protos))
+    assert torch.get_num_threads() == threads_before
+    assert {c[0] for c in one.calls} == {threading.get_ident()}
+    sliced = [c for c in two.calls if c[0] != threading.get_ident()]
+    assert len({c[0] for c in sliced}) == 2                                  # two worker threads
+    assert all(c[2] == 1 for c in two.calls if c[0] == threading.get_ident())   # only a 1-row batch stays whole
+    assert {c[1] for c in sliced} == {max(1, threads_before // 2)}
+    assert not any(c[3] for c in sliced)
+    assert sum(c[2] for c in two.calls) == sum(c[2] for c in one.calls)     # the same rows, in slices
+    assert max(c[2] for c in two.calls) == 8                                # a batch of 16 in halves
+    for a, b in zip(results, reference):
+        assert torch.equal(a.outcome.rank, b.outcome.rank)
+        assert torch.equal(a.outcome.mean_error, b.outcome.mean_error)
+
+
+def test_cpu_workers_are_checked_kept_out_of_the_key_and_ignored_off_the_cpu():
+    base = ScoringOptions()
+    assert base.cpu_workers == 1
+    assert base.replace(cpu_workers=4).fingerprint_dict() == base.fingerprint_dict()   # how fast, not what
+    with pytest.raises(UserError, match="cpu_workers=0 must be 1"):
+        base.replace(cpu_workers=0)
+    with pytest.raises(UserError, match="drop compile=on or set cpu_workers=1"):
+        base.replace(cpu_workers=2, compile="on")
+    assert batching.CpuWorkers(2, torch.device("cuda")).workers == 1
+    assert batching.CpuWorkers(3, torch.device("cpu"), threads=8).threads == 2
+    ran = []
+    out = batching.CpuWorkers(3, torch.device("cpu")).map(lambda s: (ran.append(s), torch.arange(10)[s])[1], 2)
+    assert torch.equal(out, torch.arange(2)) and len(ran) == 2              # no more slices than rows
+
+
 def _classify(model, tokenizer, x):
     from clip_benchmark.metrics import zeroshot_classification as zc
 

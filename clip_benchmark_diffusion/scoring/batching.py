@@ -16,7 +16,9 @@ device memory grows with the batch, not with the class count.
 """
 from __future__ import annotations
 
+import functools
 import resource
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -26,6 +28,43 @@ AUTO_CPU = 64        # rows per forward when memory is not the limit
 AUTO_START = 8       # the first CUDA probe
 AUTO_MAX = 1024      # beyond this no family gains throughput, and one round's items rarely fill it
 TABLE_SHARE = 0.25   # the share of free device memory a resident conditioning table may take
+
+
+class CpuWorkers:
+    """``cpu_workers=N`` on a CPU: one denoiser batch runs as N contiguous row slices at once, each in its
+    own thread with 1/N of torch's threads (a thread's OpenMP team is its own, so the slices do not
+    share cores). A small denoiser's kernels (the shipped 28 px UNet's convolutions have 16 to 64
+    channels) leave two threads a third idle; N one-thread calls keep every core busy
+    (docs/throughput.md). Each row's inputs are the same as in one call and the slices are put back
+    in order, so scores are those of a smaller denoiser batch."""
+
+    def __init__(self, workers: int, device: torch.device, threads: int | None = None) -> None:
+        self.workers = workers if device.type == "cpu" else 1
+        self.threads = max(1, (threads or torch.get_num_threads()) // self.workers)
+
+    def map(self, run: Callable[[slice], torch.Tensor], rows: int) -> torch.Tensor:
+        """``run`` over ``rows`` rows in slices (one call when there is one worker or too few rows);
+        the outputs concatenated in row order."""
+        n = min(self.workers, rows)
+        if n <= 1:
+            return run(slice(0, rows))
+        cuts = [rows * j // n for j in range(n + 1)]
+        futures = [_pool(self.workers).submit(self._run_slice, run, slice(lo, hi), self.threads)
+                   for lo, hi in zip(cuts, cuts[1:])]
+        return torch.cat([f.result() for f in futures])
+
+    @staticmethod
+    def _run_slice(run: Callable[[slice], torch.Tensor], rows: slice, threads: int) -> torch.Tensor:
+        if torch.get_num_threads() != threads:   # this worker thread's own setting, made once
+            torch.set_num_threads(threads)
+        with torch.no_grad():                    # grad mode is per thread: the caller's does not carry over
+            return run(rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One pool per worker count for the process: its threads keep their thread setting between batches."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="denoiser")
 
 
 def largest_fitting_batch(fits: Callable[[int], bool], start: int = AUTO_START, cap: int = AUTO_MAX) -> int:

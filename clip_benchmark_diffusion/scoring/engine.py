@@ -18,7 +18,8 @@ import torch
 
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring import math as smath
-from clip_benchmark_diffusion.scoring.batching import AUTO_CPU, gather_rows, is_out_of_memory, largest_fitting_batch
+from clip_benchmark_diffusion.scoring.batching import (AUTO_CPU, CpuWorkers, gather_rows, is_out_of_memory,
+                                                        largest_fitting_batch)
 from clip_benchmark_diffusion.scoring.noise import NoiseBank
 from clip_benchmark_diffusion.scoring.outcome import ImageResult
 from clip_benchmark_diffusion.scoring.strategies import Strategy, make_strategy
@@ -32,6 +33,9 @@ class Levels:
     a: torch.Tensor            # (N,) float32, on the denoiser's device
     b: torch.Tensor            # (N,)
     model_time: torch.Tensor   # (N,) the denoiser's timestep input
+
+    def rows(self, s: slice) -> "Levels":
+        return Levels(a=self.a[s], b=self.b[s], model_time=self.model_time[s])
 
 
 class Denoiser(Protocol):
@@ -138,6 +142,7 @@ class ScoringEngine:
             raise ValueError(f"the grid has {len(grid)} levels, the options need {options.max_sample_count}")
         self.denoiser, self.grid, self.options = denoiser, grid, options
         self.device = torch.device(device)
+        self.workers = CpuWorkers(options.cpu_workers, self.device)
         self.stats = EngineStats()
         self.progress = progress
         weight, scale = smath.sample_weighting(grid, options.weighting, objective)
@@ -317,7 +322,8 @@ class ScoringEngine:
         x_t = smath.add_noise(x0.float(), eps, levels.a, levels.b)
         cond = gather_rows(cands.cond, cands.members[g, m], self.device)   # each (n, ...), from a streamed table too
         t0 = time.perf_counter()
-        eps_hat = self.denoiser(x_t, levels, cond)
+        eps_hat = self.workers.map(lambda s: self.denoiser(x_t[s], levels.rows(s), {c: v[s] for c, v in cond.items()}),
+                                   len(x_t))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.denoiser_seconds += time.perf_counter() - t0
