@@ -12,9 +12,11 @@ Timings are interleaved in one process (round r runs every variant on the same `
 images, in a rotating order) and the median of the rounds' images per second is printed with its
 ratio to the reference: on a shared machine only a comparison inside one process means anything.
 
-Separately (``--agreement-images``), every package variant scores validation images on a cheaper
-full schedule and the script prints how many top-1 predictions differ from float32 (a cheap
-schedule decides on fewer samples, so a perturbation flips more predictions there: conservative).
+Separately (``--agreement-images``), every package variant scores validation images and the script
+prints how many top-1 predictions differ from the plain package's (float32): on the recipe's own
+scoring with all its templates (``--agreement-schedule recipe``, what a user runs), on Li et al.'s
+schedule with one template (``li2023``), or on a cheap full schedule (``full``: few samples decide,
+so a perturbation flips more predictions there: conservative). ``--rounds 0`` skips the timings.
 
     python scripts/build_fashion_mnist.py --validation runs/fmnist_val     # validation images, once
     python scripts/benchmark_throughput.py --dataset-root runs/fmnist_val
@@ -42,6 +44,8 @@ VARIANTS = {
     "bf16": ({"dtype": "bfloat16"}, {}),
     "bf16+batch256": ({"dtype": "bfloat16"}, {"batch_size": 256}),
     "bf16+batch256+channels_last": ({"dtype": "bfloat16"}, {"batch_size": 256, "channels_last": "on"}),
+    "workers2": ({}, {"cpu_workers": 2}),
+    "bf16+workers2": ({"dtype": "bfloat16"}, {"cpu_workers": 2}),
     "compile": ({}, {"compile": "on"}),
     "all": ({"dtype": "bfloat16"}, {"batch_size": 256, "channels_last": "on", "compile": "on"}),
 }
@@ -52,12 +56,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="diffusion_tiny")
     p.add_argument("--dataset-root", default="runs/fmnist_val", help="a wds folder (validation images)")
     p.add_argument("--variants", default="reference,package,batch256,channels_last,bf16,bf16+batch256",
-                   help=f"comma list of reference and {', '.join(VARIANTS)}")
+                   help=f"comma list of reference, reference_workers2 (Li et al.'s --n_workers 2) and {', '.join(VARIANTS)}")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--images-per-round", type=int, default=2)
     p.add_argument("--ref-batch", type=int, default=32, help="the reference loop's denoiser batch (Li et al.: 32)")
     p.add_argument("--agreement-images", type=int, default=0, help="images for the prediction-change check (0: none)")
-    p.add_argument("--agreement-samples", type=int, default=10, help="full schedule of the agreement check")
+    p.add_argument("--agreement-schedule", choices=("recipe", "li2023", "full"), default="recipe")
+    p.add_argument("--agreement-samples", type=int, default=10, help="samples of the full agreement schedule")
     p.add_argument("--out", default="runs/throughput.json")
     return p.parse_args()
 
@@ -111,6 +116,23 @@ def reference_loop(m, images: torch.Tensor, classes: list[str], template: str, b
     return preds
 
 
+def sharded_reference(m, images: torch.Tensor, classes: list[str], template: str, batch: int, seed: int,
+                      workers: int) -> list[int]:
+    """The reference loop as Li et al. parallelise it (``--n_workers``: each worker a share of the images),
+    with the workers as threads of one torch thread each instead of processes (one copy of the model)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = max(1, torch.get_num_threads() // workers)
+
+    def share(j: int) -> list[int]:
+        torch.set_num_threads(threads)
+        return reference_loop(m, images[j::workers], classes, template, batch, seed=seed + j * 100_000)
+
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(share, range(workers)))
+    return [parts[i % workers][i // workers] for i in range(len(images))]
+
+
 def package_predict(m, images: torch.Tensor, classes: list[str], templates: list[str],
                     options) -> list[int]:
     from clip_benchmark.metrics import zeroshot_classification as zc
@@ -137,11 +159,12 @@ def main() -> None:
     template = templates[0]
     models = {}
     for name in names:
-        if name == "reference":
+        if name.startswith("reference"):
             continue
         load_opts, scoring = VARIANTS[name]
         m = base if not load_opts and "compile" not in scoring else load(args.model, load_opts)[0]
         models[name] = (m, scoring)
+    recipe = {name: m.options for name, (m, _) in models.items()}   # before the rounds set li2023's
     li = {**PRESETS["li2023"]}
     rates: dict[str, list[float]] = {n: [] for n in names}
     preds: dict[str, list[int]] = {n: [] for n in names}
@@ -153,6 +176,8 @@ def main() -> None:
             start = time.perf_counter()
             if name == "reference":
                 p = reference_loop(base, imgs, classes, template, args.ref_batch, seed=r * 1000)
+            elif name == "reference_workers2":
+                p = sharded_reference(base, imgs, classes, template, args.ref_batch, r * 1000, workers=2)
             else:
                 m, scoring = models[name]
                 p = package_predict(m, imgs, classes, [template], m.options.replace(**li, **scoring))
@@ -163,6 +188,17 @@ def main() -> None:
             rates[name].append(len(imgs) / (time.perf_counter() - start))
             preds[name] += p
             print(f"round {r} {name:<28} {rates[name][-1]:.3f} img/s", flush=True)
+    agreement = agreement_check(args, models, recipe, x, y, classes, templates) if args.agreement_images else {}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rates": rates, "warmups": warmups,
+                                          "agreement": agreement}, indent=2))
+    if args.rounds:
+        print_rates(args, names, rates, warmups)
+    print(f"wrote {args.out}")
+
+
+def print_rates(args: argparse.Namespace, names: list[str], rates: dict[str, list[float]],
+                warmups: dict[str, float | None]) -> None:
     ref = statistics.median(rates["reference"]) if "reference" in rates else None
     print(f"\n{args.model}, li2023 schedule ({2750} calls/img), {args.rounds} rounds x {args.images_per_round} "
           f"images, interleaved, CPU {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
@@ -173,26 +209,29 @@ def main() -> None:
         print(f"{name:<30} {med:>15.3f} {' '.join(f'{v:.3f}' for v in rates[name]):>24} {ratio:>12}")
     for name, w in warmups.items():
         print(f"{name}: torch.compile warm-up {w:.1f} s (paid once per process, excluded above)")
-    agreement = {}
-    if args.agreement_images:
-        full = {"strategy": "full", "n_samples": [args.agreement_samples], "loss": "l1"}
-        ximg, yimg = x[: args.agreement_images], y[: args.agreement_images]
-        ref_pred = None
-        print(f"\nprediction changes against float32 on {len(ximg)} validation images, strategy full, "
-              f"{args.agreement_samples} samples")
-        for name in ["package"] + [n for n in models if n != "package"]:
-            m, scoring = models[name]
-            p = torch.tensor(package_predict(m, ximg, classes, [template],
-                                             m.options.replace(**full, **scoring)))
-            ref_pred = p if ref_pred is None else ref_pred
-            changed = int((p != ref_pred).sum())
-            agreement[name] = {"top1": float((p == yimg).float().mean()), "changed": changed}
-            print(f"{name:<30} top-1 {100 * agreement[name]['top1']:.1f}%  predictions changed {changed} "
-                  f"({100 * changed / len(ximg):.1f} points)", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rates": rates, "warmups": warmups,
-                                          "agreement": agreement}, indent=2))
-    print(f"wrote {args.out}")
+
+
+def agreement_check(args: argparse.Namespace, models: dict, recipe: dict, x: torch.Tensor, y: torch.Tensor,
+                    classes: list[str], templates: list[str]) -> dict:
+    """Top-1 and predictions changed against the plain package (float32) for every package variant."""
+    schedule = {"recipe": ({}, templates), "li2023": (PRESETS["li2023"], templates[:1]),
+                "full": ({"strategy": "full", "n_samples": [args.agreement_samples], "loss": "l1"}, templates[:1])}
+    changes, prompts = schedule[args.agreement_schedule]
+    ximg, yimg = x[: args.agreement_images], y[: args.agreement_images]
+    print(f"\nprediction changes against float32 on {len(ximg)} images of {args.dataset_root}, "
+          f"{args.agreement_schedule} scoring, {len(prompts)} template(s)", flush=True)
+    out, ref_pred = {}, None
+    for name in ["package"] + [n for n in models if n != "package"]:
+        m, scoring = models[name]
+        start = time.perf_counter()
+        p = torch.tensor(package_predict(m, ximg, classes, prompts, recipe[name].replace(**changes, **scoring)))
+        ref_pred = p if ref_pred is None else ref_pred
+        changed = int((p != ref_pred).sum())
+        out[name] = {"top1": float((p == yimg).float().mean()), "changed": changed,
+                     "seconds": time.perf_counter() - start}
+        print(f"{name:<30} top-1 {100 * out[name]['top1']:.1f}%  predictions changed {changed} "
+              f"({100 * changed / len(ximg):.1f} points), {out[name]['seconds']:.0f} s", flush=True)
+    return out
 
 
 if __name__ == "__main__":
