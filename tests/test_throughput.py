@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -45,7 +46,9 @@ def test_auto_batch_probes_the_device_then_scores_exactly_as_a_fixed_batch():
     auto = _engine(options.replace(batch_size="auto"), small, probe_batch=True, notes=notes)
     results = auto.score(x, list(range(len(x))), cands(protos))
     assert auto.batch_size == 37                                   # the largest the "device" holds
-    assert notes == ["denoiser batch auto: 37 rows fit this model, resolution and dtype (probed; batch_size=N sets it)"]
+    assert len(notes) == 1 and re.fullmatch(r"denoiser batch auto: 37 rows fit this model, resolution and dtype "
+                                            r"\(probed in \d+\.\d s; batch_size=N sets it\)", notes[0])
+    assert auto.probe_seconds > 0                                  # apart from the scoring's denoiser_seconds
     assert max(small.sizes) == 37
     assert auto.stats.denoiser_calls == fixed.stats.denoiser_calls  # probes are not counted as scoring
     for a, b in zip(results, reference):

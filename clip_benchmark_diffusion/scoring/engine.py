@@ -152,6 +152,7 @@ class ScoringEngine:
         self._model_time = grid.model_time.float().to(self.device)
         self._unsettled: int | None = None   # the image _run is writing errors into, if any
         self.checkpoint_seconds = 0.0        # time spent saving checkpoints, cumulative
+        self.probe_seconds = 0.0             # time the auto batch probe's forwards took
 
     def score(self, latents: torch.Tensor, seeds: list[int], cands: Candidates,
               on_done: Callable[[int, ImageResult], None] | None = None,
@@ -303,10 +304,13 @@ class ScoringEngine:
                     torch.cuda.empty_cache()
                 return False
 
+        before = self.stats.denoiser_seconds
         self.batch_size = largest_fitting_batch(fits)
+        # the probes' forwards are not scoring: their time is the probe's, as their calls are not counted
+        self.probe_seconds, self.stats.denoiser_seconds = self.stats.denoiser_seconds - before, before
         if self.note is not None:
             self.note(f"denoiser batch auto: {self.batch_size} rows fit this model, resolution and dtype "
-                      f"(probed; batch_size=N sets it)")
+                      f"(probed in {self.probe_seconds:.1f} s; batch_size=N sets it)")
 
     def _forward(self, states: list[_ImageState], chunk: torch.Tensor,
                  cands: Candidates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
