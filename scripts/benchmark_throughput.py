@@ -47,6 +47,7 @@ VARIANTS = {
     "workers2": ({}, {"cpu_workers": 2}),
     "bf16+workers2": ({"dtype": "bfloat16"}, {"cpu_workers": 2}),
     "compile": ({}, {"compile": "on"}),
+    "bf16+compile": ({"dtype": "bfloat16"}, {"compile": "on"}),
     "all": ({"dtype": "bfloat16"}, {"batch_size": 256, "channels_last": "on", "compile": "on"}),
 }
 
