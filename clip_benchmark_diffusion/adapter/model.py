@@ -32,8 +32,8 @@ from clip_benchmark_diffusion.families.model import LoadedModel
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring.batching import peak_memory_bytes
 from clip_benchmark_diffusion.scoring.engine import Candidates, Levels, Conditioning, ScoringEngine
-from clip_benchmark_diffusion.scoring.outcome import ImageResult
 from clip_benchmark_diffusion.scoring.noise import image_seed
+from clip_benchmark_diffusion.scoring.outcome import ImageResult
 
 CLASSIFICATION = "zeroshot_classification"
 __all__ = ["CLASSIFICATION", "RANK_BASE", "DiffusionClassifier"]

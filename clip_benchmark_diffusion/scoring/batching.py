@@ -34,9 +34,10 @@ class CpuWorkers:
     """``cpu_workers=N`` on a CPU: one denoiser batch runs as N contiguous row slices at once, each in its
     own thread with 1/N of torch's threads (a thread's OpenMP team is its own, so the slices do not
     share cores). A small denoiser's kernels (the shipped 28 px UNet's convolutions have 16 to 64
-    channels) leave two threads a third idle; N one-thread calls keep every core busy
-    (docs/throughput.md). Each row's inputs are the same as in one call and the slices are put back
-    in order, so scores are those of a smaller denoiser batch."""
+    channels) do not keep several threads busy: at batch 200 two threads do 1.5x one thread's work, so
+    two one-thread slices can gain up to 1.25x on 2 cores; measured 1.0x to 1.2x (docs/throughput.md).
+    Each row's inputs are the same as in one call and the slices are put back in order, so scores
+    are those of a smaller denoiser batch."""
 
     def __init__(self, workers: int, device: torch.device, threads: int | None = None) -> None:
         self.workers = workers if device.type == "cpu" else 1
