@@ -75,8 +75,7 @@ def test_reliability_needs_confidences(tmp_path):
 def test_image_results_carry_probabilities_through_the_store_payload():
     import torch
 
-    from clip_benchmark_diffusion.scoring.outcome import ImageResult
-    from clip_benchmark_diffusion.scoring.outcome import Outcome
+    from clip_benchmark_diffusion.scoring.outcome import ImageResult, Outcome
 
     outcome = Outcome(rank=torch.tensor([1, 0, 2]), mean_error=torch.tensor([0.2, 0.1, 0.9]),
                       samples=torch.tensor([8, 8, 4]), prob=torch.tensor([0.25, 0.75, 0.0], dtype=torch.float64))
@@ -167,8 +166,7 @@ def test_run_record_confidences_use_the_temperature_on_the_top1_class_of_the_ran
     import torch
 
     from clip_benchmark_diffusion.adapter.run_account import RunRecord
-    from clip_benchmark_diffusion.scoring.outcome import ImageResult
-    from clip_benchmark_diffusion.scoring.outcome import Outcome
+    from clip_benchmark_diffusion.scoring.outcome import ImageResult, Outcome
 
     # Class 1 is top-1; class 0's unpaired mean over its 4 samples is lower (those 4 samples had a
     # low error level for every class) but its paired gap on them is +0.002: the softmax reads the

@@ -6,8 +6,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import quick_options
-from clip_benchmark_diffusion.scoring.outcome import ImageResult
-from clip_benchmark_diffusion.scoring.outcome import Outcome
+from clip_benchmark_diffusion.scoring.outcome import ImageResult, Outcome
 from tiny_models import load_tiny_classifier
 
 
