@@ -26,14 +26,15 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="diffusion_tiny_flow")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--templates", type=int, default=80)
     p.add_argument("--scored-classes", type=int, default=2, help="classes the one image is scored on")
-    args = p.parse_args()
+    p.add_argument("--template-ensemble", choices=("error_mean", "embedding_mean"), default="error_mean")
+    args = p.parse_args(argv)
     import clip_benchmark.datasets as cbd
     from clip_benchmark.metrics import zeroshot_classification as zc
     from clip_benchmark_diffusion.adapter.loader import load_diffusion_classifier
@@ -47,12 +48,12 @@ def main() -> None:
     templates = templates[: args.templates]
     model, transform, tokenizer = load_diffusion_classifier(args.model, "default", device=args.device)
     model.eval()
-    model.set_options(model.options.replace(strategy="full", n_samples=[2], template_ensemble="error_mean"))
+    model.set_options(model.options.replace(strategy="full", n_samples=[2], template_ensemble=args.template_ensemble))
     rss0 = rss_mib()
     model.begin_task("zeroshot_classification", expected_images=1)
     start = time.perf_counter()
     zc.zero_shot_classifier(model, tokenizer, names, templates, args.device)
-    cands = model._candidate_table()  # noqa: SLF001 - the measurement is of this table
+    cands = model.classes.candidates()
     encode_s = time.perf_counter() - start
     rss1 = rss_mib()
     rows = cands.cond[next(iter(cands.cond))].shape[0]
@@ -66,16 +67,21 @@ def main() -> None:
     start = time.perf_counter()
     results = model.engine.score(model.model.encode_images(image), [0], cands, allowed=allowed)
     score_s = time.perf_counter() - start
-    where = "pinned CPU memory, rows moved per batch" if model._streamed else f"{cands.cond[next(iter(cands.cond))].device}"  # noqa: SLF001
-    print(f"{args.model} on {args.device}: {len(names)} classes x {len(templates)} templates = {rows} conditioning rows "
+    where = "pinned CPU memory, rows moved per batch" if model.classes.streamed else f"{cands.cond[next(iter(cands.cond))].device}"
+    print(f"{args.model} on {args.device}: {len(names)} classes x {len(templates)} templates, {args.template_ensemble}: "
+          f"{rows} conditioning rows "
           f"({', '.join(f'{k} {tuple(v.shape[1:])} {str(v.dtype)[6:]}' for k, v in cands.cond.items())})")
-    print(f"table: {nbytes / 2**20:.1f} MiB in {where}; encoding {rows} prompts took {encode_s:.1f} s")
+    prompts = len(model.classes.prompts.texts)
+    print(f"table: {nbytes / 2**20:.1f} MiB in {where}; encoding {prompts} prompts took {encode_s:.1f} s")
     print(f"scoring 1 image on {args.scored_classes} classes: {results[0].denoiser_calls} denoiser calls at batch "
           f"{model.engine.batch_size}, {score_s:.1f} s")
     if device.type == "cuda":
         print(f"peak CUDA memory while scoring: {peak_memory_bytes(device) / 2**20:.1f} MiB")
     print(f"peak resident set: {rss0:.0f} MiB before the table, {rss1:.0f} MiB after it, {rss_mib():.0f} MiB after "
           f"scoring (+{rss_mib() - rss1:.0f} MiB: the batch's activations)")
+    return {"prompts": prompts, "rows": rows, "table_bytes": nbytes, "streamed": model.classes.streamed,
+            "denoiser_calls": results[0].denoiser_calls, "encode_s": encode_s,
+            "rss_mib": {"before_table": rss0, "after_table": rss1, "after_scoring": rss_mib()}}
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from analytic_denoiser import SHAPE, cands, grid, images, oracle
+from cli_helpers import load_script
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.families.fast_path import FastPath
 from clip_benchmark_diffusion.options import ScoringOptions
@@ -77,6 +78,17 @@ def test_a_table_too_large_for_the_free_memory_is_streamed_from_the_cpu():
     rows = torch.tensor([5, 0, 79, 5])
     got = batching.gather_rows(table, rows, torch.device("cpu"))
     assert torch.equal(got["encoder_hidden_states"], table["encoder_hidden_states"][rows])
+
+
+@pytest.mark.parametrize("ensemble, rows_per_class", [("error_mean", 3), ("embedding_mean", 1)])
+def test_the_memory_script_builds_the_table_through_clip_benchmark_and_scores_on_it(ensemble, rows_per_class):
+    """scripts/measure_conditioning_memory.py at a small scale: clip_benchmark's own ImageNet names and
+    templates through its zero_shot_classifier, one row per prompt or per class, calls on the scored classes."""
+    out = load_script("measure_conditioning_memory").main(
+        ["--device", "cpu", "--classes", "4", "--templates", "3", "--scored-classes", "2", "--template-ensemble", ensemble])
+    assert out["prompts"] == 12 and out["rows"] == 4 * rows_per_class and not out["streamed"]
+    assert out["denoiser_calls"] == 2 * rows_per_class * 2          # 2 classes x their rows x n_samples=[2]
+    assert out["table_bytes"] == out["rows"] * (17 * 96 + 96) * 4   # the tiny SD3-format rows, float32
 
 
 def test_a_streamed_table_scores_as_the_resident_one():
