@@ -1,25 +1,13 @@
 """scripts/replay_strategies.py: one full evaluation's per-sample errors replay every strategy exactly."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import analytic_denoiser as ad
+from cli_helpers import load_script
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring.engine import ScoringEngine
-
-
-def _script(name: str):
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_test_script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("spec", [
@@ -32,7 +20,7 @@ def _script(name: str):
     dict(strategy="anytime", min_samples=4, max_samples=30, alpha=0.05, guarantee="full", variance="successive"),
 ])
 def test_replaying_a_full_capture_gives_the_engines_own_decisions_and_calls(spec):
-    replay = _script("replay_strategies")
+    replay = load_script("replay_strategies")
     g = torch.Generator().manual_seed(0)
     protos = torch.randn(6, *ad.SHAPE, generator=g)
     x = ad.images(protos, [0, 1, 2, 3, 4, 5, 0, 1], noise=1.2)   # noisy: several candidates stay in the race
@@ -55,7 +43,7 @@ def test_replaying_a_full_capture_gives_the_engines_own_decisions_and_calls(spec
 def test_sample_norm_decisions_ignore_any_positive_rescaling_of_a_sample_and_raw_ones_do_not():
     """What "mean" normalisation buys: a sample whose errors are all k times larger (a noise level
     where every gap is k times larger) weighs the same as the others."""
-    replay = _script("replay_strategies")
+    replay = load_script("replay_strategies")
     g = torch.Generator().manual_seed(3)
     G, N = 8, 40
     err = 1.0 + 0.05 * torch.randn(G, N, generator=g)
@@ -75,7 +63,7 @@ def test_sample_norm_decisions_ignore_any_positive_rescaling_of_a_sample_and_raw
 def test_a_uniform_capture_reweighted_offline_equals_scoring_under_that_weighting(objective, weighting):
     """``replay --weighting`` turns one capture into another weighting's errors on the same grid,
     exactly as the engine computes them (weight * scale^2 on the l2 epsilon error)."""
-    replay = _script("replay_strategies")
+    replay = load_script("replay_strategies")
     g = torch.Generator().manual_seed(1)
     protos = torch.randn(4, *ad.SHAPE, generator=g)
     x = ad.images(protos, [0, 1, 2, 3], noise=0.8)
