@@ -1,16 +1,16 @@
 """The class table: the task's classes as the engine scores them.
 
 Holds the prompt table (shared with the tokenizer clip_benchmark is handed), the text encoders'
-states per prompt (cached for the life of the model: each prompt is encoded once), the classes'
-prompt groups, the candidate table built from them, and the store keys of the task's images:
-the run key (model, noise levels, conditioning, options, prompts) and each image's digest.
+states per prompt (``TextTable``), the classes' prompt groups, the candidate table built from them,
+and the store keys of the task's images: the run key (model, noise levels, conditioning, options,
+prompts) and each image's digest.
 """
 from __future__ import annotations
 
 import torch
 
-from clip_benchmark_diffusion.adapter.conditioning import mean_rows, stack_rows
 from clip_benchmark_diffusion.adapter.prompts import PromptTable, PromptTokenizer
+from clip_benchmark_diffusion.adapter.text_table import TextTable
 from clip_benchmark_diffusion.errors import UserError
 from clip_benchmark_diffusion.families.model import LoadedModel
 from clip_benchmark_diffusion.options import ScoringOptions
@@ -30,7 +30,7 @@ class ClassTable:
         self.tokenizer = PromptTokenizer(self.prompts)
         self.groups: list[torch.Tensor] = []          # per class, its prompt ids
         self.classnames: list[str] | None = None
-        self._text_cache: dict[int, Conditioning] = {}
+        self.text = TextTable(model, self.prompts)   # each prompt's text states, kept for the model's life
         self.streamed = False   # the candidate table in pinned CPU memory, its rows moved per batch
         self._candidates: Candidates | None = None
         self._run_key: str | None = None
@@ -64,13 +64,13 @@ class ClassTable:
 
     def conditioning(self, prompt_ids: list[int]) -> Conditioning:
         """The stacked text states of ``prompt_ids`` (encoded now where not cached)."""
-        self._encode_prompts(sorted(set(prompt_ids)))
-        return stack_rows([self._text_cache[i] for i in prompt_ids])
+        return self.text.conditioning(prompt_ids, self.options)
 
     def candidates(self) -> Candidates:
         """The engine's candidate table: one conditioning per class, or per prompt with its members."""
         if self._candidates is None:
-            table = self._text_table() if self.model.family.text_conditioned else self._class_table()
+            table = (self.text.candidates(self.groups, self.options) if self.model.family.text_conditioned
+                     else self._class_table())
             cond, self.streamed = batching.place_table(table.cond, self.model.device)
             self._candidates = Candidates(cond=cond, members=table.members)
         return self._candidates
@@ -98,31 +98,6 @@ class ClassTable:
         return self._run_key
 
     # -- internals ---------------------------------------------------------------------------
-    def _encode_prompts(self, ids: list[int]) -> None:
-        """Run the text encoders once for each prompt not seen before."""
-        todo = [i for i in ids if i not in self._text_cache]
-        for s in range(0, len(todo), batching.ENCODE_CHUNK):   # rows kept on the CPU: an 80k-prompt table
-            part = todo[s: s + batching.ENCODE_CHUNK]          # goes to the device only if it fits
-            cond = {k: v.cpu() for k, v in self.model.encode_prompts([self.prompts.texts[i] for i in part],
-                                                                     self.options).items()}
-            for j, i in enumerate(part):
-                self._text_cache[i] = {k: v[j] for k, v in cond.items()}
-
-    def _text_table(self) -> Candidates:
-        self._encode_prompts(sorted({i for grp in self.groups for i in grp.tolist()}))
-        if self.options.template_ensemble == "embedding_mean":
-            cond = stack_rows([mean_rows([self._text_cache[i] for i in grp.tolist()]) for grp in self.groups])
-            return Candidates(cond=cond, members=torch.arange(len(self.groups))[:, None])      # (G, 1)
-        used = sorted(self._text_cache)
-        row = {pid: r for r, pid in enumerate(used)}
-        cond = stack_rows([self._text_cache[i] for i in used])                                 # each (P, ...)
-        width = max(len(grp) for grp in self.groups)
-        members = torch.full((len(self.groups), width), -1, dtype=torch.long)
-        for g, grp in enumerate(self.groups):
-            uniq = list(dict.fromkeys(grp.tolist()))
-            members[g, : len(uniq)] = torch.tensor([row[i] for i in uniq])
-        return Candidates(cond=cond, members=members)
-
     def _class_table(self) -> Candidates:
         """Class-conditional families: one conditioning per class, from the class names."""
         if self.classnames is None or len(self.classnames) != len(self.groups):
