@@ -1,8 +1,8 @@
 """The text side of the class table: each prompt's conditioning rows and the candidate table built
 from them, one row per prompt (``error_mean``) or one mean row per class (``embedding_mean``).
 
-Prompts are encoded ``batching.ENCODE_CHUNK`` at a time and kept on the CPU; each is encoded once for
-the life of the model.
+Prompts are encoded ``batching.ENCODE_CHUNK`` at a time and kept on the CPU; each is encoded once
+while the options keep the tokens the model reads (``max_sequence_length``).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class TextTable:
     def __init__(self, model: LoadedModel, prompts: PromptTable) -> None:
         self.model, self.prompts = model, prompts
         self._cache: dict[int, Conditioning] = {}
+        self._token_limits: list[int] | None = None   # what the cached rows were encoded with
 
     def conditioning(self, prompt_ids: list[int], options: ScoringOptions) -> Conditioning:
         """The stacked text states of ``prompt_ids`` (encoded now where not cached)."""
@@ -45,7 +46,10 @@ class TextTable:
         return Candidates(cond=cond, members=members)
 
     def _encode(self, ids: list[int], options: ScoringOptions) -> None:
-        """Run the text encoders once for each prompt not seen before."""
+        """Run the text encoders once for each prompt not seen before (under these token limits)."""
+        limits = [limit for _, _, limit in self.model.token_limits(options)]
+        if limits != self._token_limits:
+            self._cache, self._token_limits = {}, limits
         todo = [i for i in ids if i not in self._cache]
         for s in range(0, len(todo), batching.ENCODE_CHUNK):   # rows kept on the CPU: an 80k-prompt table
             part = todo[s: s + batching.ENCODE_CHUNK]          # goes to the device only if it fits
