@@ -224,6 +224,7 @@ def test_channels_last_is_recorded_in_the_result_and_scores_as_the_default(tiny_
     assert torch.equal(fast.argmax(1), default.argmax(1))
     assert torch.allclose(torch.stack([r.outcome.mean_error for r in model.record.results]), errors, rtol=1e-4)
     assert meta["memory"]["denoiser_batch"] == 8 and meta["memory"]["peak_bytes"] > 0
+    assert meta["memory"]["conditioning_bytes"] == 3 * 16 * 8 * 4   # 3 prompts x 16 tokens x width 8, float32
     model.set_options(model.options.replace(channels_last="off"))
     _classify(model, tokenizer, x[:1])
     assert model.model.denoiser.conv_in.weight.is_contiguous()

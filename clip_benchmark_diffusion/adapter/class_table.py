@@ -30,7 +30,7 @@ class ClassTable:
         self.tokenizer = PromptTokenizer(self.prompts)
         self.groups: list[torch.Tensor] = []          # per class, its prompt ids
         self.classnames: list[str] | None = None
-        self.text = TextTable(model, self.prompts)   # each prompt's text states, kept for the model's life
+        self.text = TextTable(model, self.prompts)   # the text states, and the table made of them
         self.streamed = False   # the candidate table in pinned CPU memory, its rows moved per batch
         self._candidates: Candidates | None = None
         self._run_key: str | None = None
@@ -69,11 +69,17 @@ class ClassTable:
     def candidates(self) -> Candidates:
         """The engine's candidate table: one conditioning per class, or per prompt with its members."""
         if self._candidates is None:
-            table = (self.text.candidates(self.groups, self.options) if self.model.family.text_conditioned
-                     else self._class_table())
-            cond, self.streamed = batching.place_table(table.cond, self.model.device)
-            self._candidates = Candidates(cond=cond, members=table.members)
+            if self.model.family.text_conditioned:
+                self._candidates, self.streamed = self.text.candidates(self.groups, self.options, self.model.device)
+            else:
+                table = self._class_table()
+                cond, self.streamed = batching.place_table(table.cond, self.model.device)
+                self._candidates = Candidates(cond=cond, members=table.members)
         return self._candidates
+
+    def table_bytes(self) -> int:
+        """The candidate table's size (0 before it is built)."""
+        return batching.table_bytes(self._candidates.cond) if self._candidates is not None else 0
 
     def image_keys(self, images: torch.Tensor, grid: NoiseGrid) -> tuple[list[str], list[str]]:
         """Each image's digest (which also seeds its noise) and store key in this task."""

@@ -212,7 +212,8 @@ class DiffusionClassifier(nn.Module):
         """The identity of this evaluation for the result JSON and leaderboards."""
         out = self.account.metadata(self.options, self.grid, model_type)
         out["memory"] = {"peak_bytes": peak_memory_bytes(self.device_), "denoiser_batch": self.engine.batch_size,
-                         "conditioning_streamed": self.classes.streamed}
+                         "conditioning_streamed": self.classes.streamed,
+                         "conditioning_bytes": self.classes.table_bytes()}
         if self.task == CAPTION_SELECTION:
             out["caption_selection"] = self.captions.metadata()
         return out

@@ -10,9 +10,11 @@ memory is not the limit and a larger batch buys little (scripts/benchmark_throug
 
 The conditioning table is the other memory that grows with a run: at ImageNet scale with
 ``error_mean`` (1,000 classes x 80 templates) a T5 family's table is 80k rows of up to 333 tokens.
-:func:`place_table` keeps it on the device when it fits in ``TABLE_SHARE`` of the free memory and
+:func:`table_home` keeps it on the device when it fits in ``TABLE_SHARE`` of the free memory and
 in pinned CPU memory otherwise; the engine then moves only each batch's rows to the device, so
-device memory grows with the batch, not with the class count.
+device memory grows with the batch, not with the class count. The host holds the table once
+(``adapter/text_table.py``), and a table larger than the host's available memory is refused before
+its prompts are encoded.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import resource
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+import psutil
 import torch
 
 ENCODE_CHUNK = 512   # prompts per text-encoder call (80k at once would hold 80k prompts' activations)
@@ -103,18 +106,30 @@ def table_bytes(cond: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in cond.values())
 
 
+def table_home(nbytes: int, device: torch.device, free_bytes: Callable[[], int] | None = None) -> str:
+    """Where a conditioning table of ``nbytes`` should live: ``"device"`` (off CUDA, or on a CUDA device
+    when it takes at most ``TABLE_SHARE`` of the free memory), else ``"pinned"`` CPU memory, from which
+    the engine gathers each batch's rows and moves only those (``"host"`` where no CUDA can pin)."""
+    if device.type != "cuda":
+        return "device"
+    free = free_bytes() if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
+    if nbytes <= TABLE_SHARE * free:
+        return "device"
+    return "pinned" if torch.cuda.is_available() else "host"   # a CUDA-less process can only plan
+
+
 def place_table(cond: dict[str, torch.Tensor], device: torch.device,
                 free_bytes: Callable[[], int] | None = None) -> tuple[dict[str, torch.Tensor], bool]:
-    """The conditioning table where it should live: ``(table, streamed)``. On a CUDA device it goes to
-    the device when it takes at most ``TABLE_SHARE`` of the free memory, else into pinned CPU memory
-    (``streamed``: the engine gathers each batch's rows there and moves only those)."""
-    if device.type != "cuda":
+    """The conditioning table moved where :func:`table_home` says: ``(table, streamed)``."""
+    home = table_home(table_bytes(cond), device, free_bytes)
+    if home == "device":
         return {k: v.to(device) for k, v in cond.items()}, False
-    free = free_bytes() if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
-    if table_bytes(cond) <= TABLE_SHARE * free:
-        return {k: v.to(device) for k, v in cond.items()}, False
-    pin = torch.cuda.is_available()   # pinned: asynchronous copies (a CUDA-less process can only plan)
-    return {k: (v.cpu().pin_memory() if pin else v.cpu()) for k, v in cond.items()}, True
+    return {k: (v.cpu().pin_memory() if home == "pinned" else v.cpu()) for k, v in cond.items()}, True
+
+
+def host_free_bytes() -> int:
+    """Memory the host can still give this process (what the kernel calls available)."""
+    return int(psutil.virtual_memory().available)
 
 
 def gather_rows(cond: dict[str, torch.Tensor], rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
