@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     allowed = torch.zeros(1, cands.num_classes, dtype=torch.bool)
     allowed[0, : args.scored_classes] = True
     start = time.perf_counter()
-    results = model.engine.score(model.model.encode_images(image), [0], cands, allowed=allowed)
+    with torch.no_grad():   # as encode_image scores (without it autograd holds every forward's activations)
+        results = model.engine.score(model.model.encode_images(image), [0], cands, allowed=allowed)
     score_s = time.perf_counter() - start
     where = "pinned CPU memory, rows moved per batch" if model.classes.streamed else f"{cands.cond[next(iter(cands.cond))].device}"
     print(f"{args.model} on {args.device}: {len(names)} classes x {len(templates)} templates, {args.template_ensemble}: "
