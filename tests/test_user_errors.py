@@ -106,6 +106,21 @@ def test_more_classes_than_slots(tiny_sd, digits_wds, tmp_path, inproc):
                          "more than 5 classes", cwd=tmp_path)
 
 
+def test_a_conditioning_table_larger_than_the_host_is_refused_with_what_to_change(tiny_sd, digits_wds, tmp_path,
+                                                                                 inproc, monkeypatch):
+    """At ImageNet scale a T5 family's one-row-per-prompt table outgrows the host (218 GB for a real SD3):
+    the stock command stops before any image is scored, in one line naming the ensemble that fits."""
+    from clip_benchmark_diffusion.scoring import batching
+
+    monkeypatch.setattr(batching, "host_free_bytes", lambda: 1000)
+    opts = quick_options(tmp_path, template_ensemble="error_mean")
+    line = assert_clean_failure(_eval(f"diffusion_sd2@{opts}", tiny_sd, digits_wds, tmp_path, runner=inproc),
+                                "the conditioning table needs", "this machine has 0.0 GB available",
+                                "use template_ensemble=embedding_mean (one row per class) or fewer templates",
+                                cwd=tmp_path)
+    assert "rows of 0.00 MB" in line
+
+
 def test_bad_scoring_options(tiny_sd, digits_wds, tmp_path, inproc):
     assert_clean_failure(_eval("diffusion_sd2@turbo", tiny_sd, digits_wds, tmp_path, runner=inproc), "unknown scoring preset 'turbo'",
                          cwd=tmp_path)
