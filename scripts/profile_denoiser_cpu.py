@@ -32,14 +32,14 @@ VARIANTS = ("float32", "bfloat16", "bfloat16+channels_last", "classic_attention"
             "sdpa_math", "bfloat16+sdpa_math", "bfloat16+jit_onednn")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="diffusion_tiny")
     p.add_argument("--batch", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def build(name: str, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
@@ -107,8 +107,8 @@ def block_shares(unet: torch.nn.Module, run: Callable[[], torch.Tensor], repeats
 
 
 @torch.no_grad()
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict[str, list[float]]:
+    args = parse_args(argv)
     from clip_benchmark_diffusion.adapter.loader import load_diffusion_classifier
 
     model, _, _ = load_diffusion_classifier(args.model, "default", device="cpu")
@@ -152,6 +152,7 @@ def main() -> None:
         shares = block_shares(net, lambda: net(xx, t, encoder_hidden_states=cc).sample, args.repeats)
         print(f"{dtype} forward by block (* reads the text): " + ", ".join(
             f"{k}{'*' if reads_text(unet, k) else ''} {100 * v:.1f}%" for k, v in shares.items()))
+    return ms
 
 
 def reads_text(unet: torch.nn.Module, block: str) -> bool:

@@ -91,6 +91,18 @@ def test_the_memory_script_builds_the_table_through_clip_benchmark_and_scores_on
     assert out["table_bytes"] == out["rows"] * (17 * 96 + 96) * 4   # the tiny SD3-format rows, float32
 
 
+def test_the_denoiser_profile_script_times_each_variant_and_each_block(capsys):
+    ms = load_script("profile_denoiser_cpu").main(
+        ["--batch", "2", "--rounds", "2", "--repeats", "1", "--variants", "float32,bfloat16+classic_attention"])
+    assert list(ms) == ["float32", "bfloat16+classic_attention"] and all(len(v) == 2 and min(v) > 0 for v in ms.values())
+    out = capsys.readouterr().out
+    assert "classic_attention: largest difference from float32" in out
+    shares = re.findall(r"(\w+(?:\.\d)?)(\*?) ([\d.]+)%", out.split("float32 forward by block")[1].splitlines()[0])
+    assert [name for name, _, _ in shares][:4] == ["time_embedding", "conv_in", "down_blocks.0", "down_blocks.1"]
+    assert {name for name, star, _ in shares if star} == {"down_blocks.2", "mid_block", "up_blocks.0"}
+    assert 50 < sum(float(v) for _, _, v in shares) <= 100.5
+
+
 def test_a_streamed_table_scores_as_the_resident_one():
     """The engine gathers each batch's rows where the table lives: a table kept off the device (here:
     a CPU table for a CPU engine, the path a CUDA run takes with pinned memory) gives the same errors."""
