@@ -15,8 +15,11 @@ the same weights in one process; with
 
     python scripts/benchmark_families_gpu.py                       # all four, on the GPU, bf16 (a few minutes)
     python scripts/benchmark_families_gpu.py --variants eager,channels_last,compile --probe-batch
+    python scripts/benchmark_families_gpu.py --models sd2 --batch auto --probe-cap 1024   # at batch_size=auto's batch
     python scripts/benchmark_families_gpu.py --models sd2 --device cpu --dtype float32 --resolution 64 --batch 1 \
         --repeats 1 --warmup 0                                      # a CPU smoke test of the script path
+
+``scripts/gpu_figures.sh`` runs the issue-27 set on a lent GPU in one go.
 """
 from __future__ import annotations
 
@@ -124,16 +127,11 @@ def measure(name: str, args, device: torch.device, dtype: torch.dtype) -> list[d
 
     resolution = args.resolution or NATIVE[name]
     model = build(name, device, dtype)
-    a, kw = inputs(name, args.batch, resolution, device, dtype)
     params = sum(p.numel() for p in model.parameters())
     rows = []
     with torch.no_grad():
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(*a, **kw)
-        flops = counter.get_total_flops() / args.batch
         probed = None
-        if args.probe_batch:
+        if args.probe_batch or args.batch == "auto":
             from clip_benchmark_diffusion.scoring.batching import largest_fitting_batch
             from clip_benchmark_diffusion.scoring.batching import is_out_of_memory
 
@@ -149,6 +147,12 @@ def measure(name: str, args, device: torch.device, dtype: torch.dtype) -> list[d
                     torch.cuda.empty_cache()
                     return False
             probed = largest_fitting_batch(fits, cap=args.probe_cap)
+        batch = probed if args.batch == "auto" else int(args.batch)
+        a, kw = inputs(name, batch, resolution, device, dtype)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(*a, **kw)
+        flops = counter.get_total_flops() / batch
         for variant in args.variants.split(","):
             path = _variant(model, name, variant)
             if path is None:
@@ -164,9 +168,10 @@ def measure(name: str, args, device: torch.device, dtype: torch.dtype) -> list[d
                 call()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = _timed(call, device, args.repeats) / args.batch
+            seconds = _timed(call, device, args.repeats) / batch
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             rows.append({"model": name, "variant": variant, "params_B": params / 1e9, "resolution": resolution,
+                         "batch": batch,
                          "tflop_per_call": flops / 1e12, "ms_per_call": 1000 * seconds,
                          "achieved_tflops": flops / seconds / 1e12, "warmup_s": warm, "peak_gib": peak,
                          "largest_batch": probed})
@@ -175,41 +180,47 @@ def measure(name: str, args, device: torch.device, dtype: torch.dtype) -> list[d
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="sd2,sdxl,sd3,flux")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--batch", type=int, default=16, help="denoiser batch (rows per forward)")
+    p.add_argument("--batch", default="16",
+                   help="denoiser batch (rows per forward), or auto: the largest that fits, as batch_size=auto probes it")
     p.add_argument("--resolution", type=int, default=0, help="image side in px (0: each model's native)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--variants", default="eager,channels_last", help="eager, channels_last, compile, cuda_graphs")
     p.add_argument("--probe-batch", action="store_true", help="also probe the largest batch that fits")
-    p.add_argument("--probe-cap", type=int, default=256, help="the probe's largest batch")
+    p.add_argument("--probe-cap", type=int, default=256, help="the probe's largest batch (batch_size=auto's: 1024)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak (0: from the device name)")
     p.add_argument("--calls", default="10:210,1000:25000",
                    help="classes:denoiser calls per image under the default schedule (measured: demo, docs/)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.batch != "auto" and not args.batch.isdigit():
+        p.error(f"--batch must be a positive integer or auto, got {args.batch!r}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     peak = args.peak_tflops
     if not peak and device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 0.0)
     calls = {int(k): int(v) for k, v in (item.split(":") for item in args.calls.split(","))}
-    head = ["model", "variant", "params B", "px", "TFLOP/call", "ms/call", "MFU", "first call s", "peak GiB",
+    head = ["model", "variant", "params B", "px", "batch", "TFLOP/call", "ms/call", "MFU", "first call s", "peak GiB",
             "largest batch"] + [f"img/h @{c} cls" for c in calls]
     print(f"{device} {torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, {args.dtype}, "
           f"batch {args.batch}")
     print(" | ".join(head))
+    out = []
     for name in args.models.split(","):
         for r in measure(name, args, device, dtype):
+            out.append(r)
             mfu = f"{100 * r['achieved_tflops'] / peak:.0f}%" if peak else "-"
             per_hour = [f"{3600 / (n * r['ms_per_call'] / 1000):.1f}" for n in calls.values()]
-            print(" | ".join([name, r["variant"], f"{r['params_B']:.2f}", str(r["resolution"]),
+            print(" | ".join([name, r["variant"], f"{r['params_B']:.2f}", str(r["resolution"]), str(r["batch"]),
                               f"{r['tflop_per_call']:.3f}", f"{r['ms_per_call']:.2f}", mfu, f"{r['warmup_s']:.1f}",
                               "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
                               str(r["largest_batch"] or "-"), *per_hour]), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -103,6 +103,18 @@ def test_the_denoiser_profile_script_times_each_variant_and_each_block(capsys):
     assert 50 < sum(float(v) for _, _, v in shares) <= 100.5
 
 
+@pytest.mark.slow
+def test_the_family_benchmark_times_a_full_size_unet_at_the_batch_it_probed():
+    """scripts/benchmark_families_gpu.py --batch auto (the issue's "utilisation at the auto batch size"),
+    on the CPU at 64 px with the probe capped at 2: the timed batch is the probed one."""
+    rows = load_script("benchmark_families_gpu").main(
+        ["--models", "sd2", "--device", "cpu", "--dtype", "float32", "--resolution", "64", "--batch", "auto",
+         "--probe-cap", "2", "--repeats", "1", "--warmup", "0", "--variants", "eager"])
+    assert [(r["model"], r["variant"], r["batch"], r["largest_batch"]) for r in rows] == [("sd2", "eager", 2, 2)]
+    assert 0.8 < rows[0]["params_B"] < 0.9 and rows[0]["ms_per_call"] > 0     # SD2's UNet: 865M parameters
+    assert 0.01 < rows[0]["tflop_per_call"] < 0.02                                # 8x8 latents
+
+
 def test_a_streamed_table_scores_as_the_resident_one():
     """The engine gathers each batch's rows where the table lives: a table kept off the device (here:
     a CPU table for a CPU engine, the path a CUDA run takes with pinned memory) gives the same errors."""
