@@ -63,7 +63,7 @@ class ClassTable:
         return [[self.prompts.texts[i] for i in grp.tolist()] for grp in self.groups]
 
     def conditioning(self, prompt_ids: list[int]) -> Conditioning:
-        """The stacked text states of ``prompt_ids`` (encoded now where not cached)."""
+        """The stacked text states of ``prompt_ids`` (the candidate table's rows, the others encoded now)."""
         return self.text.conditioning(prompt_ids, self.options)
 
     def candidates(self) -> Candidates:
