@@ -120,10 +120,7 @@ class TextTable:
                 raise RuntimeError(f"text table: {len(keys) - len(written)} of {len(keys)} rows were not produced")
             self._keys, self._host = list(keys), host
             self._rows = {k: {name: v[r] for name, v in host.items()} for k, r in position.items()}
-        home = batching.table_home(batching.table_bytes(self._host), device)
-        if home == "device":
-            return {k: v.to(device) for k, v in self._host.items()}, False
-        return self._host, True
+        return batching.place_table(self._host, device)   # a host or pinned table is streamed as itself
 
     def _check_host_memory(self, nbytes: int, rows: int, hint: str) -> None:
         free = batching.host_free_bytes()

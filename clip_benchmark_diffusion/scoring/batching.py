@@ -120,7 +120,8 @@ def table_home(nbytes: int, device: torch.device, free_bytes: Callable[[], int] 
 
 def place_table(cond: dict[str, torch.Tensor], device: torch.device,
                 free_bytes: Callable[[], int] | None = None) -> tuple[dict[str, torch.Tensor], bool]:
-    """The conditioning table moved where :func:`table_home` says: ``(table, streamed)``."""
+    """The conditioning table moved where :func:`table_home` says: ``(table, streamed)``. A table already
+    there is returned as itself (``to``, ``cpu`` and ``pin_memory`` return a tensor already in place)."""
     home = table_home(table_bytes(cond), device, free_bytes)
     if home == "device":
         return {k: v.to(device) for k, v in cond.items()}, False
