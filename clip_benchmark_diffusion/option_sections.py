@@ -23,6 +23,7 @@ SAMPLE_NORMS = ("none", "mean")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 COMPILE_MODES = ("off", "on", "cuda_graphs")   # families/fast_path.py
 CHANNELS_LAST = ("auto", "on", "off")
+ATTENTIONS = ("sdpa", "classic")               # families/fast_path.py
 # FLUX.1-dev is used at guidance 1 to 10; far above, its guidance embedding only drives activations
 # towards overflow (guidance=inf gave NaN outputs), so a larger number is taken for a typo.
 MAX_GUIDANCE = 100.0
@@ -165,10 +166,15 @@ class FastPathOptions(Section):
     compile: str = legacy("off", "off")
     # Channels-last memory for UNet denoisers; "auto": on CUDA only (measured no faster on CPU).
     channels_last: str = legacy("auto", "auto")
+    # Attention kernels: "sdpa" (PyTorch's scaled_dot_product_attention, diffusers' default) or
+    # "classic" (diffusers' AttnProcessor: baddbmm, softmax, bmm), faster on CPUs for small heads and
+    # under compile=on there (docs/throughput.md). Processors with no classic form are left as they are.
+    attention: str = legacy("sdpa", "sdpa")
 
     def validate(self) -> None:
         check_choice("compile", self.compile, COMPILE_MODES)
         check_choice("channels_last", self.channels_last, CHANNELS_LAST)
+        check_choice("attention", self.attention, ATTENTIONS)
 
     def check_device(self, device_type: str) -> None:
         """CUDA graphs off CUDA: one line (the plan calls this with ``--device`` before any weights load)."""

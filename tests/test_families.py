@@ -436,3 +436,50 @@ def test_a_tokenizer_of_another_model_is_refused_before_any_image(tiny_folders, 
                   "wds/digits", "--dataset_root", str(digits_wds), "--output", "digits.json", cwd=tmp_path)
     assert_clean_failure(proc, "tokenizer_3 does not fit text_encoder_3", "beyond the 21 embeddings",
                          "tokenizer files are missing or do not belong to this model", cwd=tmp_path)
+
+
+# The families whose attention diffusers also writes in the classic form (AttnProcessor: baddbmm,
+# softmax, bmm); SD3's joint attention, FLUX's and Sana's exist only as SDPA processors.
+CLASSIC_ATTENTION = {"stable_diffusion", "sdxl", "pixart_alpha", "pixart_alpha_ms", "pixart_sigma", "if", "dit"}
+
+
+@pytest.mark.parametrize("name", list(TINY_FAMILIES))
+def test_classic_attention_scores_as_sdpa_where_diffusers_has_it_and_is_refused_elsewhere(name, tiny_folders, tmp_path):
+    """attention=classic against diffusers' own SDPA processors as the oracle: the same errors in float32
+    (two implementations of one attention), a different store key, and sdpa put back exactly."""
+    from clip_benchmark_diffusion.errors import UserError
+    from clip_benchmark_diffusion.families.fast_path import attention_modules
+    from clip_benchmark_diffusion.registry import get_family, get_recipe
+
+    recipe = TINY_FAMILIES[name][0]
+    model, _, _ = load(tiny_folders[name], recipe, tmp_path, strategy="full", n_samples=[3])
+    denoiser = model.model.denoiser
+    sdpa_processors = {k: m.processor for k, m in attention_modules(denoiser).items()}
+    if name not in CLASSIC_ATTENTION:
+        with pytest.raises(UserError, match=r"attention=classic: this denoiser's attention \(.+\) has no classic "
+                                            r"form in diffusers; use attention=sdpa"):
+            model.set_options(model.options.replace(attention="classic"))
+        assert model.options.attention == "sdpa"                     # the refused options were not taken
+        return
+    names = ["one", "two"] if get_family(get_recipe(recipe).family).text_conditioned else ["tench", "Goldfish"]
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def errors() -> torch.Tensor:
+        model.begin_task("zeroshot_classification", classnames=names, templates=["a photo of the {c}."])
+        for c in names:
+            model.encode_text(model.tokenizer([f"a photo of the {c}."]))
+        model.encode_image(images)
+        return torch.stack([r.outcome.mean_error for r in model.record.results])
+
+    sdpa = errors()
+    key = model.options.fingerprint_dict()
+    model.set_options(model.options.replace(attention="classic"))
+    assert {type(m.processor).__name__ for m in attention_modules(denoiser).values()} <= {"AttnProcessor",
+                                                                                       "AttnAddedKVProcessor"}
+    assert model.result_metadata("open_clip")["fast_path"]["attention"] == "classic"
+    assert model.options.fingerprint_dict()["attention"] == "classic" and "attention" not in key
+    classic = errors()
+    assert torch.allclose(classic, sdpa, rtol=1e-5, atol=1e-7) and not torch.isnan(sdpa).any()
+    model.set_options(model.options.replace(attention="sdpa"))
+    assert {k: m.processor for k, m in attention_modules(denoiser).items()} == sdpa_processors
+    assert torch.equal(errors(), sdpa)

@@ -79,7 +79,8 @@ OTHER_VALUE = {"loss": "l1", "weighting": "elbo", "sample_norm": "mean", "seed":
                "template_ensemble": "embedding_mean", "resolution": 16, "max_sequence_length": 7, "guidance": 2.0,
                "batch_size": 8, "lookahead": 2, "max_classes": 10, "cpu_workers": 2, "shortlist_model": "ViT-B-32",
                "shortlist_pretrained": "laion2b", "shortlist_k": 3, "temperature": 0.01, "temperature_power": 0.7,
-               "caption_normalisation": "ratio", "prior_correction": "class_mean", "compile": "on", "channels_last": "on"}
+               "caption_normalisation": "ratio", "prior_correction": "class_mean", "compile": "on", "channels_last": "on",
+               "attention": "classic"}
 
 
 def test_a_section_that_does_not_affect_scores_never_reaches_the_key_and_one_that_does_always_does():
@@ -109,7 +110,7 @@ def test_every_option_has_one_owner_and_reads_through_flat():
     options = ScoringOptions().replace(**PRESETS["li2023"], batch_size=8, temperature=0.01)
     owners = option_owners()
     assert list(owners) == list(options.to_dict())
-    assert len(owners) == 35 and owners["variance"] == owners["sift_threshold"] == owners["strategy"] == owners["to_keep"] == "strategy_section"
+    assert len(owners) == 36 and owners["variance"] == owners["sift_threshold"] == owners["strategy"] == owners["to_keep"] == "strategy_section"
     assert (owners["batch_size"], owners["temperature"], owners["loss"]) == ("runtime", "calibration", "error")
     assert options.runtime.batch_size == options.batch_size == 8
     assert options.strategy_config == strategy_options.StagedConfig(n_samples=(50, 500), to_keep=(5, 1))

@@ -59,9 +59,9 @@ class DiffusionClassifier(nn.Module):
 
     def set_options(self, options: ScoringOptions) -> None:
         """Score with other options from now on (same weights; for benchmarks and sweeps)."""
+        self.model.use_fast_path(options)   # compiled, channels-last, attention: refused or applied before any image
         self.options = options
         self.grid = self.model.grid(options.max_sample_count, options)
-        self.model.use_fast_path(options)   # compiled, channels-last: refused or applied before any image
         self.engine = ScoringEngine(self._denoise, self.grid, self.model.objective, options, self.device_,
                                     progress=self._on_progress, note=stderr_note,
                                     nonfinite_error=lambda what: self.account.nonfinite_error(what, options))

@@ -8,8 +8,10 @@ result metadata and, when it changes float results, in the store key:
   compile a second time; ``cuda_graphs`` also replays CUDA graphs (inductor's ``reduce-overhead``).
   The warm-up (the first call) is timed and reported once.
 - ``channels_last``: NHWC activations for UNets (cuDNN's fast layout); ``auto`` keeps it to CUDA.
-- attention: diffusers already routes every attention through PyTorch's SDPA (``AttnProcessor2_0``
-  and its relatives); the report says which processors a model uses, so a model that does not is seen.
+- ``attention``: diffusers routes every attention through PyTorch's SDPA (``AttnProcessor2_0`` and its
+  relatives), the default; ``classic`` swaps in diffusers' own ``AttnProcessor`` (baddbmm, softmax,
+  bmm) where one exists: on a CPU, SDPA's kernel is slow for the small heads of small UNets, and
+  inductor fuses the classic form's softmax. The report names the processors in use.
 - dtype: the ``dtype`` option (bfloat16 runs on CPUs with AVX512-BF16 or AMX; :func:`cpu_bf16_note`
   says when a CPU lacks them, where bfloat16 is emulated and slower than float32).
 """
@@ -31,6 +33,7 @@ class FastPath:
 
     compile: str          # off / on / cuda_graphs
     channels_last: bool   # NHWC input and weights (UNets only)
+    attention: str = "sdpa"   # sdpa / classic
 
     @classmethod
     def resolve(cls, options: ScoringOptions, device: torch.device, denoiser_kind: str) -> "FastPath":
@@ -38,7 +41,8 @@ class FastPath:
         are refused in one line (before any weights move)."""
         options.fast_path.check_device(device.type)
         wanted = {"auto": device.type == "cuda", "on": True, "off": False}[options.channels_last]
-        return cls(compile=options.compile, channels_last=wanted and denoiser_kind == "unet")
+        return cls(compile=options.compile, channels_last=wanted and denoiser_kind == "unet",
+                   attention=options.attention)
 
 
 @dataclass
@@ -65,9 +69,10 @@ class AppliedFastPath:
 
 
 def apply_fast_path(denoiser: torch.nn.Module, path: FastPath) -> AppliedFastPath:
-    """Apply ``path`` to ``denoiser`` in place (its memory format and compiled call), undoing a
-    previous path's: options can change on a loaded model (``DiffusionClassifier.set_options``)."""
+    """Apply ``path`` to ``denoiser`` in place (its memory format, attention processors and compiled
+    call), undoing a previous path's: options can change on a loaded model (``DiffusionClassifier.set_options``)."""
     denoiser.to(memory_format=torch.channels_last if path.channels_last else torch.contiguous_format)
+    set_attention(denoiser, path.attention)
     # nn.Module.compile() keeps the compiled call here; None is eager again (torch has no public undo)
     denoiser._compiled_call_impl = None
     if path.compile != "off":
@@ -91,12 +96,51 @@ def prepare_input(x: torch.Tensor, path: FastPath) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if path.channels_last and x.dim() == 4 else x
 
 
+# diffusers' SDPA processors with a classic form (the same attention through baddbmm, softmax, bmm)
+_CLASSIC = {"AttnProcessor2_0": "AttnProcessor", "AttnAddedKVProcessor2_0": "AttnAddedKVProcessor"}
+
+
+def attention_modules(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The denoiser's attention layers by name: every module with a diffusers processor (``Attention``
+    and the newer attention classes; DiT's transformer has no ``attn_processors`` of its own)."""
+    return {name: m for name, m in denoiser.named_modules()
+            if callable(getattr(m, "set_processor", None)) and getattr(m, "processor", None) is not None}
+
+
+def set_attention(denoiser: torch.nn.Module, kind: str) -> None:
+    """``classic``: each processor with a classic form swapped for it (the model's own processors are
+    kept, for ``sdpa`` to put back); a model with none is refused in one line."""
+    from diffusers.models import attention_processor as ap
+
+    layers = attention_modules(denoiser)
+    saved: dict[str, object] | None = getattr(denoiser, "_cbd_sdpa_processors", None)
+    if kind == "sdpa":
+        if saved is not None:
+            for name, processor in saved.items():
+                layers[name].set_processor(processor)
+            del denoiser._cbd_sdpa_processors
+        return
+    if saved is not None:                      # already classic
+        return
+    swappable = {name: m for name, m in layers.items() if type(m.processor).__name__ in _CLASSIC}
+    if not swappable:
+        names = ", ".join(sorted({type(m.processor).__name__ for m in layers.values()})) or "none"
+        raise UserError(f"attention=classic: this denoiser's attention ({names}) has no classic form in "
+                        "diffusers; use attention=sdpa")
+    denoiser._cbd_sdpa_processors = {name: m.processor for name, m in swappable.items()}
+    for m in swappable.values():
+        m.set_processor(getattr(ap, _CLASSIC[type(m.processor).__name__])())
+
+
 def attention_kind(denoiser: torch.nn.Module) -> str:
-    """``sdpa`` when every attention processor of a diffusers model calls PyTorch's SDPA, else their names."""
-    processors = getattr(denoiser, "attn_processors", None)
-    if not processors:
+    """``sdpa`` when every attention processor of a diffusers model calls PyTorch's SDPA, ``classic``
+    when every one is a classic form, else their names."""
+    layers = attention_modules(denoiser)
+    if not layers:
         return "none"
-    names = sorted({type(p).__name__ for p in processors.values()})
+    names = sorted({type(m.processor).__name__ for m in layers.values()})
+    if all(n in _CLASSIC.values() for n in names):
+        return "classic"
     # diffusers names its SDPA processors *2_0; FLUX's calls SDPA through diffusers' attention dispatcher
     return "sdpa" if all(n.endswith("2_0") or n == "FluxAttnProcessor" for n in names) else ",".join(names)
 
