@@ -161,8 +161,9 @@ class FastPathOptions(Section):
     docs/throughput.md). Compiled kernels round floats differently, so a setting other than the one
     before these options existed enters the store key; every setting is recorded in the result."""
 
-    # torch.compile the denoiser: "on" (inductor, dynamic shapes: one warm-up, reported in the result),
-    # "cuda_graphs" (also replays CUDA graphs; CUDA only).
+    # torch.compile the denoiser: "on" (inductor, static shapes: partial batches are padded to a few
+    # sizes, each compiled once; the warm-ups are reported in the result), "cuda_graphs" (also replays
+    # CUDA graphs; CUDA only).
     compile: str = legacy("off", "off")
     # Channels-last memory for UNet denoisers; "auto": on CUDA only (measured no faster on CPU).
     channels_last: str = legacy("auto", "auto")

@@ -67,6 +67,44 @@ def test_auto_batch_off_cuda_is_the_old_default_and_no_probe():
         ScoringOptions(batch_size=-1)
 
 
+def test_static_rows_pad_a_partial_batch_to_one_of_five_sizes_and_waste_at_most_half():
+    assert [batching.static_rows(n, 200) for n in (200, 150, 101, 100, 51, 50, 26, 25, 14, 13, 1)] == \
+        [200, 200, 200, 100, 100, 50, 50, 25, 25, 13, 13]
+    assert batching.static_rows(300, 200) == 300                    # never cut: above the batch, as it is
+    for batch in (1, 7, 64, 200, 1000):
+        sizes = {batching.static_rows(n, batch) for n in range(1, batch + 1)}
+        assert batch in sizes and len(sizes) <= batching.STATIC_SIZES
+        for n in range(1, batch + 1):
+            rows = batching.static_rows(n, batch)
+            assert n <= rows and (rows < 2 * n or rows == -(-batch // 16))
+
+
+def test_a_compiled_denoiser_gets_padded_batches_and_the_same_scores_and_the_probe_runs_eagerly():
+    """compile=on: each batch the denoiser sees has one of the static sizes of the batch in use (the
+    auto probe's excepted, run eagerly), and every result equals an unpadded run's."""
+    torch.manual_seed(0)
+    protos = torch.randn(5, *SHAPE)
+    x = images(protos, [0, 3, 1, 4, 2, 2], noise=1.0)
+    options = ScoringOptions(strategy="anytime", min_samples=4, max_samples=20, alpha=0.5, batch_size=64)
+    reference = _engine(options, oracle("epsilon", "gaussian")).score(x, list(range(len(x))), cands(protos))
+    small = _SmallDevice(oracle("epsilon", "gaussian"), limit=37)
+    engine = _engine(options.replace(batch_size="auto", compile="on"), small, probe_batch=True)
+    results = engine.score(x, list(range(len(x))), cands(protos))
+    probes = small.sizes[: small.sizes.index(37) + 1]
+    assert probes == [8, 16, 32, 36, 37] and engine.batch_size == 37  # 64 failed: bisected, then 37 fits
+    assert set(small.sizes[len(probes):]) <= {37, 19, 10, 5, 3} and len(set(small.sizes[len(probes):])) > 1
+    assert engine.stats.denoiser_calls == sum(r.denoiser_calls for r in results)   # padding is not counted
+    for a, b in zip(results, reference):
+        assert torch.equal(a.outcome.rank, b.outcome.rank)
+        assert torch.allclose(a.outcome.mean_error, b.outcome.mean_error, rtol=1e-6, equal_nan=True)
+    compiles = []
+    doubled = torch.compile(lambda t: t * 2, backend=lambda gm, _: compiles.append(gm) or gm.forward, dynamic=False)
+    with batching.eager_probes():
+        assert torch.equal(doubled(torch.ones(3)), torch.full((3,), 2.0)) and not compiles
+    doubled(torch.ones(3))
+    assert len(compiles) == 1
+
+
 def test_a_table_too_large_for_the_free_memory_is_streamed_from_the_cpu():
     table = {"encoder_hidden_states": torch.randn(80, 16, 8), "pooled_projections": torch.randn(80, 32)}
     nbytes = batching.table_bytes(table)
@@ -268,5 +306,6 @@ def test_compile_scores_as_eager_and_reports_its_warm_up_once(tiny_sd, tmp_path)
     compiled = _classify(model, tokenizer, x)
     meta = model.result_metadata("open_clip")["fast_path"]
     assert meta["compile"] == "on" and meta["compile_warmup_s"] > 0
+    assert 1 <= meta["compiled_shapes"] <= batching.STATIC_SIZES   # static shapes: padded partial batches
     assert torch.equal(compiled.argmax(1), eager.argmax(1))
     assert torch.allclose(torch.stack([r.outcome.mean_error for r in model.record.results]), errors, rtol=1e-4)

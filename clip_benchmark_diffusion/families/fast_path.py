@@ -4,9 +4,11 @@ Each option is a scoring option (``options.py``), applied here to a loaded denoi
 result metadata and, when it changes float results, in the store key:
 
 - ``compile``: ``torch.compile`` of the denoiser in place (``nn.Module.compile``: the weights, and so
-  the weights fingerprint, are untouched), with dynamic shapes so that a partial last batch does not
-  compile a second time; ``cuda_graphs`` also replays CUDA graphs (inductor's ``reduce-overhead``).
-  The warm-up (the first call) is timed and reported once.
+  the weights fingerprint, are untouched), with static shapes: the engine pads a partial batch to one
+  of a few row counts (``scoring/batching.py: static_rows``), each compiled once. Dynamic shapes
+  compiled once but ran the shipped UNet 15% slower on a CPU than static ones (docs/throughput.md).
+  ``cuda_graphs`` also replays CUDA graphs (inductor's ``reduce-overhead``). The warm-ups (the first
+  call at each row count) are timed and reported together.
 - ``channels_last``: NHWC activations for UNets (cuDNN's fast layout); ``auto`` keeps it to CUDA.
 - ``attention``: diffusers routes every attention through PyTorch's SDPA (``AttnProcessor2_0`` and its
   relatives), the default; ``classic`` swaps in diffusers' own ``AttnProcessor`` (baddbmm, softmax,
@@ -47,9 +49,11 @@ class FastPath:
 
 @dataclass
 class Warmup:
-    """The first call's seconds under ``torch.compile`` (its compile time, paid once per process)."""
+    """The first calls' seconds under ``torch.compile``: one per input shape (its compile time, paid
+    once per process), summed."""
 
     seconds: float | None = None
+    shapes: set[tuple[int, ...]] = field(default_factory=set)
 
 
 @dataclass
@@ -65,6 +69,7 @@ class AppliedFastPath:
                                "attention": self.attention}
         if self.path.compile != "off":
             out["compile_warmup_s"] = None if self.warmup.seconds is None else round(self.warmup.seconds, 2)
+            out["compiled_shapes"] = len(self.warmup.shapes)
         return out
 
 
@@ -77,17 +82,20 @@ def apply_fast_path(denoiser: torch.nn.Module, path: FastPath) -> AppliedFastPat
     denoiser._compiled_call_impl = None
     if path.compile != "off":
         mode = "reduce-overhead" if path.compile == "cuda_graphs" else None
-        denoiser.compile(mode=mode, dynamic=True)
+        denoiser.compile(mode=mode, dynamic=False)
     return AppliedFastPath(path=path, attention=attention_kind(denoiser))
 
 
-def timed_first_call(applied: AppliedFastPath, call: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Run ``call``; the first one under ``torch.compile`` is timed as the warm-up."""
-    if applied.path.compile == "off" or applied.warmup.seconds is not None:
+def timed_first_call(applied: AppliedFastPath, shape: tuple[int, ...],
+                     call: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run ``call`` on an input of ``shape``; under ``torch.compile`` the first call at each shape
+    compiles, and is timed as part of the warm-up."""
+    if applied.path.compile == "off" or shape in applied.warmup.shapes:
         return call()
     start = time.perf_counter()
     out = call()
-    applied.warmup.seconds = time.perf_counter() - start
+    applied.warmup.seconds = (applied.warmup.seconds or 0.0) + time.perf_counter() - start
+    applied.warmup.shapes.add(shape)
     return out
 
 

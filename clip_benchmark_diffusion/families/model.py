@@ -128,7 +128,8 @@ class LoadedModel:
         """eps_hat (N, C, H, W) float32 for x_t (N, C, H, W) float32."""
         fast = self.use_fast_path(options)
         x = prepare_input(x_t.to(self.dtype), fast.path)
-        out = timed_first_call(fast, lambda: self.family.call_denoiser(self.pipe, x, levels, cond, options))
+        out = timed_first_call(fast, tuple(x.shape),
+                               lambda: self.family.call_denoiser(self.pipe, x, levels, cond, options))
         out = out[:, : x_t.shape[1]]               # learned-variance channels (PixArt, IF, DiT) dropped
         return smath.predicted_eps(out, x_t, levels.a, levels.b, self.objective)
 

@@ -18,6 +18,7 @@ its prompts are encoded.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import resource
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ AUTO_CPU = 64        # rows per forward when memory is not the limit
 AUTO_START = 8       # the first CUDA probe
 AUTO_MAX = 1024      # beyond this no family gains throughput, and one round's items rarely fill it
 TABLE_SHARE = 0.25   # the share of free device memory a resident conditioning table may take
+STATIC_SIZES = 5     # row counts a denoiser compiled with static shapes sees: batch, batch/2, ..., batch/16
 
 
 class CpuWorkers:
@@ -100,6 +102,24 @@ def largest_fitting_batch(fits: Callable[[int], bool], start: int = AUTO_START, 
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def static_rows(n: int, batch: int) -> int:
+    """The rows a batch of ``n`` is padded to for a denoiser compiled with static shapes (``compile=on``):
+    the smallest of ``batch``, ``ceil(batch / 2)``, ..., ``ceil(batch / 16)`` that holds it, so that a
+    run compiles at most ``STATIC_SIZES`` shapes per batch size and a partial batch wastes at most half
+    its rows (the tiny ones below batch/16 more). ``n`` itself when it exceeds ``batch``."""
+    if n >= batch:
+        return n
+    sizes = [-(-batch // 2**j) for j in range(STATIC_SIZES)]
+    return min(s for s in sizes if s >= n)
+
+
+def eager_probes() -> contextlib.AbstractContextManager:
+    """Compiled modules run eagerly inside (``torch.compiler.set_stance``, torch >= 2.6): the auto batch
+    probe tries a dozen row counts that would each compile a static shape."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def table_bytes(cond: dict[str, torch.Tensor]) -> int:

@@ -18,8 +18,8 @@ import torch
 
 from clip_benchmark_diffusion.options import ScoringOptions
 from clip_benchmark_diffusion.scoring import math as smath
-from clip_benchmark_diffusion.scoring.batching import (AUTO_CPU, CpuWorkers, gather_rows, is_out_of_memory,
-                                                        largest_fitting_batch)
+from clip_benchmark_diffusion.scoring.batching import (AUTO_CPU, CpuWorkers, eager_probes, gather_rows,
+                                                        is_out_of_memory, largest_fitting_batch, static_rows)
 from clip_benchmark_diffusion.scoring.noise import NoiseBank
 from clip_benchmark_diffusion.scoring.outcome import ImageResult
 from clip_benchmark_diffusion.scoring.strategies import Strategy, make_strategy
@@ -143,6 +143,8 @@ class ScoringEngine:
         self.denoiser, self.grid, self.options = denoiser, grid, options
         self.device = torch.device(device)
         self.workers = CpuWorkers(options.cpu_workers, self.device)
+        # a denoiser compiled with static shapes gets its partial batches padded to a few row counts
+        self.static_shapes = options.fast_path.compile != "off"
         self.stats = EngineStats()
         self.progress = progress
         weight, scale = smath.sample_weighting(grid, options.weighting, objective)
@@ -294,7 +296,8 @@ class ScoringEngine:
         the probes' outputs are thrown away, so results do not depend on them."""
         def fits(n: int) -> bool:
             try:
-                self._forward(states, items[torch.arange(n) % len(items)], cands)
+                with eager_probes():   # a compiled denoiser would compile every row count probed
+                    self._forward(states, items[torch.arange(n) % len(items)], cands, pad=False)
                 return True
             except Exception as exc:  # noqa: BLE001 - only out-of-memory means "does not fit"
                 if not is_out_of_memory(exc):
@@ -312,9 +315,15 @@ class ScoringEngine:
             self.note(f"denoiser batch auto: {self.batch_size} rows fit this model, resolution and dtype "
                       f"(probed in {self.probe_seconds:.1f} s; batch_size=N sets it)")
 
-    def _forward(self, states: list[_ImageState], chunk: torch.Tensor,
-                 cands: Candidates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The noise, the denoiser's estimate and the sample indices (on the device) of ``chunk``'s items."""
+    def _forward(self, states: list[_ImageState], chunk: torch.Tensor, cands: Candidates,
+                 pad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The noise, the denoiser's estimate and the sample indices (on the device) of ``chunk``'s items.
+        For a denoiser compiled with static shapes (and ``pad``) a partial batch is run padded with
+        copies of its last item (:func:`static_rows`), whose outputs are dropped: each row's output
+        depends on its own inputs only."""
+        n = len(chunk)
+        if pad and self.static_shapes:
+            chunk = chunk[torch.arange(static_rows(n, self.batch_size)).clamp(max=n - 1)]
         img, g, m, k = chunk.unbind(1)
         x0 = torch.stack([states[i].latent for i in img.tolist()])    # (n, C, H, W)
         eps = torch.empty_like(x0, dtype=torch.float32)
@@ -331,7 +340,7 @@ class ScoringEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.denoiser_seconds += time.perf_counter() - t0
-        return eps, eps_hat, kd
+        return eps[:n], eps_hat[:n], kd[:n]
 
     def _run(self, states: list[_ImageState], chunk: torch.Tensor, cands: Candidates) -> None:
         img, g, m, k = chunk.unbind(1)
