@@ -12,7 +12,9 @@ Variants:
 - ``classic_attention``, ``bfloat16+classic_attention``: diffusers' ``AttnProcessor`` (baddbmm,
   softmax, bmm) in place of PyTorch SDPA;
 - ``sdpa_math``, ``bfloat16+sdpa_math``: SDPA forced to its math backend;
-- ``bfloat16+jit_onednn``: TorchScript trace and freeze with oneDNN Graph fusion.
+- ``bfloat16+jit_onednn``: TorchScript trace and freeze with oneDNN Graph fusion;
+- ``+compile`` (``bfloat16+compile``, ``bfloat16+classic_attention+compile``): ``torch.compile`` with static
+  shapes, as ``compile=on`` runs it (its warm-up is the first call, untimed).
 
     python scripts/profile_denoiser_cpu.py                      # diffusion_tiny, batch 200
     python scripts/profile_denoiser_cpu.py --variants float32,bfloat16 --rounds 5
@@ -29,7 +31,8 @@ from collections.abc import Callable
 import torch
 
 VARIANTS = ("float32", "bfloat16", "bfloat16+channels_last", "classic_attention", "bfloat16+classic_attention",
-            "sdpa_math", "bfloat16+sdpa_math", "bfloat16+jit_onednn")
+            "sdpa_math", "bfloat16+sdpa_math", "bfloat16+jit_onednn", "bfloat16+compile",
+            "bfloat16+classic_attention+compile")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +76,9 @@ def build(name: str, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
             traced(x, t, cond)
         return lambda: traced(x, t, cond).float()
 
+    if "compile" in parts:
+        model.compile(dynamic=False)
+
     def forward() -> torch.Tensor:
         with backend():
             return model(x, t, encoder_hidden_states=cond).sample.float()
@@ -109,6 +115,7 @@ def block_shares(unet: torch.nn.Module, run: Callable[[], torch.Tensor], repeats
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     args = parse_args(argv)
+    torch._dynamo.config.recompile_limit = 64     # the compiled variants share the UNet's forward
     from clip_benchmark_diffusion.adapter.loader import load_diffusion_classifier
 
     model, _, _ = load_diffusion_classifier(args.model, "default", device="cpu")
