@@ -19,7 +19,9 @@ result metadata and, when it changes float results, in the store key:
 """
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -81,9 +83,19 @@ def apply_fast_path(denoiser: torch.nn.Module, path: FastPath) -> AppliedFastPat
     # nn.Module.compile() keeps the compiled call here; None is eager again (torch has no public undo)
     denoiser._compiled_call_impl = None
     if path.compile != "off":
+        quiet_compile_notices()
         mode = "reduce-overhead" if path.compile == "cuda_graphs" else None
         denoiser.compile(mode=mode, dynamic=False)
     return AppliedFastPath(path=path, attention=attention_kind(denoiser))
+
+
+def quiet_compile_notices() -> None:
+    """Silence what compiling a diffusers model prints that a user cannot act on: dynamo tracing
+    through diffusers' cached torch-version checks, and, on a machine without CUDA, the notice that
+    inductor's C++ kernels are built without a CUDA runtime."""
+    warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function",
+                            category=UserWarning)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def timed_first_call(applied: AppliedFastPath, shape: tuple[int, ...],
