@@ -182,6 +182,13 @@ class FastPathOptions(Section):
         if self.compile == "cuda_graphs" and device_type != "cuda":
             raise UserError(f"compile=cuda_graphs needs a CUDA device, not {device_type}; use compile=on")
 
+    def check_family(self, family: str, classic_attention: bool) -> None:
+        """``attention=classic`` for a family whose attention has no classic form: one line before any
+        weights load (the loaded denoiser's processors are checked again when it is applied)."""
+        if self.attention == "classic" and not classic_attention:
+            raise UserError(f"attention=classic: the {family} family's attention has no classic form in diffusers "
+                            "(only SDPA processors); use attention=sdpa")
+
 
 @dataclass(frozen=True)
 class ShortlistOptions(Section):

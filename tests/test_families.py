@@ -448,20 +448,25 @@ def test_classic_attention_scores_as_sdpa_where_diffusers_has_it_and_is_refused_
     """attention=classic against diffusers' own SDPA processors as the oracle: the same errors in float32
     (two implementations of one attention), a different store key, and sdpa put back exactly."""
     from clip_benchmark_diffusion.errors import UserError
-    from clip_benchmark_diffusion.families.fast_path import attention_modules
+    from clip_benchmark_diffusion.families.fast_path import attention_modules, set_attention
     from clip_benchmark_diffusion.registry import get_family, get_recipe
 
     recipe = TINY_FAMILIES[name][0]
+    family = get_family(get_recipe(recipe).family)
+    assert family.classic_attention == (name in CLASSIC_ATTENTION)   # the flag the run plan checks before loading
     model, _, _ = load(tiny_folders[name], recipe, tmp_path, strategy="full", n_samples=[3])
     denoiser = model.model.denoiser
     sdpa_processors = {k: m.processor for k, m in attention_modules(denoiser).items()}
     if name not in CLASSIC_ATTENTION:
-        with pytest.raises(UserError, match=r"attention=classic: this denoiser's attention \(.+\) has no classic "
-                                            r"form in diffusers; use attention=sdpa"):
+        with pytest.raises(UserError, match=rf"attention=classic: the {family.name} family's attention has no classic "
+                                            r"form in diffusers \(only SDPA processors\); use attention=sdpa"):
             model.set_options(model.options.replace(attention="classic"))
         assert model.options.attention == "sdpa"                     # the refused options were not taken
+        with pytest.raises(UserError, match=r"this denoiser's attention \((Joint|Flux|Sana).+\) has no classic form"):
+            set_attention(denoiser, "classic")                         # the loaded processors, checked again
+        assert {k: m.processor for k, m in attention_modules(denoiser).items()} == sdpa_processors
         return
-    names = ["one", "two"] if get_family(get_recipe(recipe).family).text_conditioned else ["tench", "Goldfish"]
+    names = ["one", "two"] if family.text_conditioned else ["tench", "Goldfish"]
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
     def errors() -> torch.Tensor:

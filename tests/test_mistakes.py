@@ -130,6 +130,11 @@ CASES: list[tuple[str, Callable[[Mistake], object], str]] = [
     ("batch_size word", lambda m: m.options(batch_size="many"), "batch_size='many' should be like 64 or auto"),
     ("cuda graphs on a cpu", lambda m: m.options(compile="cuda_graphs"),
      "compile=cuda_graphs needs a CUDA device, not cpu; use compile=on"),
+    ("classic attention on an SD3-format model", lambda m: (
+        m.env.update(CLIP_BENCHMARK_DIFFUSION_OPTIONS="attention=classic"),
+        setattr(m, "first", "diffusion_tiny_flow,laion400m_e32")),
+     "attention=classic: the sd3 family's attention has no classic form in diffusers (only SDPA processors); "
+     "use attention=sdpa"),
     ("batch_size 2.5", lambda m: m.options(batch_size=2.5), "batch_size=2.5 should be like 64"),
     ("scoring is a list", lambda m: m.options(scoring=[1, 2]), "'scoring' entry"),
     ("scoring is a string", lambda m: m.options(scoring="fast"), "'scoring' entry"),

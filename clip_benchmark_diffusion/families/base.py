@@ -83,6 +83,9 @@ class Family:
     # Optional pipeline components never needed for scoring (not loaded).
     skip: ClassVar[tuple[str, ...]] = ("safety_checker", "feature_extractor", "image_encoder", "watermarker")
     description: ClassVar[str] = ""
+    # Whether diffusers writes this family's attention in the classic form too (``attention=classic``:
+    # AttnProcessor for AttnProcessor2_0); SD3's joint, FLUX's and Sana's attention exist only as SDPA.
+    classic_attention: ClassVar[bool] = True
 
     # -- images ------------------------------------------------------------------------------
     def size_rule(self, index: dict, vae: dict | None, denoiser: dict | None) -> SizeRule | None:

@@ -14,6 +14,7 @@ from clip_benchmark_diffusion.scoring.timesteps import dynamic_shift
 
 class FluxFamily(Family):
     name = "flux"
+    classic_attention = False
     pipeline = "FluxPipeline"
     denoiser = "transformer"
     time = "flow"

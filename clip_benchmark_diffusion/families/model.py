@@ -57,6 +57,7 @@ class LoadedModel:
 
     def use_fast_path(self, options: ScoringOptions) -> AppliedFastPath:
         """Run the denoiser with ``options``' fast path (families/fast_path.py) from now on."""
+        options.fast_path.check_family(self.family.name, self.family.classic_attention)
         path = FastPath.resolve(options, self.device, self.family.denoiser)
         if self.fast is None or self.fast.path != path:
             self.fast = apply_fast_path(self.denoiser, path)

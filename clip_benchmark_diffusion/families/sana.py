@@ -13,6 +13,7 @@ from clip_benchmark_diffusion.scoring.engine import Conditioning, Levels
 
 class SanaFamily(Family):
     name = "sana"
+    classic_attention = False
     pipeline = "SanaPipeline"
     denoiser = "transformer"
     time = "flow"

@@ -14,6 +14,7 @@ from clip_benchmark_diffusion.scoring.timesteps import dynamic_shift
 
 class SD3Family(Family):
     name = "sd3"
+    classic_attention = False
     pipeline = "StableDiffusion3Pipeline"
     denoiser = "transformer"
     time = "flow"

@@ -136,6 +136,7 @@ def validate_run(args: Any) -> "ResolvedModel | None":
 
     check_shortlister(options)
     options.fast_path.check_device(_run_device_type())
+    options.fast_path.check_family(resolved.family.name, resolved.family.classic_attention)
     task = task_of(args)
     if task in UNSUPPORTED_TASKS:
         raise unsupported_task_error(task)
