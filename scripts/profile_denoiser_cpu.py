@@ -77,6 +77,9 @@ def build(name: str, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
         return lambda: traced(x, t, cond).float()
 
     if "compile" in parts:
+        from clip_benchmark_diffusion.families.fast_path import quiet_compile_notices
+
+        quiet_compile_notices()
         model.compile(dynamic=False)
 
     def forward() -> torch.Tensor:
