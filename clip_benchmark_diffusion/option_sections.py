@@ -169,7 +169,8 @@ class FastPathOptions(Section):
     channels_last: str = legacy("auto", "auto")
     # Attention kernels: "sdpa" (PyTorch's scaled_dot_product_attention, diffusers' default) or
     # "classic" (diffusers' AttnProcessor: baddbmm, softmax, bmm), faster on CPUs for small heads and
-    # under compile=on there (docs/throughput.md). Processors with no classic form are left as they are.
+    # under compile=on there (docs/throughput.md). Refused for families whose attention diffusers writes
+    # only as SDPA (SD3, FLUX, Sana); in a model with both kinds, the processors with no classic form stay.
     attention: str = legacy("sdpa", "sdpa")
 
     def validate(self) -> None:
