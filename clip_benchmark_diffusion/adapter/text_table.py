@@ -104,7 +104,7 @@ class TextTable:
             if first is None:
                 head = [next(produced)]
                 first = head[0][1]
-            nbytes = len(keys) * sum(v.numel() * v.element_size() for v in first.values())
+            nbytes = len(keys) * batching.table_bytes(first)
             self._check_host_memory(nbytes, len(keys), hint)
             home = batching.table_home(nbytes, device)
             host = {k: torch.empty((len(keys), *v.shape), dtype=v.dtype, pin_memory=home == "pinned")
