@@ -47,18 +47,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(name: str, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
           cond: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A no-argument forward of ``unet`` under variant ``name``."""
-    from diffusers.models.attention_processor import AttnProcessor
+    """A no-argument forward of ``unet`` under variant ``name``; the package's own options (classic
+    attention, channels_last, compile) applied as the package applies them (``families/fast_path.py``)."""
+    from clip_benchmark_diffusion.families.fast_path import FastPath, apply_fast_path, prepare_input
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     parts = set(name.split("+"))
     model = copy.deepcopy(unet)
     if "bfloat16" in parts:
         model, x, cond = model.to(torch.bfloat16), x.bfloat16(), cond.bfloat16()
-    if "channels_last" in parts:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    if "classic_attention" in parts:
-        model.set_attn_processor(AttnProcessor())
+    path = FastPath(compile="on" if "compile" in parts else "off", channels_last="channels_last" in parts,
+                    attention="classic" if "classic_attention" in parts else "sdpa")
+    apply_fast_path(model, path)
+    x = prepare_input(x, path)
+
     def backend() -> contextlib.AbstractContextManager:
         return sdpa_kernel(SDPBackend.MATH) if "sdpa_math" in parts else contextlib.nullcontext()
     if "jit_onednn" in parts:
@@ -75,12 +77,6 @@ def build(name: str, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
         for _ in range(3):          # the profiling runs that let oneDNN Graph fuse
             traced(x, t, cond)
         return lambda: traced(x, t, cond).float()
-
-    if "compile" in parts:
-        from clip_benchmark_diffusion.families.fast_path import quiet_compile_notices
-
-        quiet_compile_notices()
-        model.compile(dynamic=False)
 
     def forward() -> torch.Tensor:
         with backend():
